@@ -1,0 +1,35 @@
+# Everything a user runs. `make demo` and `make test` set up .venv on a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.portllm-built
+SOURCES := setup.py pyproject.toml requirements-dev.txt tools/setup_venv.sh \
+	$(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+
+.PHONY: install demo test bench check-cuda clean
+
+$(STAMP): $(SOURCES)
+	bash tools/setup_venv.sh "$(PYTHON)" "$(VENV)"
+	touch $@
+
+install: $(STAMP)
+
+# The main job: for now, a short port of a patch onto a small random Llama.
+demo: $(STAMP)
+	$(BIN)/portllm demo
+
+# The whole suite: every backend against the reference (Triton under TRITON_INTERPRET=1 on CPU),
+# the nvcc compile check of csrc/cuda, CUDA tests where a GPU is present.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+# Benchmarks: one run, all providers side by side; JSON under benchmarks/results/<device>.json.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+# Compile every .cu file with nvcc for sm_80 and sm_90a (no GPU needed).
+check-cuda: $(STAMP)
+	$(BIN)/python tools/check_cuda.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info portllm/_C*.so

@@ -1,0 +1,156 @@
+// patch_add_ on CUDA: W[m, n] += B[m, r] . diag(scale) . A[r, n], in place.
+//
+// One block owns a BM x BN tile of W. The factor tiles are staged in shared memory as fp32
+// (Bs = B * scale, As = A), in chunks of RK ranks; each thread keeps TM x TN fp32 accumulators,
+// then reads its W elements once, adds, rounds once (round-to-nearest-even) and writes them once.
+// No atomics and a fixed summation order: the result is deterministic.
+//
+// Threads of a warp share a row group and cover 32 x TN consecutive columns, so W accesses are
+// coalesced and Bs reads are shared-memory broadcasts. W may have any strides; rows with unit
+// column stride use the same code (the compiler emits plain loads), other layouts are slower.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include "portllm.h"
+
+namespace portllm {
+namespace {
+
+constexpr int BM = 64;   // rows of W per block
+constexpr int BN = 128;  // columns of W per block
+constexpr int RK = 32;   // ranks staged per shared-memory round
+constexpr int TM = 8;    // rows per thread
+constexpr int TN = 4;    // columns per thread
+constexpr int THREADS = (BM / TM) * (BN / TN);  // 256
+
+template <typename T> __device__ __forceinline__ float to_f32(T v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_f32(c10::BFloat16 v) {
+  return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(&v));
+}
+template <> __device__ __forceinline__ float to_f32(c10::Half v) {
+  return __half2float(*reinterpret_cast<const __half*>(&v));
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ c10::BFloat16 from_f32(float v) {
+  __nv_bfloat16 h = __float2bfloat16_rn(v);
+  return *reinterpret_cast<c10::BFloat16*>(&h);
+}
+template <> __device__ __forceinline__ c10::Half from_f32(float v) {
+  __half h = __float2half_rn(v);
+  return *reinterpret_cast<c10::Half*>(&h);
+}
+
+template <typename T, typename F>
+__global__ void __launch_bounds__(THREADS)
+patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
+                 const F* __restrict__ B,      // [m, r], strides (sb0, sb1)
+                 const F* __restrict__ A,      // [r, n], strides (sa0, sa1)
+                 const float* __restrict__ S,  // [r]
+                 int64_t m, int64_t n, int64_t r, int64_t sw0, int64_t sw1, int64_t sb0,
+                 int64_t sb1, int64_t sa0, int64_t sa1) {
+  __shared__ float Bs[BM][RK];
+  __shared__ float As[RK][BN];
+  const int tid = threadIdx.x;
+  const int tc = tid % (BN / TN);  // column group: columns tc*TN .. tc*TN+TN-1 of the tile
+  const int tr = tid / (BN / TN);  // row group: rows tr*TM .. tr*TM+TM-1 of the tile
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * BN;
+
+  float acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+
+  for (int64_t k0 = 0; k0 < r; k0 += RK) {
+    const int kc = static_cast<int>(min<int64_t>(RK, r - k0));
+    for (int e = tid; e < BM * RK; e += THREADS) {
+      const int i = e / RK, k = e % RK;
+      const int64_t gi = row0 + i, gk = k0 + k;
+      Bs[i][k] = (gi < m && k < kc) ? to_f32(B[gi * sb0 + gk * sb1]) * S[gk] : 0.f;
+    }
+    for (int e = tid; e < RK * BN; e += THREADS) {
+      const int k = e / BN, j = e % BN;
+      const int64_t gj = col0 + j, gk = k0 + k;
+      As[k][j] = (gj < n && k < kc) ? to_f32(A[gk * sa0 + gj * sa1]) : 0.f;
+    }
+    __syncthreads();
+    for (int k = 0; k < kc; ++k) {
+      float a[TN];
+#pragma unroll
+      for (int j = 0; j < TN; ++j) a[j] = As[k][tc * TN + j];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const float b = Bs[tr * TM + i][k];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(b, a[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int64_t gi = row0 + tr * TM + i;
+    if (gi >= m) break;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int64_t gj = col0 + tc * TN + j;
+      if (gj < n) {
+        T* p = W + gi * sw0 + gj * sw1;
+        *p = from_f32<T>(to_f32(*p) + acc[i][j]);
+      }
+    }
+  }
+}
+
+template <typename T, typename F>
+void launch(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& S) {
+  const int64_t m = W.size(0), n = W.size(1), r = B.size(1);
+  const dim3 grid(static_cast<unsigned>((n + BN - 1) / BN), static_cast<unsigned>((m + BM - 1) / BM));
+  TORCH_CHECK(grid.y <= 65535, "patch_add_ (cuda): W has too many rows (", m, ")");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  patch_add_kernel<T, F><<<grid, THREADS, 0, stream>>>(
+      W.data_ptr<T>(), B.data_ptr<F>(), A.data_ptr<F>(), S.data_ptr<float>(), m, n, r,
+      W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void patch_add_cuda(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
+                    const at::Tensor& scale) {
+  check_patch_add_args(W, B, A, scale);
+  if (W.numel() == 0 || B.size(1) == 0) return;
+  const c10::cuda::CUDAGuard guard(W.device());
+  // A column-major W (stride(0) == 1) is the row-major problem W^T += A^T diag(s) B^T.
+  const bool transposed = W.stride(1) != 1 && W.stride(0) == 1 && W.size(1) > 1;
+  at::Tensor Wk = transposed ? W.t() : W;
+  at::Tensor Bk = transposed ? A.t() : B;
+  at::Tensor Ak = transposed ? B.t() : A;
+  // Both factors in one dtype (they are read in the kernel as they are, without a copy);
+  // mixed factor dtypes are upcast to fp32 here, which is exact.
+  if (Bk.scalar_type() != Ak.scalar_type()) {
+    Bk = Bk.to(at::kFloat);
+    Ak = Ak.to(at::kFloat);
+  }
+  // Factors that share memory with W would change under the kernel's writes: read copies.
+  if (Bk.is_alias_of(W)) Bk = Bk.clone();
+  if (Ak.is_alias_of(W)) Ak = Ak.clone();
+  const at::Tensor S = scale.contiguous();
+  PORTLLM_DISPATCH_FLOATS(Wk.scalar_type(), "patch_add_cuda", [&] {
+    using T = scalar_t;
+    PORTLLM_DISPATCH_FLOATS(Bk.scalar_type(), "patch_add_cuda_f", [&] {
+      launch<T, scalar_t>(Wk, Bk, Ak, S);
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(portllm, CUDA, m) { m.impl("patch_add_", &patch_add_cuda); }
+
+}  // namespace portllm

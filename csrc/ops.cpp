@@ -1,0 +1,41 @@
+// The one place where portllm's C++ operator schemas are defined, and the module init of portllm._C.
+// Implementations register per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu;
+// fake (meta) implementations are registered from Python (portllm/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "portllm.h"
+
+TORCH_LIBRARY(portllm, m) {
+  // W[m, n] += B[m, r] . diag(scale[r]) . A[r, n], in place; fp32 accumulation, one rounding.
+  // scale is a float32 tensor of length r on W's device.
+  m.def("patch_add_(Tensor(a!) W, Tensor B, Tensor A, Tensor scale) -> ()");
+  // Human-readable description of what this build contains (ISA paths, CUDA, OpenMP).
+  m.def("build_info() -> str", [] { return portllm::build_info(); });
+}
+
+namespace portllm {
+std::string build_info() {
+  std::string s = "cpu=" + cpu_isa();
+#ifdef PORTLLM_WITH_CUDA
+  s += " cuda=1";
+#else
+  s += " cuda=0";
+#endif
+#ifdef _OPENMP
+  s += " openmp=1";
+#else
+  s += " openmp=0";
+#endif
+  return s;
+}
+}  // namespace portllm
+
+// `import portllm._C` loads this library, which runs the registrations above. No Python functions
+// are exported: everything is reached through torch.ops.portllm.*.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

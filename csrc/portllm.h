@@ -1,0 +1,22 @@
+// Shared declarations of portllm's C++ extension.
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+namespace portllm {
+// Checks shared by every device implementation of patch_add_: ranks, shapes, dtypes, devices.
+void check_patch_add_args(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
+                          const at::Tensor& scale);
+// The widest CPU vector path this machine runs ("avx512" or "generic").
+std::string cpu_isa();
+std::string build_info();
+}  // namespace portllm
+
+// Dispatch over the dtypes portllm's kernels take: float32, float16, bfloat16 (no double).
+#define PORTLLM_DISPATCH_FLOATS(TYPE, NAME, ...)                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))

@@ -1,0 +1,38 @@
+"""Loads the compiled extension ``portllm._C`` once. If it is missing or broken, portllm still
+works on its reference backend and says so once, with the reason and how to rebuild."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch  # noqa: F401  (the extension links against torch; load torch first)
+
+C = None
+ERROR: str | None = None
+
+try:
+    from portllm import _C as C  # noqa: N811
+except Exception as e:  # ImportError, undefined symbol from a build against another torch, ...
+    ERROR = f"{type(e).__name__}: {e}"
+    warnings.warn(
+        "portllm: the compiled extension portllm._C is not available "
+        f"({ERROR}); the C++ and CUDA backends are off and the reference backend is used. "
+        "Rebuild with `pip install --no-build-isolation -e .` (see README).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def available() -> bool:
+    return C is not None
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the extension registered a kernel for ``portllm::op`` under ``dispatch_key``."""
+    if C is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"portllm::{op}", dispatch_key)
+
+
+def build_info() -> str:
+    return torch.ops.portllm.build_info() if C is not None else f"extension not loaded ({ERROR})"

@@ -1,0 +1,217 @@
+"""portllm's ops: one Python entry per op, with argument checks and backend dispatch.
+
+Backends:
+
+=========== ======================================================= =============================
+name        what                                                    runs on
+=========== ======================================================= =============================
+reference   pure PyTorch (``portllm.reference``), the oracle        any device
+cpp         C++ kernels of ``portllm._C`` (AVX-512 + OpenMP)        CPU tensors
+cuda        CUDA kernels of ``portllm._C``                          CUDA tensors
+triton      Triton kernels (``portllm.kernels``)                    CUDA tensors; CPU tensors
+                                                                    under ``TRITON_INTERPRET=1``
+=========== ======================================================= =============================
+
+The backend is the ``backend=`` argument, else the ``PORTLLM_BACKEND`` environment variable, else
+the fastest available for the tensors' device (CPU: cpp, reference; CUDA: cuda, triton,
+reference). A backend asked for by name that cannot run raises :class:`BackendUnavailableError`;
+there is no silent fallback.
+
+This is the only module that imports triton (lazily) or ``portllm._C``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from portllm import _ext, reference
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested by name but cannot run here; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend selection
+
+
+def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
+    """None if ``backend`` can run ops on tensors of ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"backend 'cpp' runs on CPU tensors, the tensors are on {device}"
+        if not _ext.has_kernel("patch_add_", "CPU"):
+            return f"the extension portllm._C is not loaded ({_ext.ERROR})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, the tensors are on {device}"
+        if not _ext.available():
+            return f"the extension portllm._C is not loaded ({_ext.ERROR})"
+        if not _ext.has_kernel("patch_add_", "CUDA"):
+            return "portllm._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before triton is imported"
+        if device.type not in ("cpu", "cuda"):
+            return f"backend 'triton' does not run on {device}"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device``, fastest first."""
+    device = torch.device(device)
+    order = _PREFERENCE.get(device.type, ("reference",))
+    ordered = list(order) + [b for b in BACKENDS if b not in order]
+    return [b for b in ordered if backend_unavailable_reason(b, device) is None]
+
+
+def resolve_backend(backend: str | None, device: torch.device | str) -> str:
+    """The backend an op on ``device`` will use: the named one (checked), else the default."""
+    if backend is None:
+        backend = os.environ.get("PORTLLM_BACKEND") or None
+    if backend is None or backend == "auto":
+        return available_backends(device)[0]
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"portllm backend {backend!r} is not available: {reason}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_add_
+
+
+def patch_add_(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float | torch.Tensor = 1.0,
+    *,
+    backend: str | None = None,
+    check_finite: bool | None = None,
+) -> torch.Tensor:
+    """W[m, n] += B[m, r] · diag(scale) · A[r, n], in place; returns W.
+
+    * ``scale``: a number, or a tensor of r values (one per rank). Several patches merge in one
+      pass by concatenating their factors, ``B = [B1 B2]``, ``A = [A1; A2]``, ``scale = [s1…, s2…]``.
+    * Dtypes: W bfloat16, float16 or float32; B and A any of those (each its own). Every element
+      is ``round(W + Σ_k fp32(B[i,k]·scale[k])·fp32(A[k,j]))`` with fp32 accumulation and exactly
+      one rounding (to nearest even) to W's dtype; the m×n product is never materialised.
+    * W may be strided: a row or column slice of a larger weight (a fused qkv), or transposed.
+      Factors that share memory with W are read before W is written.
+    * Deterministic: the same inputs give the same bits, run after run.
+    * ``backend``: see the module docstring. ``check_finite=True`` (or ``PORTLLM_CHECK_FINITE=1``)
+      first checks B, A and scale for NaN/Inf and raises ``ValueError`` naming the tensor; it is
+      off by default because it reads the factors once more and synchronises with the device.
+    * Not differentiable: W is treated as data (it may be an ``nn.Parameter``; autograd does not
+      record the update). Factors that require grad are refused while grad mode is on.
+    """
+    r = _check_patch_add_args(W, B, A)
+    s = _scale_vector(scale, r, W.device)
+    if check_finite is None:
+        check_finite = os.environ.get("PORTLLM_CHECK_FINITE") == "1"
+    if check_finite:
+        for name, t in (("B", B), ("A", A), ("scale", s)):
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            if bad:
+                raise ValueError(f"patch_add_: {name} {tuple(t.shape)} has {bad} NaN or Inf values")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (B, A, s)):
+        raise RuntimeError("patch_add_ is not differentiable: call it under torch.no_grad() "
+                           "or detach the factors")
+    name = resolve_backend(backend, W.device)
+    with torch.no_grad():
+        if name == "reference":
+            reference.patch_add_(W, B, A, s)
+        elif name == "triton":
+            torch.ops.portllm.patch_add_triton_(W, B, A, s)
+        else:  # cpp and cuda: one torch op, routed by device
+            torch.ops.portllm.patch_add_(W, B, A, s)
+    return W
+
+
+def _check_patch_add_args(W, B, A) -> int:
+    for name, t in (("W", W), ("B", B), ("A", A)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"patch_add_: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"patch_add_: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"patch_add_: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    (m, n), (mb, r), (ra, na) = W.shape, B.shape, A.shape
+    if mb != m or na != n or ra != r:
+        raise ValueError(
+            f"patch_add_: shapes do not match: W {tuple(W.shape)}, B {tuple(B.shape)}, "
+            f"A {tuple(A.shape)} (need W [m, n], B [m, r], A [r, n])"
+        )
+    for name, t in (("B", B), ("A", A)):
+        if t.device != W.device:
+            raise ValueError(f"patch_add_: {name} is on {t.device} but W is on {W.device}")
+    if any(st == 0 and sz > 1 for st, sz in zip(W.stride(), W.shape)):
+        raise ValueError(
+            f"patch_add_: W (shape {tuple(W.shape)}, stride {W.stride()}) has elements that share "
+            "memory (an expanded tensor); an in-place update would be wrong. Pass W.clone()."
+        )
+    return r
+
+
+def _scale_vector(scale, r: int, device: torch.device) -> torch.Tensor:
+    """scale as the float32 [r] tensor the kernels take."""
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype not in _FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"patch_add_: scale has dtype {scale.dtype}; give a float or a float tensor")
+        if scale.dim() == 0:
+            return scale.to(device=device, dtype=torch.float32).expand(r).contiguous()
+        if scale.shape != (r,):
+            raise ValueError(f"patch_add_: scale must be a number or have shape ({r},) (one per rank), "
+                             f"got shape {tuple(scale.shape)}")
+        return scale.to(device=device, dtype=torch.float32).contiguous()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"patch_add_: scale must be a number or a tensor, got {type(scale).__name__}")
+    return torch.full((r,), float(scale), dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registrations with torch.library: fake (meta) implementations so the ops trace under
+# torch.compile and pass torch.library.opcheck.
+
+if _ext.available():
+
+    @torch.library.register_fake("portllm::patch_add_")
+    def _patch_add_fake(W, B, A, scale) -> None:
+        return None
+
+
+@torch.library.custom_op("portllm::patch_add_triton_", mutates_args=("W",))
+def _patch_add_triton(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:
+    from portllm.kernels.patch_add import patch_add_forward
+
+    # Factors that share memory with W would change under the kernel's writes: read copies.
+    if _shares_memory(B, W):
+        B = B.clone()
+    if _shares_memory(A, W):
+        A = A.clone()
+    patch_add_forward(W, B, A, scale)
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@_patch_add_triton.register_fake
+def _patch_add_triton_fake(W, B, A, scale) -> None:
+    return None

@@ -1,0 +1,43 @@
+"""Pure-PyTorch reference implementations: the oracle every backend is tested against, and the
+fallback wherever no kernel is available. Written from the math, for clarity first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows are processed in chunks so the fp32 temporary stays bounded (here: 8 Mi elements, 32 MiB)
+# whatever the size of W: the reference is also the fallback used on real checkpoints.
+_CHUNK_ELEMS = 1 << 23
+
+
+def patch_add_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """W[m, n] += B[m, r] · diag(scale[r]) · A[r, n], in place; returns W.
+
+    Each element is computed as ``round(float32(W) + sum_k float32(B[i,k]·scale[k])·float32(A[k,j]))``:
+    the factor product is formed in fp32 (B·scale rounded to fp32 first), accumulated in fp32, added
+    to W in fp32, and rounded once to W's dtype (round-to-nearest-even). ``scale`` is a float32
+    tensor of length r. Inputs are assumed valid (``portllm.ops.patch_add_`` checks them).
+    """
+    m, n = W.shape
+    r = B.shape[1]
+    if W.numel() == 0 or r == 0:
+        return W
+    Bs = B.to(torch.float32) * scale.to(torch.float32)[None, :]
+    # Always a copy: A may be a view of W, and must be read before W is written.
+    Af = A.to(torch.float32, copy=True)
+    rows = max(1, _CHUNK_ELEMS // max(n, 1))
+    for i in range(0, m, rows):
+        w = W[i : i + rows]
+        acc = torch.addmm(w.to(torch.float32), Bs[i : i + rows], Af)
+        w.copy_(acc)
+    return W
+
+
+def patch_add_exact(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale) -> torch.Tensor:
+    """W + B·diag(scale)·A computed in float64, not rounded: the ground truth for error bounds."""
+    s = torch.as_tensor(scale, dtype=torch.float64, device=W.device)
+    if s.dim() == 0:
+        s = s.expand(B.shape[1])
+    return W.double() + (B.double() * s[None, :]) @ A.double()
+
