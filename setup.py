@@ -57,7 +57,7 @@ def _extensions():
         why = ("PORTLLM_NO_CUDA=1" if os.environ.get("PORTLLM_NO_CUDA") == "1"
                else "torch has no CUDA" if torch.version.cuda is None else "nvcc/CUDA_HOME not found")
         _warn(f"building portllm._C without CUDA kernels ({why}); CPU kernels only.")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPORTLLM_WITH_OPENMP"]
+    cxx = ["-O3", "-fopenmp", "-DPORTLLM_WITH_OPENMP"]
     define_macros = [("PORTLLM_WITH_CUDA", "1")] if with_cuda else []
     kwargs = dict(
         name="portllm._C",
@@ -71,7 +71,7 @@ def _extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
         ext = CUDAExtension(
             sources=sources + cuda_sources,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr",
                                                       "-lineinfo"]},
             **kwargs,
         )

@@ -5,12 +5,13 @@
 // then reads its W elements once, adds, rounds once (round-to-nearest-even) and writes them once.
 // No atomics and a fixed summation order: the result is deterministic.
 //
-// Threads of a warp share a row group and cover 32 x TN consecutive columns, so W accesses are
-// coalesced and Bs reads are shared-memory broadcasts. W may have any strides; rows with unit
+// The 32 threads of a warp share a row group and touch 32 consecutive columns per access, so W
+// accesses are coalesced, As reads are conflict-free and Bs reads are shared-memory broadcasts. W may have any strides; rows with unit
 // column stride use the same code (the compiler emits plain loads), other layouts are slower.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
@@ -56,7 +57,7 @@ patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
   __shared__ float Bs[BM][RK];
   __shared__ float As[RK][BN];
   const int tid = threadIdx.x;
-  const int tc = tid % (BN / TN);  // column group: columns tc*TN .. tc*TN+TN-1 of the tile
+  const int tc = tid % (BN / TN);  // columns tc, tc + 32, tc + 64, tc + 96 of the tile
   const int tr = tid / (BN / TN);  // row group: rows tr*TM .. tr*TM+TM-1 of the tile
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * BN;
@@ -68,7 +69,7 @@ patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
     for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
 
   for (int64_t k0 = 0; k0 < r; k0 += RK) {
-    const int kc = static_cast<int>(min<int64_t>(RK, r - k0));
+    const int kc = static_cast<int>(r - k0 < RK ? r - k0 : RK);
     for (int e = tid; e < BM * RK; e += THREADS) {
       const int i = e / RK, k = e % RK;
       const int64_t gi = row0 + i, gk = k0 + k;
@@ -83,7 +84,7 @@ patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
     for (int k = 0; k < kc; ++k) {
       float a[TN];
 #pragma unroll
-      for (int j = 0; j < TN; ++j) a[j] = As[k][tc * TN + j];
+      for (int j = 0; j < TN; ++j) a[j] = As[k][tc + j * (BN / TN)];
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
         const float b = Bs[tr * TM + i][k];
@@ -100,7 +101,7 @@ patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
     if (gi >= m) break;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
-      const int64_t gj = col0 + tc * TN + j;
+      const int64_t gj = col0 + tc + j * (BN / TN);
       if (gj < n) {
         T* p = W + gi * sw0 + gj * sw1;
         *p = from_f32<T>(to_f32(*p) + acc[i][j]);
@@ -114,7 +115,7 @@ void launch(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::T
   const int64_t m = W.size(0), n = W.size(1), r = B.size(1);
   const dim3 grid(static_cast<unsigned>((n + BN - 1) / BN), static_cast<unsigned>((m + BM - 1) / BM));
   TORCH_CHECK(grid.y <= 65535, "patch_add_ (cuda): W has too many rows (", m, ")");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   patch_add_kernel<T, F><<<grid, THREADS, 0, stream>>>(
       W.data_ptr<T>(), B.data_ptr<F>(), A.data_ptr<F>(), S.data_ptr<float>(), m, n, r,
       W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1));
