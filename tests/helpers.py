@@ -15,7 +15,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKEND_CASES = [
     ("reference", "cpu", {}),
     ("cpp", "cpu", {}),
-    ("cpp", "cpu", {"PORTLLM_CPU_ISA": "generic"}),
+    ("cpp", "cpu", {"PORTLLM_CPU_ISA": "avx512"}),  # fp32 FMAs even for bf16 factors
+    ("cpp", "cpu", {"PORTLLM_CPU_ISA": "generic"}),  # the portable path
     ("triton", "cpu", {}),
     ("reference", "cuda", {}),
     ("cuda", "cuda", {}),
@@ -25,7 +26,7 @@ BACKEND_CASES = [
 
 def backend_id(case):
     backend, device, env = case
-    return f"{backend}-{device}" + ("-generic" if env else "")
+    return f"{backend}-{device}" + "".join(f"-{v}" for v in env.values())
 
 
 def ordered_bits(t: torch.Tensor) -> torch.Tensor:

@@ -5,11 +5,11 @@
 // then each output element is  round(W + sum_k Bs[i,k] * Af[k,j])  with the sum in fp32 and one
 // rounding to W's dtype (round-to-nearest-even, as torch's own casts).
 //
-// Two paths: an AVX-512 micro-kernel (8 rows x 32 columns of fp32 accumulators in registers,
-// chosen at run time when the CPU has AVX-512) and a portable one that also handles arbitrary
-// strides. Rows are split over ATen's OpenMP pool; results do not depend on the thread count.
+// Paths, chosen per call: AVX-512 micro-kernels (csrc/cpu/patch_add_avx512.h; with bf16 factors
+// and AVX512-BF16, exact bf16 products summed in fp32 at twice the fp32 FMA rate), and a portable
+// one that also handles arbitrary strides. Rows are split over ATen's OpenMP pool; no result
+// depends on the thread count.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -19,40 +19,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "portllm.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PORTLLM_X86_AVX512 1
-#include <immintrin.h>
-#endif
+#include "cpu/patch_add_avx512.h"
 
 namespace portllm {
-
-void check_patch_add_args(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
-                          const at::Tensor& scale) {
-  TORCH_CHECK(W.dim() == 2, "patch_add_: W must be 2-D, got shape ", W.sizes());
-  TORCH_CHECK(B.dim() == 2, "patch_add_: B must be 2-D, got shape ", B.sizes());
-  TORCH_CHECK(A.dim() == 2, "patch_add_: A must be 2-D, got shape ", A.sizes());
-  TORCH_CHECK(B.size(0) == W.size(0) && A.size(1) == W.size(1) && B.size(1) == A.size(0),
-              "patch_add_: shapes do not match: W ", W.sizes(), ", B ", B.sizes(), ", A ",
-              A.sizes(), " (need W [m, n], B [m, r], A [r, n])");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == B.size(1),
-              "patch_add_: scale must have shape [", B.size(1), "] (one per rank), got ",
-              scale.sizes());
-  TORCH_CHECK(scale.scalar_type() == at::kFloat, "patch_add_: scale must be float32, got ",
-              scale.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"W", W}, {"B", B}, {"A", A}}) {
-    auto dt = t.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "patch_add_: ", name,
-                " has dtype ", dt, "; supported: float32, float16, bfloat16");
-    TORCH_CHECK(t.device() == W.device(), "patch_add_: ", name, " is on ", t.device(),
-                " but W is on ", W.device());
-  }
-  TORCH_CHECK(scale.device() == W.device(), "patch_add_: scale is on ", scale.device(),
-              " but W is on ", W.device());
-  at::assert_no_internal_overlap(W);
-}
 
 namespace {
 
@@ -81,133 +55,98 @@ void rows_generic(T* W, int64_t sw0, int64_t sw1, const float* Bs, const float* 
   }
 }
 
+// PORTLLM_CPU_ISA=generic forces the portable path, =avx512 the fp32 AVX-512 path (no BF16 dot
+// products); the tests use it to cover every path on one machine.
+enum class Isa { Generic, Avx512, Avx512Bf16 };
+
+Isa isa_for_call() {
 #ifdef PORTLLM_X86_AVX512
-#define PORTLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
-
-PORTLLM_AVX512 inline __m512 load16(const float* p, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, p);
-}
-PORTLLM_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-PORTLLM_AVX512 inline __m512 load16(const c10::Half* p, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-}
-PORTLLM_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) {
-  _mm512_mask_storeu_ps(p, m, v);
-}
-// fp32 -> bf16, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16).
-PORTLLM_AVX512 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
-  __m512i res = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  res = _mm512_mask_blend_epi32(nan, res, _mm512_set1_epi32(0x7fc0));
-  _mm512_mask_cvtepi32_storeu_epi16(p, m, res);
-}
-PORTLLM_AVX512 inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
-  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  _mm256_mask_storeu_epi16(p, m, h);
-}
-
-inline __mmask16 tail_mask(int64_t cols) {
-  return cols >= 16 ? __mmask16(0xFFFF) : cols <= 0 ? __mmask16(0) : __mmask16((1u << cols) - 1);
-}
-
-// RB rows x up to 32 columns: acc = Bs[rows, :] @ Af[:, cols] in registers, then W += acc.
-template <int RB, typename T>
-PORTLLM_AVX512 inline void micro_avx512(T* W, int64_t ldw, const float* Bs, int64_t r,
-                                        const float* Af, int64_t lda, int64_t cols) {
-  const __mmask16 m0 = tail_mask(cols), m1 = tail_mask(cols - 16);
-  __m512 acc0[RB], acc1[RB];
-#pragma GCC unroll 8
-  for (int ii = 0; ii < RB; ++ii) acc0[ii] = acc1[ii] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < r; ++k) {
-    const float* a = Af + k * lda;
-    const __m512 a0 = _mm512_maskz_loadu_ps(m0, a);
-    const __m512 a1 = _mm512_maskz_loadu_ps(m1, a + 16);
-#pragma GCC unroll 8
-    for (int ii = 0; ii < RB; ++ii) {
-      const __m512 b = _mm512_set1_ps(Bs[ii * r + k]);
-      acc0[ii] = _mm512_fmadd_ps(b, a0, acc0[ii]);
-      acc1[ii] = _mm512_fmadd_ps(b, a1, acc1[ii]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int ii = 0; ii < RB; ++ii) {
-    T* w = W + ii * ldw;
-    store16(w, _mm512_add_ps(load16(w, m0), acc0[ii]), m0);
-    if (m1) store16(w + 16, _mm512_add_ps(load16(w + 16, m1), acc1[ii]), m1);
-  }
-}
-
-template <typename T>
-PORTLLM_AVX512 void rows_avx512(T* W, int64_t ldw, const float* Bs, const float* Af, int64_t r,
-                                int64_t n, int64_t i0, int64_t i1) {
-  constexpr int RB = 8;
-  // Column block: Af[:, block] (r x nb fp32) stays in L2 while the rows stream past it.
-  const int64_t budget = 256 * 1024;
-  const int64_t nb = std::max<int64_t>(32, std::min<int64_t>(n, budget / (4 * r)) / 32 * 32);
-  for (int64_t jb = 0; jb < n; jb += nb) {
-    const int64_t je = std::min(n, jb + nb);
-    for (int64_t i = i0; i < i1; i += RB) {
-      const int64_t rb = std::min<int64_t>(RB, i1 - i);
-      T* wrow = W + i * ldw;
-      const float* brow = Bs + i * r;
-      for (int64_t j = jb; j < je; j += 32) {
-        const int64_t cols = std::min<int64_t>(32, je - j);
-        switch (rb) {
-          case 8: micro_avx512<8>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-          case 7: micro_avx512<7>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-          case 6: micro_avx512<6>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-          case 5: micro_avx512<5>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-          case 4: micro_avx512<4>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-          case 3: micro_avx512<3>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-          case 2: micro_avx512<2>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-          default: micro_avx512<1>(wrow + j, ldw, brow, r, Af + j, n, cols); break;
-        }
-      }
-    }
-  }
-}
-
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-#else
-bool has_avx512() { return false; }
-#endif  // PORTLLM_X86_AVX512
-
-bool avx512_enabled() {
-  // PORTLLM_CPU_ISA=generic forces the portable path (used by the tests to cover both paths).
   const char* env = std::getenv("PORTLLM_CPU_ISA");
-  if (env && std::string(env) == "generic") return false;
-  return has_avx512();
+  const std::string want = env ? env : "";
+  if (want == "generic" || !avx512::supported()) return Isa::Generic;
+  if (want == "avx512" || !avx512::bf16_supported()) return Isa::Avx512;
+  return Isa::Avx512Bf16;
+#else
+  return Isa::Generic;
+#endif
 }
 
+// W's strides with size-1 dimensions seen through (their stride is meaningless).
+std::pair<int64_t, int64_t> row_col_strides(const at::Tensor& W) {
+  return {W.size(0) == 1 ? W.size(1) : W.stride(0), W.size(1) == 1 ? 1 : W.stride(1)};
+}
+
+int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(n, 1));
+}
+
+// fp32 factors: Bs = B * scale (m x r), Af = A (r x n), both contiguous fp32 copies.
 template <typename T>
-void run(const at::Tensor& W, const at::Tensor& Bs, const at::Tensor& Af) {
+void run_fp32(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& scale,
+              Isa isa) {
+  const at::Tensor Bs = (B.to(at::kFloat) * scale.unsqueeze(0)).contiguous();
+  // Always a copy: A may be a view of W, and must be read before W is written.
+  const at::Tensor Af = A.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
   const int64_t m = W.size(0), n = W.size(1), r = Bs.size(1);
-  // A size-1 dimension's stride is meaningless; make the unit-stride test see through it.
-  const int64_t sw0 = m == 1 ? n : W.stride(0);
-  const int64_t sw1 = n == 1 ? 1 : W.stride(1);
+  const auto [sw0, sw1] = row_col_strides(W);
   T* w = W.data_ptr<T>();
   const float* bs = Bs.data_ptr<float>();
   const float* af = Af.data_ptr<float>();
-  const bool vec = sw1 == 1 && avx512_enabled();
-  const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(n, 1));
-  at::parallel_for(0, m, grain, [&](int64_t i0, int64_t i1) {
+  const bool vec = sw1 == 1 && isa != Isa::Generic;
+  at::parallel_for(0, m, row_grain(n), [&](int64_t i0, int64_t i1) {
 #ifdef PORTLLM_X86_AVX512
-    if (vec) return rows_avx512<T>(w, sw0, bs, af, r, n, i0, i1);
+    if (vec) return avx512::rows_fp32<T>(w, sw0, bs, af, r, n, i0, i1);
 #endif
     rows_generic<T>(w, sw0, sw1, bs, af, r, n, i0, i1);
   });
 }
+
+#ifdef PORTLLM_X86_AVX512
+// bf16 factors on a CPU with AVX512-BF16: ranks are grouped by equal scale (one group per
+// concatenated patch), each group padded to an even count with zero ranks, and the factors
+// packed as bf16 pairs for vdpbf16ps. The packed copies have the factors' size.
+template <typename T>
+void run_bf16dot(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
+                 const at::Tensor& scale) {
+  const int64_t m = W.size(0), n = W.size(1), r = B.size(1);
+  const at::Tensor s = scale.contiguous();
+  const float* sp = s.data_ptr<float>();
+  std::vector<int64_t> dst(r), group_end;
+  std::vector<float> group_scale;
+  int64_t slot = 0;  // position in the padded rank list
+  for (int64_t k = 0; k < r; ++k) {
+    if (k > 0 && !(sp[k] == sp[k - 1])) {  // a new group starts on an even slot
+      group_end.push_back((slot + 1) / 2);
+      slot = (slot + 1) / 2 * 2;
+    }
+    if (k == 0 || !(sp[k] == sp[k - 1])) group_scale.push_back(sp[k]);
+    dst[k] = slot++;
+  }
+  group_end.push_back((slot + 1) / 2);
+  const int64_t kp = group_end.back();
+  const at::Tensor idx = at::tensor(dst, at::kLong);
+  at::Tensor Bpad = at::zeros({m, 2 * kp}, B.options());
+  Bpad.index_copy_(1, idx, B);
+  at::Tensor Apad = at::zeros({2 * kp, n}, A.options());
+  Apad.index_copy_(0, idx, A);
+  // [m, 2kp] bf16 -> [m, kp] int32 pairs; [2kp, n] -> [kp, n, 2] bf16 -> [kp, n] int32 pairs.
+  const at::Tensor Bp = Bpad.view(at::kInt);
+  // (A fresh tensor: .contiguous() may keep odd strides on size-1 dimensions, which view refuses.)
+  const at::Tensor Ap = at::empty({kp, n, 2}, A.options())
+                            .copy_(Apad.view({kp, 2, n}).transpose(1, 2))
+                            .view(at::kInt)
+                            .view({kp, n});
+  const avx512::Groups g{group_end.data(), group_scale.data(), static_cast<int>(group_end.size())};
+  const auto [sw0, sw1] = row_col_strides(W);
+  (void)sw1;
+  T* w = W.data_ptr<T>();
+  const int32_t* bp = Bp.data_ptr<int32_t>();
+  const int32_t* ap = Ap.data_ptr<int32_t>();
+  at::parallel_for(0, m, row_grain(n), [&](int64_t i0, int64_t i1) {
+    avx512::rows_bf16dot<T>(w, sw0, bp, ap, kp, n, g, i0, i1);
+  });
+}
+#endif
 
 void patch_add_cpu(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
                    const at::Tensor& scale) {
@@ -215,20 +154,30 @@ void patch_add_cpu(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
   if (W.numel() == 0 || B.size(1) == 0) return;
   // A column-major W (stride(0) == 1) is the row-major problem W^T += A^T diag(s) B^T.
   const bool transposed = W.stride(1) != 1 && W.stride(0) == 1 && W.size(1) > 1;
-  at::Tensor Wk = transposed ? W.t() : W;
+  const at::Tensor Wk = transposed ? W.t() : W;
   const at::Tensor& Bk = transposed ? A.t() : B;
   const at::Tensor& Ak = transposed ? B.t() : A;
-  at::Tensor Bs = (Bk.to(at::kFloat) * scale.unsqueeze(0)).contiguous();
-  at::Tensor Af = Ak.to(at::kFloat).contiguous();
-  // Af may still be A's own memory; if that memory is part of W, writing W would change it.
-  if (Af.is_alias_of(W)) Af = Af.clone();
-  PORTLLM_DISPATCH_FLOATS(Wk.scalar_type(), "patch_add_cpu",
-                                  [&] { run<scalar_t>(Wk, Bs, Af); });
+  const Isa isa = isa_for_call();
+#ifdef PORTLLM_X86_AVX512
+  const bool unit_cols = Wk.size(1) == 1 || Wk.stride(1) == 1;
+  if (isa == Isa::Avx512Bf16 && unit_cols && Bk.scalar_type() == at::kBFloat16 &&
+      Ak.scalar_type() == at::kBFloat16) {
+    PORTLLM_DISPATCH_FLOATS(Wk.scalar_type(), "patch_add_cpu", [&] { run_bf16dot<scalar_t>(Wk, Bk, Ak, scale); });
+    return;
+  }
+#endif
+  PORTLLM_DISPATCH_FLOATS(Wk.scalar_type(), "patch_add_cpu", [&] { run_fp32<scalar_t>(Wk, Bk, Ak, scale, isa); });
 }
 
 }  // namespace
 
-std::string cpu_isa() { return has_avx512() ? "avx512" : "generic"; }
+std::string cpu_isa() {
+#ifdef PORTLLM_X86_AVX512
+  if (avx512::bf16_supported()) return "avx512+bf16";
+  if (avx512::supported()) return "avx512";
+#endif
+  return "generic";
+}
 
 TORCH_LIBRARY_IMPL(portllm, CPU, m) { m.impl("patch_add_", &patch_add_cpu); }
 
