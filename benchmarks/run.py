@@ -1,0 +1,188 @@
+"""Runs the benchmark suites (pytest-benchmark) and writes benchmarks/results/<device>.json.
+
+Usage: python benchmarks/run.py [--quick] [--out DIR] [pytest args...]
+
+The JSON holds, per case and provider: median time, bytes moved and GB/s, fraction of the copy
+bandwidth measured in the same run, speed relative to torch.addmm_ in the same run, and extra peak
+memory; with the device, versions, commit and command that produced it, and the issue's targets
+evaluated on these numbers. --quick runs tiny shapes for a smoke test and writes nowhere unless
+--out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def device_description(device: str) -> dict:
+    import torch
+
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return {"type": "cuda", "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}"}
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"type": "cpu", "name": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def slug(desc: dict) -> str:
+    name = desc["name"] + (f" {desc['cores']}c" if desc["type"] == "cpu" else "")
+    return re.sub(r"[^a-z0-9]+", "-", f"{desc['type']} {name}".lower()).strip("-")
+
+
+def versions() -> dict:
+    import torch
+
+    import portllm
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+         "portllm": portllm.__version__, "portllm_build": portllm._ext.build_info()}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    return v
+
+
+def summarise(raw: dict) -> list[dict]:
+    rows = []
+    for b in raw["benchmarks"]:
+        info = dict(b["extra_info"])
+        median = b["stats"]["median"]
+        info.update(median_ms=round(median * 1e3, 4), min_ms=round(b["stats"]["min"] * 1e3, 4),
+                    rounds=b["stats"]["rounds"], gbps=round(info["bytes"] / median / 1e9, 2))
+        rows.append(info)
+    copy = {(r["m"], r["n"]): r for r in rows if r["provider"] == "copy"}
+    addmm = {(r["case"], r["m"], r["n"], r["r"]): r for r in rows if r["provider"].startswith("torch.addmm_")}
+    for r in rows:
+        c = copy.get((r["m"], r["n"]))
+        if c is not None:
+            r["fraction_of_copy_bandwidth"] = round(r["gbps"] / c["gbps"], 3)
+        a = addmm.get((r["case"], r["m"], r["n"], r["r"]))
+        if a is not None:
+            r["speedup_vs_addmm_"] = round(a["median_ms"] / r["median_ms"], 3)
+    return rows
+
+
+def find(rows, **kw):
+    return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+
+def targets(rows: list[dict], device: str) -> list[dict]:
+    """The foundation issue's targets, evaluated on this run's numbers (None: not measured)."""
+    out = []
+
+    def add(name, value, goal, ok):
+        out.append({"target": name, "value": value, "goal": goal, "met": ok if value is not None else None})
+
+    fast = "portllm-cpp" if device == "cpu" else "portllm-cuda"
+    if device == "cpu":
+        r = find(rows, case="single", m=4096, n=14336, r=16, provider=fast)
+        v = r[0].get("speedup_vs_addmm_") if r else None
+        add("CPU bf16 4096x14336 r=16: speed vs torch.addmm_", v, ">= 1.8", v is not None and v >= 1.8)
+    else:
+        for be in ("portllm-cuda", "portllm-triton"):
+            single = [r for r in find(rows, case="single", provider=be)]
+            if single:
+                worst = min(r["fraction_of_copy_bandwidth"] for r in single)
+                add(f"GPU {be}: worst fraction of copy bandwidth", worst, ">= 0.90", worst >= 0.90)
+                slowest = min(r["speedup_vs_addmm_"] for r in single)
+                add(f"GPU {be}: worst speed vs torch.addmm_", slowest, ">= 1.0", slowest >= 1.0)
+                peft = {(r["m"], r["n"], r["r"]): r["median_ms"] for r in find(rows, case="single", provider="peft")}
+                vs_peft = min(peft[(r["m"], r["n"], r["r"])] / r["median_ms"] for r in single)
+                add(f"GPU {be}: worst speed vs the PEFT way", round(vs_peft, 3), ">= 3.0", vs_peft >= 3.0)
+                excess = max(r["extra_peak_bytes"] - r["factor_bytes"] for r in single)
+                add(f"GPU {be}: worst extra peak memory beyond the factors (bytes)", excess, "<= 1 MiB",
+                    excess <= 2**20)
+    r = find(rows, case="four_rank16_patches", provider=f"{fast} one pass")
+    v = r[0].get("speedup_vs_addmm_") if r else None
+    add("four rank-16 patches in one pass: speed vs four addmm_ calls", v, ">= 3.0", v is not None and v >= 3.0)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Run portllm's benchmarks and record the results.")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
+    ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    a, pytest_args = ap.parse_known_args(argv)
+    env = dict(os.environ)
+    if a.quick:
+        env["PORTLLM_BENCH_QUICK"] = "1"
+    out_dir = a.out or (None if a.quick else os.path.join(HERE, "results"))
+
+    import torch
+
+    device = env.get("PORTLLM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw_path = os.path.join(tmp, "raw.json")
+        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "bench_patch_add.py"), "-q",
+               "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
+               f"--benchmark-json={raw_path}", "--benchmark-columns=median,min,rounds", *pytest_args]
+        print("+", " ".join(cmd), flush=True)
+        res = subprocess.run(cmd, cwd=ROOT, env=env)
+        if res.returncode != 0:
+            return res.returncode
+        with open(raw_path) as f:
+            raw = json.load(f)
+
+    rows = summarise(raw)
+    desc = device_description(device)
+    result = {
+        "device": desc,
+        "versions": versions(),
+        "commit": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "make bench" + (" (quick)" if a.quick else ""),
+        "pytest_command": " ".join(["python", "-m", "pytest"] + cmd[3:4] + [c for c in cmd[4:] if "json" not in c]),
+        "results": rows,
+        "targets": targets(rows, device),
+    }
+    print(f"\n{'case':<34} {'provider':<26} {'median ms':>10} {'GB/s':>8} {'x copy':>7} {'x addmm_':>8} {'extra MiB':>9}")
+    for r in rows:
+        case = f"{r['m']}x{r['n']} r={r['r']}" + (" (4 patches)" if r["case"] != "single" else "")
+        extra = r["extra_peak_bytes"]
+        print(f"{case:<34} {r['provider']:<26} {r['median_ms']:>10.3f} {r['gbps']:>8.1f} "
+              f"{r.get('fraction_of_copy_bandwidth', float('nan')):>7.2f} {r.get('speedup_vs_addmm_', float('nan')):>8.2f} "
+              f"{(extra / 2**20 if extra is not None else float('nan')):>9.1f}")
+    print("\nTargets:")
+    for t in result["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}] {t['target']}: {t['value']} (goal {t['goal']})")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, slug(desc) + ".json")
+        tmp_path = path + ".tmp"
+        with open(tmp_path, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(tmp_path, path)  # never a half-written results file
+        print(f"\nwrote {os.path.relpath(path, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
