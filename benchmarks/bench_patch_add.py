@@ -3,7 +3,9 @@
 * ``portllm-<backend>``: every portllm backend available on the device (Triton only on GPU);
 * ``torch.addmm_``: ``W.addmm_(B, A, alpha=s)``, in place;
 * ``peft``: PEFT's merge, ``W += (B @ A) * s`` (materialises the m×n delta);
-* ``copy``: ``W2.copy_(W)``, the bandwidth limit (reads and writes as many bytes as a merge).
+* ``copy``: ``W2.copy_(W)``, the bandwidth limit (reads and writes as many bytes as a merge);
+* ``in-place``: ``W.mul_(1)``, the same bytes read and written in place (no second buffer: on a
+  CPU it is faster than a copy, and bounds any in-place merge from above).
 
 and four rank-16 patches merged in one pass against four ``addmm_`` calls.
 """
@@ -23,7 +25,7 @@ else:
 MULTI_SHAPE = SHAPES[1] if not QUICK else SHAPES[0]
 SCALE = 0.5
 BACKENDS = [b for b in ops.available_backends(DEVICE) if not (b == "triton" and DEVICE.type == "cpu")]
-PROVIDERS = ["copy", "torch.addmm_", "peft"] + [f"portllm-{b}" for b in BACKENDS]
+PROVIDERS = ["copy", "in-place", "torch.addmm_", "peft"] + [f"portllm-{b}" for b in BACKENDS]
 
 _weights = {}
 
@@ -47,6 +49,8 @@ def provider_fn(provider, W, B, A, scale):
     if provider == "copy":
         W2 = torch.empty_like(W)
         return lambda: W2.copy_(W)
+    if provider == "in-place":
+        return lambda: W.mul_(1.0)
     if provider == "torch.addmm_":
         return lambda: W.addmm_(B, A, alpha=scale)
     if provider == "peft":
@@ -71,14 +75,14 @@ def run(benchmark, fn, group, info):
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("m,n", SHAPES, ids=lambda v: str(v))
 def test_patch_add(benchmark, m, n, r, provider):
-    if provider == "copy" and r != RANKS[0]:
-        pytest.skip("copy does not depend on r: measured once per shape")
+    if provider in ("copy", "in-place") and r != RANKS[0]:
+        pytest.skip("does not depend on r: measured once per shape")
     W = weight(m, n)
     B, A = factors(m, n, r)
     w_bytes = W.numel() * W.element_size()
     f_bytes = B.numel() * B.element_size() + A.numel() * A.element_size()
     info = dict(op="patch_add_", case="single", m=m, n=n, r=r, dtype=str(DTYPE).removeprefix("torch."),
-                provider=provider, bytes=2 * w_bytes + (0 if provider == "copy" else f_bytes),
+                provider=provider, bytes=2 * w_bytes + (0 if provider in ("copy", "in-place") else f_bytes),
                 factor_bytes=f_bytes)
     run(benchmark, provider_fn(provider, W, B, A, SCALE), f"patch_add {m}x{n} r={r}", info)
 

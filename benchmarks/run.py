@@ -78,11 +78,15 @@ def summarise(raw: dict) -> list[dict]:
                     rounds=b["stats"]["rounds"], gbps=round(info["bytes"] / median / 1e9, 2))
         rows.append(info)
     copy = {(r["m"], r["n"]): r for r in rows if r["provider"] == "copy"}
+    inplace = {(r["m"], r["n"]): r for r in rows if r["provider"] == "in-place"}
     addmm = {(r["case"], r["m"], r["n"], r["r"]): r for r in rows if r["provider"].startswith("torch.addmm_")}
     for r in rows:
         c = copy.get((r["m"], r["n"]))
         if c is not None:
             r["fraction_of_copy_bandwidth"] = round(r["gbps"] / c["gbps"], 3)
+        i = inplace.get((r["m"], r["n"]))
+        if i is not None:
+            r["fraction_of_inplace_bandwidth"] = round(r["gbps"] / i["gbps"], 3)
         a = addmm.get((r["case"], r["m"], r["n"], r["r"]))
         if a is not None:
             r["speedup_vs_addmm_"] = round(a["median_ms"] / r["median_ms"], 3)
@@ -162,12 +166,14 @@ def main(argv=None) -> int:
         "results": rows,
         "targets": targets(rows, device),
     }
-    print(f"\n{'case':<34} {'provider':<26} {'median ms':>10} {'GB/s':>8} {'x copy':>7} {'x addmm_':>8} {'extra MiB':>9}")
+    print(f"\n{'case':<34} {'provider':<26} {'median ms':>10} {'GB/s':>8} {'x copy':>7} {'x in-pl':>7} "
+          f"{'x addmm_':>8} {'extra MiB':>9}")
     for r in rows:
         case = f"{r['m']}x{r['n']} r={r['r']}" + (" (4 patches)" if r["case"] != "single" else "")
         extra = r["extra_peak_bytes"]
         print(f"{case:<34} {r['provider']:<26} {r['median_ms']:>10.3f} {r['gbps']:>8.1f} "
-              f"{r.get('fraction_of_copy_bandwidth', float('nan')):>7.2f} {r.get('speedup_vs_addmm_', float('nan')):>8.2f} "
+              f"{r.get('fraction_of_copy_bandwidth', float('nan')):>7.2f} "
+              f"{r.get('fraction_of_inplace_bandwidth', float('nan')):>7.2f} {r.get('speedup_vs_addmm_', float('nan')):>8.2f} "
               f"{(extra / 2**20 if extra is not None else float('nan')):>9.1f}")
     print("\nTargets:")
     for t in result["targets"]:
