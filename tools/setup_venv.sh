@@ -12,7 +12,13 @@ VENV=${2:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c 'import torch' 2>/dev/null; then
     echo "portllm: reusing the installed torch ($("$PY" -c 'import torch; print(torch.__version__)'))"
-    "$PY" -m venv --system-site-packages "$VENV"
+    # --without-pip: pip and setuptools come from PY too, so that their versions agree with torch.
+    "$PY" -m venv --system-site-packages --without-pip "$VENV"
+    # PY may itself be a virtualenv (as on the GPU machine), whose packages
+    # --system-site-packages does not reach: a .pth file puts them on the path.
+    parent=$("$PY" -c 'import sysconfig as s; p = s.get_paths(); print(p["purelib"]); print(p["platlib"])' | sort -u)
+    child=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$parent" > "$child/_portllm_parent_env.pth"
   else
     "$PY" -m venv "$VENV"
   fi
