@@ -14,6 +14,53 @@ def _demo(args) -> int:
     return 0 if res["max_ulp"] <= 1 else 1
 
 
+def _port(args) -> int:
+    from portllm.port import port
+
+    res = port(args.model, args.patch, args.out, scale=args.scale, device=args.device, dtype=args.dtype,
+               force=args.force, backend=args.backend, progress=not args.quiet,
+               log=None if args.quiet else print)
+    gpu = f", peak GPU memory {res.peak_device_bytes / 2**20:.1f} MiB" if res.peak_device_bytes is not None else ""
+    print(f"portllm port: merged {res.merged} modules of {res.tensors} tensors into {res.out_dir} "
+          f"({res.bytes_written / 1e9:.2f} GB) on {res.device} in {res.seconds:.1f} s{gpu}")
+    return 0
+
+
+def _extract(args) -> int:
+    from portllm.extract import extract_patch
+
+    patch = extract_patch(args.base, args.finetuned, rank=args.rank, energy=args.energy, device=args.device)
+    patch.save(args.out, overwrite=args.force)
+    kept = list(patch.extra["energy_kept"].values())
+    print(f"portllm extract: {len(patch)} modules, rank {min(m.rank for m in patch.modules.values())}"
+          f"..{max(m.rank for m in patch.modules.values())}, energy kept {min(kept):.1%}..{max(kept):.1%} "
+          f"-> {args.out}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from portllm.patch import Patch
+
+    patch = Patch.load(args.path)
+    rows = patch.summary()
+    print(f"patch: {args.path}")
+    print(f"  source: {patch.source or '?'}; made with portllm {patch.version}; base model: {patch.base_model or '?'}"
+          f" (fingerprint {patch.base_fingerprint or 'none'})")
+    total = sum(r["bytes"] for r in rows)
+    ranks = sorted({r["rank"] for r in rows})
+    print(f"  {len(rows)} modules, ranks {ranks}, {total / 2**20:.2f} MiB of factors")
+    width = max([len(r["module"]) for r in rows] + [6])
+    print(f"  {'module':<{width}}  {'shape':>14} {'rank':>5} {'scale':>8} {'|dW|_F':>10} {'dtype':>9} {'KiB':>8}")
+    for r in rows:
+        shape = "x".join(str(d) for d in r["shape"])
+        print(f"  {r['module']:<{width}}  {shape:>14} {r['rank']:>5} {r['scale']:>8.4g} {r['delta_norm']:>10.4g} "
+              f"{r['dtype']:>9} {r['bytes'] / 1024:>8.1f}")
+    for k, v in patch.extra.items():
+        if k != "energy_kept":
+            print(f"  {k}: {v}")
+    return 0
+
+
 def _info(args) -> int:
     import torch
 
@@ -41,6 +88,37 @@ def main(argv=None) -> int:
     d.set_defaults(fn=_demo)
     i = sub.add_parser("info", help="show the build and the available backends")
     i.set_defaults(fn=_info)
+
+    p = sub.add_parser("port", help="merge a patch into a checkpoint directory, streamed, into a new one")
+    p.add_argument("--model", required=True, help="checkpoint directory (safetensors) to patch; only read")
+    p.add_argument("--patch", required=True, help="PEFT LoRA adapter directory, or a patch portllm saved")
+    p.add_argument("--out", required=True, help="directory to write (must be empty or absent unless --force)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the patch (default 1)")
+    p.add_argument("--device", default=None, help="where to merge: cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="convert the weights to this dtype")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--backend", default=None, help="portllm backend for the merges (default: fastest)")
+    p.add_argument("--quiet", action="store_true", help="no report or progress bar")
+    p.set_defaults(fn=_port)
+
+    e = sub.add_parser("extract", help="a low-rank patch from a full fine-tune (truncated SVD of each dW)")
+    e.add_argument("--base", required=True, help="the base checkpoint directory")
+    e.add_argument("--finetuned", required=True, help="the fine-tuned checkpoint directory")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rank", type=int, help="rank of every module (randomized SVD)")
+    g.add_argument("--energy", type=float, help="keep this fraction of each dW's Frobenius energy (exact SVD)")
+    e.add_argument("--out", required=True, help="patch directory to write (PEFT adapter format)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--force", action="store_true", help="replace an existing --out")
+    e.set_defaults(fn=_extract)
+
+    n = sub.add_parser("inspect", help="modules, ranks, norms, sizes and metadata of a patch")
+    n.add_argument("path")
+    n.set_defaults(fn=_inspect)
+    for sp in (d, i, p, e, n):
+        sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
     args = ap.parse_args(argv)
     try:
         return args.fn(args)

@@ -1,0 +1,159 @@
+"""Weights by name, from an in-memory model or a checkpoint directory, without loading them all.
+
+A checkpoint directory is what ``save_pretrained`` writes: ``config.json`` and either
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``. Tensor keys are module
+names plus ``.weight`` (``model.layers.0.self_attn.q_proj.weight``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+
+from portllm import fingerprint as fp
+from portllm.safetensors_io import SafetensorsError, SafetensorsReader
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory portllm cannot read; the message names the directory or file."""
+
+
+def weight_key(module: str) -> str:
+    return module + ".weight"
+
+
+class Checkpoint:
+    """A safetensors checkpoint directory: shapes, sampled elements and whole tensors by key."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise CheckpointError(f"{self.path}: no such checkpoint directory")
+        index = os.path.join(self.path, INDEX)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    self.index = json.load(f)
+                weight_map: dict[str, str] = self.index["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: cannot read the shard index ({e})") from None
+            self.files = sorted(set(weight_map.values()))
+        elif os.path.exists(os.path.join(self.path, SINGLE)):
+            self.index = None
+            self.files = [SINGLE]
+        else:
+            pickled = [f for f in os.listdir(self.path) if f.endswith((".bin", ".pt", ".pth"))]
+            hint = (f"; it has pickled weights ({pickled[0]}), which portllm refuses to unpickle: "
+                    "re-save the model with save_pretrained(..., safe_serialization=True)") if pickled else ""
+            raise CheckpointError(f"{self.path}: no {SINGLE} or {INDEX}{hint}")
+        self._readers: dict[str, SafetensorsReader] = {}
+        self.key_file: dict[str, str] = {}
+        for fname in self.files:
+            full = os.path.join(self.path, fname)
+            if not os.path.exists(full):
+                raise CheckpointError(f"{self.path}: the index lists {fname}, which is missing")
+            try:
+                rd = SafetensorsReader(full)
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from None
+            self._readers[fname] = rd
+            for k in rd.keys():
+                self.key_file[k] = fname
+        if self.index is not None:
+            missing = [k for k, f in weight_map.items() if k not in self.key_file]
+            if missing:
+                raise CheckpointError(f"{index}: lists {missing[0]!r} in {weight_map[missing[0]]}, "
+                                      f"which does not hold it ({len(missing)} such)")
+
+    def close(self):
+        for rd in self._readers.values():
+            rd.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self.key_file)
+
+    def info(self, key: str):
+        return self._readers[self.key_file[key]].tensors[key]
+
+    def reader(self, fname: str) -> SafetensorsReader:
+        return self._readers[fname]
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        return self.info(key).shape if key in self.key_file else None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._readers[self.key_file[key]][key]
+
+    def sample(self, key: str) -> list[float]:
+        """The elements fingerprint.sketch samples, read one by one (no whole-tensor read)."""
+        info = self.info(key)
+        numel = 1
+        for s in info.shape:
+            numel *= s
+        size = torch.empty((), dtype=info.dtype).element_size()
+        rd = self._readers[self.key_file[key]]
+        raw = bytearray()
+        for p in fp.sample_positions(numel).tolist():
+            rd._f.seek(info.begin + p * size)
+            raw += rd._f.read(size)
+        vals = torch.frombuffer(raw, dtype=info.dtype) if raw else torch.zeros(0, dtype=info.dtype)
+        return vals.double().tolist()
+
+    def config(self) -> dict:
+        p = os.path.join(self.path, "config.json")
+        if not os.path.exists(p):
+            return {}
+        with open(p) as f:
+            return json.load(f)
+
+
+class ModelWeights:
+    """The same interface over an nn.Module: weights of its submodules by key."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+
+    def keys(self) -> list[str]:
+        return list(self._params)
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        p = self._params.get(key)
+        return tuple(p.shape) if p is not None else None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._params[key].detach()
+
+    def sample(self, key: str) -> list[float]:
+        return fp.sketch(self._params[key])["sample"]
+
+    def config(self) -> dict:
+        cfg = getattr(self.model, "config", None)
+        return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
+
+
+def weights(source) -> Checkpoint | ModelWeights:
+    """A Checkpoint for a directory, ModelWeights for a module."""
+    if isinstance(source, torch.nn.Module):
+        return ModelWeights(source)
+    if isinstance(source, (str, os.PathLike)):
+        return Checkpoint(source)
+    raise TypeError(f"expected a model (nn.Module) or a checkpoint directory, got {type(source).__name__}")
+
+
+def iter_shards(ckpt: Checkpoint) -> Iterator[tuple[str, SafetensorsReader]]:
+    for fname in ckpt.files:
+        yield fname, ckpt.reader(fname)
+

@@ -1,0 +1,279 @@
+"""``Patch``: per-module low-rank updates ΔW = scale · B @ A, read from and written as PEFT LoRA
+adapters.
+
+A patch maps module names of the model it applies to (``model.layers.0.self_attn.q_proj``) to
+factors ``B [out, r]`` and ``A [r, in]`` and a scale, so that the module's weight becomes
+``W + scale · B @ A`` (for GPT-2-style ``Conv1D`` weights stored ``[in, out]``, ``fan_in_fan_out``,
+the transpose of that update). Metadata: the base model it was made from (name or path, and sketches
+of its weights, see ``portllm.fingerprint``), the portllm version, where it came from.
+
+Files: a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``), read and
+written; PEFT loads what portllm writes. Safetensors only: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from portllm import fingerprint as fp
+from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+class PatchFormatError(ValueError):
+    """A patch file portllm cannot read, or will not merge because it would merge it wrongly."""
+
+
+@dataclass
+class PatchModule:
+    B: torch.Tensor  # [out, r]
+    A: torch.Tensor  # [r, in]
+    scale: float
+    fan_in_fan_out: bool = False  # the weight is stored [in, out]: the update applies to W.T
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the weight this module's update applies to, as stored."""
+        out_f, in_f = self.B.shape[0], self.A.shape[1]
+        return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
+
+    def delta(self) -> torch.Tensor:
+        """The dense update in fp32, in the weight's stored orientation (for checks, not merging)."""
+        d = self.scale * (self.B.float() @ self.A.float())
+        return d.t() if self.fan_in_fan_out else d
+
+
+@dataclass
+class Patch:
+    modules: dict[str, PatchModule]
+    base_model: str | None = None
+    base_sketches: dict[str, dict] = field(default_factory=dict)  # module name -> fingerprint.sketch
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+    version: str = ""
+
+    def __post_init__(self):
+        if not self.version:
+            from portllm import __version__
+
+            self.version = __version__
+
+    # -- views -----------------------------------------------------------------------------------
+    def __len__(self):
+        return len(self.modules)
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __getitem__(self, name: str) -> PatchModule:
+        return self.modules[name]
+
+    def items(self):
+        return self.modules.items()
+
+    @property
+    def rank(self) -> int:
+        """The most common rank (modules may differ)."""
+        return Counter(m.rank for m in self.modules.values()).most_common(1)[0][0] if self.modules else 0
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        return fp.fingerprint(self.base_sketches) if self.base_sketches else None
+
+    def scaled(self, s: float) -> Patch:
+        """The same patch with every scale multiplied by s."""
+        mods = {k: PatchModule(m.B, m.A, m.scale * s, m.fan_in_fan_out) for k, m in self.modules.items()}
+        return Patch(mods, self.base_model, self.base_sketches, self.source, dict(self.extra), self.version)
+
+    def summary(self) -> list[dict]:
+        """One row per module: name, shape, rank, scale, ‖ΔW‖_F, factor bytes."""
+        rows = []
+        for name, m in self.modules.items():
+            # ‖s·B·A‖_F = |s|·‖(BᵀB)^½ A‖_F, computed from r×r and r×n products only.
+            gram = m.B.double().t() @ m.B.double()
+            norm = abs(m.scale) * math.sqrt(max(0.0, float(((gram @ m.A.double()) * m.A.double()).sum())))
+            rows.append({"module": name, "shape": list(m.weight_shape), "rank": m.rank, "scale": m.scale,
+                         "delta_norm": norm, "dtype": str(m.B.dtype).removeprefix("torch."),
+                         "bytes": m.B.numel() * m.B.element_size() + m.A.numel() * m.A.element_size()})
+        return rows
+
+    # -- files -----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str) -> Patch:
+        """Reads a PEFT LoRA adapter directory (or its adapter_model.safetensors), PEFT's or portllm's."""
+        path = os.fspath(path)
+        if os.path.isfile(path) and path.endswith(".safetensors"):
+            path = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(path):
+            raise PatchFormatError(f"{path}: no such patch directory")
+        cfg_path = os.path.join(path, CONFIG)
+        weights = os.path.join(path, WEIGHTS)
+        if not os.path.exists(weights):
+            bins = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth"))]
+            if bins:
+                raise PatchFormatError(
+                    f"{os.path.join(path, bins[0])}: pickled weights are refused (loading them can run "
+                    "arbitrary code). If you trust the file, convert it once: python -c \"import torch; "
+                    "from safetensors.torch import save_file; save_file(torch.load('adapter_model.bin', "
+                    "weights_only=True), 'adapter_model.safetensors')\" in that directory.")
+            raise PatchFormatError(f"{path}: no {WEIGHTS}")
+        if not os.path.exists(cfg_path):
+            raise PatchFormatError(f"{path}: no {CONFIG} (is this a PEFT adapter directory?)")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise PatchFormatError(f"{cfg_path}: cannot read ({e})") from None
+        _check_supported(cfg, cfg_path)
+        try:
+            with SafetensorsReader(weights) as rd:
+                tensors = {k: rd[k] for k in rd.keys()}
+                meta = rd.metadata
+        except SafetensorsError as e:
+            raise PatchFormatError(str(e)) from None
+        return _from_peft(cfg, tensors, meta, weights)
+
+    def save(self, path: str, overwrite: bool = False) -> str:
+        """Writes a PEFT-compatible adapter directory; written whole into a temporary directory
+        and renamed into place, so an interrupted save never leaves a half patch."""
+        path = os.fspath(path)
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
+        if not self.modules:
+            raise ValueError("cannot save an empty patch")
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".portllm-patch-", dir=parent)
+        try:
+            cfg, tensors = _to_peft(self)
+            with open(os.path.join(tmp, CONFIG), "w") as f:
+                json.dump(cfg, f, indent=2)
+            meta = {"format": "pt", "portllm": json.dumps({
+                "version": self.version, "source": self.source, "base_model": self.base_model,
+                "base_sketches": self.base_sketches, "extra": self.extra})}
+            write_tensors(os.path.join(tmp, WEIGHTS), tensors, meta)
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def _replace_dir(new: str, dest: str):
+    """Renames new to dest; an existing dest is moved aside first and removed after."""
+    old = None
+    if os.path.exists(dest):
+        old = dest + ".portllm-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dest, old)
+    os.rename(new, dest)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_supported(cfg: dict, where: str):
+    """Refuses the PEFT variants whose merge is not W + scale·B·A."""
+    kind = str(cfg.get("peft_type", "LORA")).upper()
+    if kind != "LORA":
+        raise PatchFormatError(f"{where}: peft_type {kind} is not a LoRA adapter; portllm merges LoRA only")
+    refuse = {
+        "use_dora": "DoRA rescales each weight column by a learned magnitude, which is not a low-rank patch",
+        "lora_bias": "lora_bias adds a trained bias that a low-rank patch does not hold",
+        "modules_to_save": "modules_to_save holds full copies of whole modules, not low-rank updates",
+        "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
+        "trainable_token_indices": "trainable token embeddings are not a low-rank patch",
+        "layer_replication": "layer_replication changes the model's structure",
+    }
+    for key, why in refuse.items():
+        if cfg.get(key):
+            raise PatchFormatError(f"{where}: {key}={cfg[key]!r} is not supported: {why}")
+    if cfg.get("bias", "none") != "none":
+        raise PatchFormatError(f"{where}: bias={cfg['bias']!r} is not supported: the adapter trained biases, "
+                               "which a low-rank patch does not hold")
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str) -> Patch:
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key:
+                raise PatchFormatError(f"{where}: {key}: LoRA on embedding layers is not supported")
+            raise PatchFormatError(f"{where}: unexpected tensor {key!r} (not a LoRA factor); refusing rather "
+                                   "than dropping part of the adapter")
+        factors.setdefault(m["name"], {})[m["which"]] = t
+    if not factors:
+        raise PatchFormatError(f"{where}: no LoRA factors")
+    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    rslora, fifo = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
+    modules = {}
+    for name, ab in factors.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "B" not in ab else "lora_A"
+            raise PatchFormatError(f"{where}: module {name} has no {missing}.weight")
+        A, B = ab["A"], ab["B"]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise PatchFormatError(f"{where}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                                   "are not [r, in] and [out, r]")
+        r = int(_pattern_value(cfg.get("rank_pattern"), name, r_default))
+        if r != A.shape[0]:
+            raise PatchFormatError(f"{where}: module {name}: the config says rank {r}, lora_A has {A.shape[0]}")
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, alpha_default))
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        modules[name] = PatchModule(B, A, scale, fifo)
+    info = {}
+    if "portllm" in meta:
+        try:
+            info = json.loads(meta["portllm"])
+        except json.JSONDecodeError:
+            raise PatchFormatError(f"{where}: corrupt portllm metadata") from None
+    return Patch(modules, base_model=info.get("base_model") or cfg.get("base_model_name_or_path"),
+                 base_sketches=info.get("base_sketches") or {}, source=info.get("source") or "peft",
+                 extra=info.get("extra") or {}, version=info.get("version") or "")
+
+
+def _to_peft(patch: Patch) -> tuple[dict, dict]:
+    fifo = {m.fan_in_fan_out for m in patch.modules.values()}
+    if len(fifo) > 1:
+        raise ValueError("a PEFT adapter is either fan_in_fan_out or not: this patch mixes both")
+    r = patch.rank
+    # PEFT's scale is alpha / r: alpha = scale * r, tidied of the last-bit noise of that product.
+    alphas = {k: float(f"{m.scale * m.rank:.15g}") for k, m in patch.modules.items()}
+    alpha = Counter(alphas[k] for k, m in patch.modules.items() if m.rank == r).most_common(1)[0][0]
+    rank_pattern = {k: m.rank for k, m in patch.modules.items() if m.rank != r}
+    alpha_pattern = {k: a for k, a in alphas.items() if a != alpha}
+    cfg = {
+        "peft_type": "LORA", "task_type": patch.extra.get("task_type"), "r": r, "lora_alpha": alpha,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_modules": sorted(patch.modules),
+        "base_model_name_or_path": patch.base_model, "fan_in_fan_out": fifo.pop(), "use_rslora": False,
+        "use_dora": False, "bias": "none", "lora_dropout": 0.0, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    tensors = {}
+    for name, m in patch.modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.B.contiguous()
+    return cfg, tensors

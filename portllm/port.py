@@ -1,0 +1,183 @@
+"""``port``: stream a checkpoint directory through patch_add_, tensor by tensor, into a new one.
+
+Memory stays near one tensor whatever the model's size: each tensor is read with plain reads,
+merged on the chosen device if the patch touches it, written, and dropped. The result is written
+into a temporary directory beside ``out_dir`` and renamed at the end, so an interrupted port never
+leaves a half-written model that looks complete; ``model_dir`` is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from portllm import ops
+from portllm.apply import merge_factors
+from portllm.checkpoint import INDEX, Checkpoint, weight_key
+from portllm.compat import CompatReport, check_compatibility
+from portllm.patch import Patch, _replace_dir
+from portllm.safetensors_io import SafetensorsWriter
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class PortResult:
+    out_dir: str
+    report: CompatReport
+    tensors: int
+    merged: int
+    bytes_written: int
+    seconds: float
+    device: str
+    peak_device_bytes: int | None  # CUDA: peak allocated during the port; None on CPU
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of bfloat16, float16, float32")
+    return _DTYPES[dtype]
+
+
+def _check_out_dir(out_dir: str, model_dir: str, force: bool):
+    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
+        raise ValueError(f"out_dir {out_dir} is model_dir: a port never modifies its input; choose another directory")
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        if os.listdir(out_dir) and not force:
+            raise FileExistsError(f"{out_dir} exists and is not empty (use --force / force=True to replace it)")
+
+
+def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, device: str | None = None,
+         dtype=None, *, force: bool = False, backend: str | None = None, check_finite: bool = True,
+         progress: bool = True, log=print) -> PortResult:
+    """Writes ``model_dir`` with ``W += scale · ΔW`` merged into every patch module, to ``out_dir``.
+
+    * ``patch``: a Patch or a path to one (PEFT adapter directory).
+    * ``device``: where merges run ("cpu", "cuda", ...; default: cuda if available, else cpu).
+    * ``dtype``: convert every floating-point tensor (and config.json's dtype) to this dtype.
+    * ``force``: replace a non-empty ``out_dir``.
+    * ``check_finite``: refuse factors with NaN/Inf (on by default here: a checkpoint is written once).
+    Config, generation config, tokenizer and other non-weight files are copied. The compatibility
+    report is checked (and logged) before anything is written.
+    """
+    t0 = time.perf_counter()
+    model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
+    if not isinstance(patch, Patch):
+        patch = Patch.load(patch)
+    patch = patch.scaled(scale) if scale != 1.0 else patch
+    out_dtype = _dtype(dtype)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_out_dir(out_dir, model_dir, force)
+    with Checkpoint(model_dir) as ckpt:
+        report = check_compatibility(ckpt, patch)
+        if log:
+            for line in report.lines():
+                log(f"portllm port: {line}")
+        report.raise_for_errors()
+        # Validate every factor before writing anything (a NaN found half-way would waste the work).
+        if check_finite:
+            for name, m in patch.items():
+                for which, t in (("B", m.B), ("A", m.A)):
+                    if not torch.isfinite(t).all():
+                        raise ValueError(f"patch module {name}: lora_{which} has NaN or Inf values")
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".portllm-port-", dir=parent)
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress)
+            _copy_other_files(model_dir, tmp, out_dtype, stats["total_size"])
+            with open(os.path.join(tmp, "portllm_port.json"), "w") as f:
+                json.dump({"source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
+                           "patch_modules": len(patch), "scale": scale,
+                           "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                           "report": report.lines()}, f, indent=2)
+            if os.path.exists(out_dir) and not os.listdir(out_dir):
+                os.rmdir(out_dir)
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return PortResult(out_dir, report, stats["tensors"], stats["merged"], stats["total_size"],
+                      time.perf_counter() - t0, str(device), peak)
+
+
+def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress) -> dict:
+    targets = {weight_key(name): name for name in patch}
+    total_in = sum(ckpt.info(k).nbytes for k in ckpt.keys())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_in, unit="B", unit_scale=True, desc="portllm port", leave=False)
+    tensors = merged = total_size = 0
+    try:
+        for fname in ckpt.files:
+            rd = ckpt.reader(fname)
+            layout = []
+            for k, info in rd.tensors.items():
+                dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+                layout.append((k, dt, info.shape))
+            with SafetensorsWriter(os.path.join(tmp, fname), layout, rd.metadata or {"format": "pt"}) as w:
+                for k, dt, _ in layout:
+                    t = rd[k]
+                    if t.dtype != dt:
+                        t = t.to(dt)
+                    if k in targets:
+                        m = patch[targets[k]]
+                        W = t.to(device)
+                        B, A, s = merge_factors([(m, 1.0)], device)
+                        ops.patch_add_(W.t() if m.fan_in_fan_out else W, B, A, s, backend=backend)
+                        t = W
+                        merged += 1
+                    w.write(k, t)
+                    tensors += 1
+                    total_size += t.numel() * t.element_size()
+                    if bar is not None:
+                        bar.update(rd.tensors[k].nbytes)
+                    del t
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"tensors": tensors, "merged": merged, "total_size": total_size}
+
+
+def _copy_other_files(model_dir: str, tmp: str, out_dtype, total_size: int):
+    """Everything but the weights: config (dtype updated if converted), tokenizer, index, ..."""
+    for entry in os.listdir(model_dir):
+        src = os.path.join(model_dir, entry)
+        if entry.endswith(".safetensors") or entry.startswith(".") or entry == "portllm_port.json":
+            continue
+        dst = os.path.join(tmp, entry)
+        if entry == INDEX:
+            with open(src) as f:
+                index = json.load(f)
+            index.setdefault("metadata", {})["total_size"] = total_size
+            with open(dst, "w") as f:
+                json.dump(index, f, indent=2)
+        elif entry == "config.json" and out_dtype is not None:
+            with open(src) as f:
+                cfg = json.load(f)
+            name = str(out_dtype).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in cfg:
+                    cfg[key] = name
+            with open(dst, "w") as f:
+                json.dump(cfg, f, indent=2)
+        elif os.path.isdir(src):
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
