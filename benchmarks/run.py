@@ -73,14 +73,23 @@ def summarise(raw: dict) -> list[dict]:
     rows = []
     for b in raw["benchmarks"]:
         info = dict(b["extra_info"])
+        if info["op"] == "port":  # one timed round; the job's own time, without process start-up
+            info.update(median_ms=round(info["seconds"] * 1e3, 1))
+            if info["case"] == "checkpoint":
+                info["gbps"] = round(info["checkpoint_bytes"] / info["seconds"] / 1e9, 3)
+            rows.append(info)
+            continue
         median = b["stats"]["median"]
         info.update(median_ms=round(median * 1e3, 4), min_ms=round(b["stats"]["min"] * 1e3, 4),
                     rounds=b["stats"]["rounds"], gbps=round(info["bytes"] / median / 1e9, 2))
         rows.append(info)
-    copy = {(r["m"], r["n"]): r for r in rows if r["provider"] == "copy"}
-    inplace = {(r["m"], r["n"]): r for r in rows if r["provider"] == "in-place"}
-    addmm = {(r["case"], r["m"], r["n"], r["r"]): r for r in rows if r["provider"].startswith("torch.addmm_")}
-    for r in rows:
+    port_rows(rows)
+    rows = [r for r in rows if r["op"] != "port"] + [r for r in rows if r["op"] == "port"]
+    pa = [r for r in rows if r["op"] == "patch_add_"]
+    copy = {(r["m"], r["n"]): r for r in pa if r["provider"] == "copy"}
+    inplace = {(r["m"], r["n"]): r for r in pa if r["provider"] == "in-place"}
+    addmm = {(r["case"], r["m"], r["n"], r["r"]): r for r in pa if r["provider"].startswith("torch.addmm_")}
+    for r in pa:
         c = copy.get((r["m"], r["n"]))
         if c is not None:
             r["fraction_of_copy_bandwidth"] = round(r["gbps"] / c["gbps"], 3)
@@ -91,6 +100,20 @@ def summarise(raw: dict) -> list[dict]:
         if a is not None:
             r["speedup_vs_addmm_"] = round(a["median_ms"] / r["median_ms"], 3)
     return rows
+
+
+def port_rows(rows):
+    """Port jobs: time relative to copying the files, and PEFT's time relative to each."""
+    by = {r["provider"]: r for r in rows if r["op"] == "port"}
+    copy, peft = by.get("copy files"), by.get("peft load+merge_and_unload+save")
+    peft_mem = by.get("peft merge_and_unload (in memory)")
+    for r in by.values():
+        if r["case"] == "checkpoint" and copy:
+            r["time_vs_copy"] = round(r["seconds"] / copy["seconds"], 3)
+        if r["case"] == "checkpoint" and peft and r is not peft:
+            r["speedup_vs_peft"] = round(peft["seconds"] / r["seconds"], 3)
+        if r["case"] == "in_memory" and peft_mem and r is not peft_mem:
+            r["speedup_vs_peft"] = round(peft_mem["seconds"] / r["seconds"], 3)
 
 
 def find(rows, **kw):
@@ -105,7 +128,9 @@ def targets(rows: list[dict], device: str) -> list[dict]:
         out.append({"target": name, "value": value, "goal": goal, "met": ok if value is not None else None})
 
     fast = "portllm-cpp" if device == "cpu" else "portllm-cuda"
-    if device == "cpu":
+    if not find(rows, op="patch_add_"):
+        pass
+    elif device == "cpu":
         r = find(rows, case="single", m=4096, n=14336, r=16, provider=fast)
         v = r[0].get("speedup_vs_addmm_") if r else None
         add("CPU bf16 4096x14336 r=16: speed vs torch.addmm_", v, ">= 1.8", v is not None and v >= 1.8)
@@ -124,8 +149,27 @@ def targets(rows: list[dict], device: str) -> list[dict]:
                 add(f"GPU {be}: worst extra peak memory beyond the factors (bytes)", excess, "<= 1 MiB",
                     excess <= 2**20)
     r = find(rows, case="four_rank16_patches", provider=f"{fast} one pass")
-    v = r[0].get("speedup_vs_addmm_") if r else None
-    add("four rank-16 patches in one pass: speed vs four addmm_ calls", v, ">= 3.0", v is not None and v >= 3.0)
+    if r:
+        v = r[0].get("speedup_vs_addmm_")
+        add("four rank-16 patches in one pass: speed vs four addmm_ calls", v, ">= 3.0", v is not None and v >= 3.0)
+    p = find(rows, op="port", provider="portllm port")
+    if p:
+        p = p[0]
+        mib = round(p["peak_rss_above_baseline"] / 2**20, 1)
+        add("port 1.1B on CPU: peak RSS above the interpreter's own (MiB)", mib, "<= 600", mib <= 600)
+        v = p.get("time_vs_copy")
+        add("port 1.1B on CPU: wall time / copying the checkpoint's files", v, "<= 1.5", v is not None and v <= 1.5)
+        v = p.get("speedup_vs_peft")
+        add("port 1.1B on CPU: speed vs load + PeftModel + merge_and_unload + save_pretrained", v, ">= 5",
+            v is not None and v >= 5)
+    a = find(rows, op="port", provider="portllm apply_patch (in memory)")
+    if a:
+        add("apply_patch of the 1.1B patch in memory on CPU (s)", round(a[0]["seconds"], 3), "<= 0.3",
+            a[0]["seconds"] <= 0.3)
+    g = find(rows, op="port", provider="portllm port --device cuda")
+    if g and g[0].get("peak_gpu_bytes") is not None:
+        mib = round(g[0]["peak_gpu_bytes"] / 2**20, 1)
+        add("port 1.1B with --device cuda: peak GPU memory (MiB)", mib, "<= 2x the largest tensor", None)
     return out
 
 
@@ -133,6 +177,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run portllm's benchmarks and record the results.")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    ap.add_argument("--suite", choices=["all", "patch_add", "port"], default="all")
     a, pytest_args = ap.parse_known_args(argv)
     env = dict(os.environ)
     if a.quick:
@@ -144,7 +189,9 @@ def main(argv=None) -> int:
     device = env.get("PORTLLM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = os.path.join(tmp, "raw.json")
-        cmd = [sys.executable, "-m", "pytest", os.path.join(HERE, "bench_patch_add.py"), "-q",
+        suites = {"patch_add": ["bench_patch_add.py"], "port": ["bench_port.py"],
+                  "all": ["bench_patch_add.py", "bench_port.py"]}[a.suite]
+        cmd = [sys.executable, "-m", "pytest", *[os.path.join(HERE, f) for f in suites], "-q",
                "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
                f"--benchmark-json={raw_path}", "--benchmark-columns=median,min,rounds", *pytest_args]
         print("+", " ".join(cmd), flush=True)
@@ -162,19 +209,28 @@ def main(argv=None) -> int:
         "commit": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "make bench" + (" (quick)" if a.quick else ""),
-        "pytest_command": " ".join(["python", "-m", "pytest"] + cmd[3:4] + [c for c in cmd[4:] if "json" not in c]),
+        "pytest_command": " ".join(["python", "-m", "pytest"] + [os.path.relpath(c, ROOT) if c.startswith(HERE) else c
+                                                                 for c in cmd[3:] if "json" not in c]),
         "results": rows,
         "targets": targets(rows, device),
     }
     print(f"\n{'case':<34} {'provider':<26} {'median ms':>10} {'GB/s':>8} {'x copy':>7} {'x in-pl':>7} "
           f"{'x addmm_':>8} {'extra MiB':>9}")
     for r in rows:
+        if r["op"] == "port":
+            continue
         case = f"{r['m']}x{r['n']} r={r['r']}" + (" (4 patches)" if r["case"] != "single" else "")
         extra = r["extra_peak_bytes"]
         print(f"{case:<34} {r['provider']:<26} {r['median_ms']:>10.3f} {r['gbps']:>8.1f} "
               f"{r.get('fraction_of_copy_bandwidth', float('nan')):>7.2f} "
               f"{r.get('fraction_of_inplace_bandwidth', float('nan')):>7.2f} {r.get('speedup_vs_addmm_', float('nan')):>8.2f} "
               f"{(extra / 2**20 if extra is not None else float('nan')):>9.1f}")
+    ports = [r for r in rows if r["op"] == "port"]
+    if ports:
+        print(f"\n{'port job':<40} {'seconds':>9} {'peak RSS MiB':>13} {'x copy':>7} {'PEFT / this':>11}")
+        for r in ports:
+            print(f"{r['provider']:<40} {r['seconds']:>9.2f} {r['peak_rss_above_baseline'] / 2**20:>13.1f} "
+                  f"{r.get('time_vs_copy', float('nan')):>7.2f} {r.get('speedup_vs_peft', float('nan')):>11.2f}")
     print("\nTargets:")
     for t in result["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}] {t['target']}: {t['value']} (goal {t['goal']})")

@@ -1,0 +1,73 @@
+"""The jobs of bench_port.py, each run in a process of its own so that its peak memory is its own.
+
+Usage: python benchmarks/port_jobs.py JOB CHECKPOINT PATCH OUT [DEVICE]
+Prints one JSON line: seconds (the job alone, imports and untimed set-up excluded), peak RSS above
+the process's RSS just before the job (imports done), and for CUDA the peak GPU memory.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+
+def rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def main(job, ckpt, patch_dir, out, device="cpu"):
+    import torch
+
+    import portllm
+
+    if job in ("peft", "peft_merge", "apply"):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    setup = None
+    if job == "apply":
+        setup = (AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16), portllm.Patch.load(patch_dir))
+    elif job == "peft_merge":
+        setup = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16), patch_dir)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak()
+    base = rss("VmRSS")
+    t0 = time.perf_counter()
+    if job == "copy":
+        shutil.copytree(ckpt, out)
+    elif job == "port":
+        portllm.port(ckpt, patch_dir, out, device=device, progress=False, log=None)
+    elif job == "peft":
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+        PeftModel.from_pretrained(model, patch_dir).merge_and_unload().save_pretrained(out)
+    elif job == "apply":
+        portllm.apply_patch(*setup)
+    elif job == "peft_merge":
+        setup.merge_and_unload()
+    else:
+        raise SystemExit(f"unknown job {job}")
+    seconds = time.perf_counter() - t0
+    res = {"job": job, "seconds": seconds, "peak_rss_above_baseline": max(0, rss("VmHWM") - base),
+           "baseline_rss": base}
+    if device == "cuda":
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(0)  # skip tearing down a multi-GB model
