@@ -37,10 +37,14 @@ def main(job, ckpt, patch_dir, out, device="cpu"):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
     setup = None
-    if job == "apply":
-        setup = (AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16), portllm.Patch.load(patch_dir))
-    elif job == "peft_merge":
-        setup = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16), patch_dir)
+    if job in ("apply", "peft_merge"):
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+        # from_pretrained may leave weights backed by the file's memory map, and the first write to
+        # each page then costs a page fault and a copy: materialise them, as a model in use is.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
+        setup = (model, portllm.Patch.load(patch_dir)) if job == "apply" else PeftModel.from_pretrained(model, patch_dir)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     reset_peak()

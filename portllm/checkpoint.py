@@ -99,17 +99,8 @@ class Checkpoint:
     def sample(self, key: str) -> list[float]:
         """The elements fingerprint.sketch samples, read one by one (no whole-tensor read)."""
         info = self.info(key)
-        numel = 1
-        for s in info.shape:
-            numel *= s
-        size = torch.empty((), dtype=info.dtype).element_size()
-        rd = self._readers[self.key_file[key]]
-        raw = bytearray()
-        for p in fp.sample_positions(numel).tolist():
-            rd._f.seek(info.begin + p * size)
-            raw += rd._f.read(size)
-        vals = torch.frombuffer(raw, dtype=info.dtype) if raw else torch.zeros(0, dtype=info.dtype)
-        return vals.double().tolist()
+        numel = torch.Size(info.shape).numel()
+        return self._readers[self.key_file[key]].elements(key, fp.sample_positions(numel).tolist()).double().tolist()
 
     def config(self) -> dict:
         p = os.path.join(self.path, "config.json")

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -116,43 +117,66 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
 
 
 def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress) -> dict:
+    """Reads, merges and writes every tensor, in file order. Reading the next tensor and writing the
+    previous one run in two threads while this one merges (file I/O and torch ops release the GIL):
+    at most three tensors are held at once."""
     targets = {weight_key(name): name for name in patch}
-    total_in = sum(ckpt.info(k).nbytes for k in ckpt.keys())
+    jobs = [(fname, k) for fname in ckpt.files for k in ckpt.reader(fname).tensors]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_in, unit="B", unit_scale=True, desc="portllm port", leave=False)
-    tensors = merged = total_size = 0
-    try:
-        for fname in ckpt.files:
+        bar = tqdm(total=sum(ckpt.info(k).nbytes for _, k in jobs), unit="B", unit_scale=True,
+                   desc="portllm port", leave=False)
+    stats = {"tensors": 0, "merged": 0, "total_size": 0}
+    writers: dict[str, SafetensorsWriter] = {}
+
+    def writer(fname: str) -> SafetensorsWriter:
+        if fname not in writers:
             rd = ckpt.reader(fname)
-            layout = []
-            for k, info in rd.tensors.items():
-                dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
-                layout.append((k, dt, info.shape))
-            with SafetensorsWriter(os.path.join(tmp, fname), layout, rd.metadata or {"format": "pt"}) as w:
-                for k, dt, _ in layout:
-                    t = rd[k]
-                    if t.dtype != dt:
-                        t = t.to(dt)
-                    if k in targets:
-                        m = patch[targets[k]]
-                        W = t.to(device)
-                        B, A, s = merge_factors([(m, 1.0)], device)
-                        ops.patch_add_(W.t() if m.fan_in_fan_out else W, B, A, s, backend=backend)
-                        t = W
-                        merged += 1
-                    w.write(k, t)
-                    tensors += 1
-                    total_size += t.numel() * t.element_size()
-                    if bar is not None:
-                        bar.update(rd.tensors[k].nbytes)
-                    del t
+            layout = [(k, out_dtype if (out_dtype is not None and i.dtype.is_floating_point) else i.dtype, i.shape)
+                      for k, i in rd.tensors.items()]
+            writers[fname] = SafetensorsWriter(os.path.join(tmp, fname), layout, rd.metadata or {"format": "pt"})
+        return writers[fname]
+
+    def write(fname: str, k: str, t: torch.Tensor):
+        w = writer(fname)
+        w.write(k, t)
+        if w.complete:
+            w.close()
+        if bar is not None:
+            bar.update(ckpt.info(k).nbytes)
+
+    try:
+        with ThreadPoolExecutor(1) as reads, ThreadPoolExecutor(1) as writes:
+            nxt = reads.submit(ckpt.tensor, jobs[0][1]) if jobs else None
+            pending = None
+            for i, (fname, k) in enumerate(jobs):
+                t = nxt.result()
+                nxt = reads.submit(ckpt.tensor, jobs[i + 1][1]) if i + 1 < len(jobs) else None
+                if out_dtype is not None and t.dtype.is_floating_point and t.dtype != out_dtype:
+                    t = t.to(out_dtype)
+                if k in targets:
+                    m = patch[targets[k]]
+                    W = t.to(device)
+                    B, A, s = merge_factors([(m, 1.0)], device)
+                    ops.patch_add_(W.t() if m.fan_in_fan_out else W, B, A, s, backend=backend)
+                    t = W.cpu()
+                    stats["merged"] += 1
+                stats["tensors"] += 1
+                stats["total_size"] += t.numel() * t.element_size()
+                if pending is not None:
+                    pending.result()  # one write in flight at a time, in order
+                pending = writes.submit(write, fname, k, t)
+                del t
+            if pending is not None:
+                pending.result()
     finally:
         if bar is not None:
             bar.close()
-    return {"tensors": tensors, "merged": merged, "total_size": total_size}
+        for w in writers.values():
+            w.abort()
+    return stats
 
 
 def _copy_other_files(model_dir: str, tmp: str, out_dtype, total_size: int):

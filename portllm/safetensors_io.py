@@ -100,6 +100,18 @@ class SafetensorsReader:
             raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
         return buf.view(info.dtype).reshape(info.shape)
 
+    def elements(self, name: str, positions: list[int]) -> torch.Tensor:
+        """Elements of a tensor at flat positions, read one by one (no whole-tensor read)."""
+        info = self.tensors[name]
+        size = torch.empty((), dtype=info.dtype).element_size()
+        raw = bytearray()
+        for p in positions:
+            self._f.seek(info.begin + p * size)
+            raw += self._f.read(size)
+        if len(raw) != size * len(positions):
+            raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
+        return torch.frombuffer(raw, dtype=info.dtype) if raw else torch.zeros(0, dtype=info.dtype)
+
     def close(self):
         self._f.close()
 
@@ -143,8 +155,18 @@ class SafetensorsWriter:
         self._f.write(memoryview(data.numpy()))
         self._next += 1
 
+    @property
+    def complete(self) -> bool:
+        """Whether every declared tensor has been written."""
+        return self._next == len(self._order)
+
+    def abort(self):
+        """Closes the file without completing it (the caller removes it)."""
+        if not self._f.closed:
+            self._f.close()
+
     def close(self):
-        if self._next != len(self._order):
+        if not self.complete:
             self._f.close()
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
         self._f.flush()
@@ -158,7 +180,7 @@ class SafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self._f.close()
+            self.abort()
 
 
 def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
