@@ -49,12 +49,15 @@ def _inspect(args) -> int:
     total = sum(r["bytes"] for r in rows)
     ranks = sorted({r["rank"] for r in rows})
     print(f"  {len(rows)} modules, ranks {ranks}, {total / 2**20:.2f} MiB of factors")
+    kept = patch.extra.get("energy_kept", {})
     width = max([len(r["module"]) for r in rows] + [6])
-    print(f"  {'module':<{width}}  {'shape':>14} {'rank':>5} {'scale':>8} {'|dW|_F':>10} {'dtype':>9} {'KiB':>8}")
+    print(f"  {'module':<{width}}  {'shape':>14} {'rank':>5} {'scale':>8} {'|dW|_F':>10} {'dtype':>9} {'KiB':>8}"
+          + ("  energy kept" if kept else ""))
     for r in rows:
         shape = "x".join(str(d) for d in r["shape"])
+        energy = f"  {kept[r['module']]:>11.2%}" if r["module"] in kept else ""
         print(f"  {r['module']:<{width}}  {shape:>14} {r['rank']:>5} {r['scale']:>8.4g} {r['delta_norm']:>10.4g} "
-              f"{r['dtype']:>9} {r['bytes'] / 1024:>8.1f}")
+              f"{r['dtype']:>9} {r['bytes'] / 1024:>8.1f}{energy}")
     for k, v in patch.extra.items():
         if k != "energy_kept":
             print(f"  {k}: {v}")

@@ -155,3 +155,35 @@ def test_interrupted_port_leaves_nothing(setup, tmp_path, monkeypatch):
         portllm.port(setup["evolved_dir"], setup["adapter"], str(out), device="cpu", progress=False, log=None)
     assert not out.exists()
     assert os.listdir(tmp_path) == [], "no temporary directory may be left behind"
+
+
+def test_gpt2_fan_in_fan_out(tmp_path):
+    """GPT-2's Conv1D stores weights [in, out]: PEFT's fan_in_fan_out adapters merge transposed."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from hf_fixtures import evolve
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=100, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+    peft_model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                                 fan_in_fan_out=True, lora_dropout=0.0))
+    tokens = torch.randint(0, 100, (2, 12))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        peft_model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    evolved = evolve(GPT2LMHeadModel(cfg))
+    evolved.save_pretrained(tmp_path / "evolved")
+    (tmp_path / "evolved" / "tokenizer.json").write_text("{}")
+    portllm.port(str(tmp_path / "evolved"), str(tmp_path / "adapter"), str(tmp_path / "out"), progress=False, log=None)
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+    ported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "evolved"),
+                                         str(tmp_path / "adapter")).merge_and_unload()
+    for (k, a), (_, b) in zip(ported.state_dict().items(), expected.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(ported.transformer.h[0].attn.c_attn.weight, evolved.transformer.h[0].attn.c_attn.weight)
