@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-
 import torch
 
 from portllm import fingerprint as fp
@@ -102,13 +100,6 @@ class Checkpoint:
         numel = torch.Size(info.shape).numel()
         return self._readers[self.key_file[key]].elements(key, fp.sample_positions(numel).tolist()).double().tolist()
 
-    def config(self) -> dict:
-        p = os.path.join(self.path, "config.json")
-        if not os.path.exists(p):
-            return {}
-        with open(p) as f:
-            return json.load(f)
-
 
 class ModelWeights:
     """The same interface over an nn.Module: weights of its submodules by key."""
@@ -130,10 +121,6 @@ class ModelWeights:
     def sample(self, key: str) -> list[float]:
         return fp.sketch(self._params[key])["sample"]
 
-    def config(self) -> dict:
-        cfg = getattr(self.model, "config", None)
-        return cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else {}
-
 
 def weights(source) -> Checkpoint | ModelWeights:
     """A Checkpoint for a directory, ModelWeights for a module."""
@@ -142,9 +129,4 @@ def weights(source) -> Checkpoint | ModelWeights:
     if isinstance(source, (str, os.PathLike)):
         return Checkpoint(source)
     raise TypeError(f"expected a model (nn.Module) or a checkpoint directory, got {type(source).__name__}")
-
-
-def iter_shards(ckpt: Checkpoint) -> Iterator[tuple[str, SafetensorsReader]]:
-    for fname in ckpt.files:
-        yield fname, ckpt.reader(fname)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from portllm import fingerprint as fp
+from portllm.atomic import replace_dir
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
 
 CONFIG = "adapter_config.json"
@@ -168,23 +169,11 @@ class Patch:
                 "version": self.version, "source": self.source, "base_model": self.base_model,
                 "base_sketches": self.base_sketches, "extra": self.extra})}
             write_tensors(os.path.join(tmp, WEIGHTS), tensors, meta)
-            _replace_dir(tmp, path)
+            replace_dir(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
-
-
-def _replace_dir(new: str, dest: str):
-    """Renames new to dest; an existing dest is moved aside first and removed after."""
-    old = None
-    if os.path.exists(dest):
-        old = dest + ".portllm-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(dest, old)
-    os.rename(new, dest)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_supported(cfg: dict, where: str):

@@ -22,7 +22,8 @@ from portllm import ops
 from portllm.apply import merge_factors
 from portllm.checkpoint import INDEX, Checkpoint, weight_key
 from portllm.compat import CompatReport, check_compatibility
-from portllm.patch import Patch, _replace_dir
+from portllm.atomic import replace_dir
+from portllm.patch import Patch
 from portllm.safetensors_io import SafetensorsWriter
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -107,7 +108,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                            "report": report.lines()}, f, indent=2)
             if os.path.exists(out_dir) and not os.listdir(out_dir):
                 os.rmdir(out_dir)
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,11 +1,6 @@
 """Shared test helpers: backends to test, ulp distances, error bounds."""
 
-import os
-
-import pytest
 import torch
-
-from portllm import ops
 
 CUDA = torch.cuda.is_available()
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,8 +52,3 @@ def fp32_error_bound(W, B, A, scale) -> torch.Tensor:
     mag = W.double().abs() + (B.double().abs() * s[None, :]) @ A.double().abs()
     return 2 * (r + 2) * 2.0**-24 * mag + 1e-30
 
-
-def env_unset(monkeypatch, *names):
-    for n in names:
-        if n in os.environ:
-            monkeypatch.delenv(n)
