@@ -17,8 +17,8 @@ import warnings
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["portllm", "portllm.kernels"]
-PACKAGE_DIR = {"portllm": "portllm", "portllm.kernels": "kernels"}
+PACKAGES = ["portllm", "portllm.pmss", "portllm.kernels"]
+PACKAGE_DIR = {"portllm": "portllm", "portllm.pmss": "portllm/pmss", "portllm.kernels": "kernels"}
 
 
 def _warn(msg):

@@ -12,6 +12,9 @@ TORCH_LIBRARY(portllm, m) {
   // W[m, n] += B[m, r] . diag(scale[r]) . A[r, n], in place; fp32 accumulation, one rounding.
   // scale is a float32 tensor of length r on W's device.
   m.def("patch_add_(Tensor(a!) W, Tensor B, Tensor A, Tensor scale) -> ()");
+  // Products with a skeleton of W [m, n] gathered by idx (PMSS): kind "ct": A[T, r] @ W[:, idx]^T;
+  // "c": A[T, m] @ W[:, idx]; "r": A[T, r] @ W[idx, :]. Result in A's dtype, fp32 accumulation.
+  m.def("skeleton_mm(Tensor A, Tensor W, Tensor idx, str kind) -> Tensor");
   // Human-readable description of what this build contains (ISA paths, CUDA, OpenMP).
   m.def("build_info() -> str", [] { return portllm::build_info(); });
 }

@@ -9,6 +9,9 @@ namespace portllm {
 // Checks shared by every device implementation of patch_add_: ranks, shapes, dtypes, devices.
 void check_patch_add_args(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A,
                           const at::Tensor& scale);
+// Checks of skeleton_mm's arguments; returns the output's column count.
+int64_t check_skeleton_mm_args(const at::Tensor& A, const at::Tensor& W, const at::Tensor& idx,
+                               const std::string& kind);
 // The widest CPU vector path this machine runs ("avx512" or "generic").
 std::string cpu_isa();
 std::string build_info();

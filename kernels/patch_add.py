@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from portllm.kernels.rounding import to_bf16_rne
+
 
 @triton.jit
 def _patch_add_kernel(
@@ -53,20 +55,9 @@ def _patch_add_kernel(
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     out = w + acc
     if W.dtype.element_ty == tl.bfloat16:
-        tl.store(w_ptrs, _to_bf16_rne(out), mask=mask)
+        tl.store(w_ptrs, to_bf16_rne(out), mask=mask)
     else:
         tl.store(w_ptrs, out.to(W.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
-
-
-@triton.jit
-def _to_bf16_rne(x):
-    """fp32 -> bf16, round to nearest even, NaN -> 0x7FC0 (as torch), in integer arithmetic.
-    Triton's interpreter truncates in .to(tl.bfloat16) whatever the rounding mode asked for; this
-    gives the same bits on every target, and costs a few integer ops in a memory-bound kernel."""
-    u = x.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)
-    h = tl.where(x != x, 0x7FC0, u >> 16)
-    return h.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 def patch_add_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibi
 from portllm.extract import extract_patch  # noqa: E402
 from portllm.patch import Patch, PatchFormatError, PatchModule  # noqa: E402
 from portllm.port import port  # noqa: E402
+from portllm import pmss  # noqa: E402
 
 __all__ += ["CompatReport", "IncompatiblePatchError", "Patch", "PatchFormatError", "PatchModule",
-            "apply_patch", "check_compatibility", "extract_patch", "port", "remove_patch"]
+            "apply_patch", "check_compatibility", "extract_patch", "pmss", "port", "remove_patch"]

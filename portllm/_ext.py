@@ -31,7 +31,10 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered a kernel for ``portllm::op`` under ``dispatch_key``."""
     if C is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"portllm::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"portllm::{op}", dispatch_key)
+    except RuntimeError:  # the op is not in this build (an extension built from older sources)
+        return False
 
 
 def build_info() -> str:

@@ -186,6 +186,54 @@ def _scale_vector(scale, r: int, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# skeleton_mm (PMSS)
+
+_SKELETON_KINDS = ("ct", "c", "r")
+
+
+def skeleton_mm(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str, *,
+                backend: str | None = None) -> torch.Tensor:
+    """Products with a skeleton of W [m, n] gathered by ``idx`` (int64, on W's device), never
+    copied: ``"ct"``: A [T, r] @ W[:, idx]ᵀ -> [T, m]; ``"c"``: A [T, m] @ W[:, idx] -> [T, r];
+    ``"r"``: A [T, r] @ W[idx, :] -> [T, n]. Result in A's dtype, fp32 accumulation. Differentiable
+    only through ``portllm.pmss`` (its autograd function composes these)."""
+    if kind not in _SKELETON_KINDS:
+        raise ValueError(f"skeleton_mm: unknown kind {kind!r}; choose one of {', '.join(_SKELETON_KINDS)}")
+    for name, t in (("A", A), ("W", W)):
+        if t.dim() != 2:
+            raise ValueError(f"skeleton_mm: {name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
+            raise TypeError(f"skeleton_mm: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16 "
+                            "(float64 on the reference and cpp backends)")
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"skeleton_mm: idx must be a 1-D int64/int32 tensor, got {idx.dtype} {tuple(idx.shape)}")
+    m, n = W.shape
+    need_k = {"ct": idx.numel(), "c": m, "r": idx.numel()}[kind]
+    if A.shape[1] != need_k:
+        raise ValueError(f"skeleton_mm({kind!r}): A {tuple(A.shape)} needs {need_k} columns for W {tuple(W.shape)} "
+                         f"and {idx.numel()} indices")
+    for name, t in (("A", A), ("idx", idx)):
+        if t.device != W.device:
+            raise ValueError(f"skeleton_mm: {name} is on {t.device} but W is on {W.device}")
+    idx = idx.to(torch.int64)
+    fp64 = torch.float64 in (A.dtype, W.dtype)
+    if fp64 and backend is None and os.environ.get("PORTLLM_BACKEND") in (None, "", "auto"):
+        backend = "reference"  # float64 (gradcheck) runs on the reference unless a backend is named
+    name = resolve_backend(backend, W.device)
+    if fp64 and name in ("triton", "cuda"):
+        raise BackendUnavailableError(f"portllm backend {name!r} does not take float64 tensors")
+    if name == "triton":
+        return torch.ops.portllm.skeleton_mm_triton(A, W, idx, kind)
+    if name in ("cpp", "cuda"):
+        key = "CPU" if W.device.type == "cpu" else "CUDA"
+        if not _ext.has_kernel("skeleton_mm", key):
+            raise BackendUnavailableError(f"portllm backend {name!r}: this build of portllm._C has no skeleton_mm; "
+                                          "rebuild with `pip install --no-build-isolation -e .`")
+        return torch.ops.portllm.skeleton_mm(A, W, idx, kind)
+    return reference.skeleton_mm(A, W, idx, kind)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registrations with torch.library: fake (meta) implementations so the ops trace under
 # torch.compile and pass torch.library.opcheck.
 
@@ -194,6 +242,13 @@ if _ext.available():
     @torch.library.register_fake("portllm::patch_add_")
     def _patch_add_fake(W, B, A, scale) -> None:
         return None
+
+    if _ext.has_kernel("skeleton_mm", "CPU"):
+
+        @torch.library.register_fake("portllm::skeleton_mm")
+        def _skeleton_mm_fake(A, W, idx, kind):
+            n_out = {"ct": W.shape[0], "c": idx.shape[0], "r": W.shape[1]}[kind]
+            return A.new_empty(A.shape[0], n_out)
 
 
 @torch.library.custom_op("portllm::patch_add_triton_", mutates_args=("W",))
@@ -215,3 +270,16 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 @_patch_add_triton.register_fake
 def _patch_add_triton_fake(W, B, A, scale) -> None:
     return None
+
+
+@torch.library.custom_op("portllm::skeleton_mm_triton", mutates_args=())
+def _skeleton_mm_triton(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
+    from portllm.kernels.skeleton_mm import skeleton_mm_forward
+
+    return skeleton_mm_forward(A, W, idx, kind)
+
+
+@_skeleton_mm_triton.register_fake
+def _skeleton_mm_triton_fake(A, W, idx, kind):
+    n_out = {"ct": W.shape[0], "c": idx.shape[0], "r": W.shape[1]}[kind]
+    return A.new_empty(A.shape[0], n_out)

@@ -41,3 +41,19 @@ def patch_add_exact(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale) ->
         s = s.expand(B.shape[1])
     return W.double() + (B.double() * s[None, :]) @ A.double()
 
+
+
+def skeleton_mm(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
+    """Products with a skeleton of W [m, n], gathered by index, in A's dtype (fp32 accumulation):
+
+    * ``"ct"``: A [T, r] @ W[:, idx]ᵀ -> [T, m]   (the C side of the forward, C = W[:, J])
+    * ``"c"``:  A [T, m] @ W[:, idx]  -> [T, r]   (dy·C in the backward)
+    * ``"r"``:  A [T, r] @ W[idx, :]  -> [T, n]   (the R side of the input gradient, R = W[I, :])
+    """
+    if kind == "ct":
+        return A @ W.index_select(1, idx).t().to(A.dtype)
+    if kind == "c":
+        return A @ W.index_select(1, idx).to(A.dtype)
+    if kind == "r":
+        return A @ W.index_select(0, idx).to(A.dtype)
+    raise ValueError(f"skeleton_mm: unknown kind {kind!r}")

@@ -1,7 +1,8 @@
-// Argument checks shared by every device implementation of patch_add_.
+// Argument checks shared by the device implementations of the ops.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <string>
 #include <utility>
 
 #include "portllm.h"
@@ -31,6 +32,22 @@ void check_patch_add_args(const at::Tensor& W, const at::Tensor& B, const at::Te
   TORCH_CHECK(scale.device() == W.device(), "patch_add_: scale is on ", scale.device(),
               " but W is on ", W.device());
   at::assert_no_internal_overlap(W);
+}
+
+int64_t check_skeleton_mm_args(const at::Tensor& A, const at::Tensor& W, const at::Tensor& idx,
+                               const std::string& kind) {
+  TORCH_CHECK(kind == "ct" || kind == "c" || kind == "r", "skeleton_mm: unknown kind '", kind,
+              "'; choose ct, c or r");
+  TORCH_CHECK(A.dim() == 2 && W.dim() == 2, "skeleton_mm: A and W must be 2-D, got ", A.sizes(),
+              " and ", W.sizes());
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, "skeleton_mm: idx must be 1-D int64");
+  TORCH_CHECK(A.device() == W.device() && idx.device() == W.device(),
+              "skeleton_mm: A, W and idx must be on one device");
+  const int64_t r = idx.size(0), m = W.size(0), n = W.size(1);
+  const int64_t need = kind == "c" ? m : r;
+  TORCH_CHECK(A.size(1) == need, "skeleton_mm(", kind, "): A ", A.sizes(), " needs ", need,
+              " columns for W ", W.sizes(), " and ", r, " indices");
+  return kind == "ct" ? m : kind == "c" ? r : n;
 }
 
 }  // namespace portllm

@@ -1,0 +1,95 @@
+"""Triton skeleton GEMMs: products with rows or columns of W gathered by index, never copied.
+
+All three products of PMSS (see ``portllm.reference.skeleton_mm``) are one kernel,
+``OUT[T, N] = A[T, K] @ B`` with ``B[k, c] = W[ROFF[k] + COFF[c]]``: the gather is folded into the
+offsets (element offsets into W, int64). Sorted indices keep each tile's gathered elements close.
+fp32 accumulation; on a GPU the dot runs on W's dtype (tensor cores), in the interpreter in fp32
+(its bf16 dot is wrong).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from portllm.kernels.rounding import to_bf16_rne
+
+
+@triton.jit
+def _skeleton_mm_kernel(
+    A,  # [T, K]
+    W,  # gathered through ROFF/COFF
+    ROFF,  # [K] int64
+    COFF,  # [N] int64
+    OUT,  # [T, N]
+    T,
+    K,
+    N,
+    stride_at,
+    stride_ak,
+    stride_ot,
+    stride_on,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_t = offs_t < T
+    mask_n = offs_n < N
+    coff = tl.load(COFF + offs_n, mask=mask_n, other=0)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        roff = tl.load(ROFF + offs_k, mask=mask_k, other=0)
+        a = tl.load(A + offs_t[:, None] * stride_at + offs_k[None, :] * stride_ak,
+                    mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(W + roff[:, None] + coff[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(b.dtype), b, acc)
+    out_ptrs = OUT + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_on
+    mask = mask_t[:, None] & mask_n[None, :]
+    if OUT.dtype.element_ty == tl.bfloat16:
+        tl.store(out_ptrs, to_bf16_rne(acc), mask=mask)
+    else:
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
+
+
+def offsets(W: torch.Tensor, idx: torch.Tensor, kind: str):
+    """(ROFF [K], COFF [N]) element offsets into W for each kind of product."""
+    s0, s1 = W.stride()
+    m, n = W.shape
+    ar = lambda size: torch.arange(size, device=W.device, dtype=torch.int64)  # noqa: E731
+    if kind == "ct":
+        return idx * s1, ar(m) * s0
+    if kind == "c":
+        return ar(m) * s0, idx * s1
+    if kind == "r":
+        return idx * s0, ar(n) * s1
+    raise ValueError(f"skeleton_mm: unknown kind {kind!r}")
+
+
+def skeleton_mm_forward(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
+    roff, coff = offsets(W, idx.to(torch.int64), kind)
+    T, K = A.shape
+    N = coff.numel()
+    out = torch.empty(T, N, device=A.device, dtype=A.dtype)
+    if T == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    BLOCK_T, BLOCK_N, BLOCK_K = 64, 64, 32
+    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
+    _skeleton_mm_kernel[grid](
+        A, W, roff, coff, out, T, K, N, A.stride(0), A.stride(1), out.stride(0), out.stride(1),
+        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1" or A.dtype == torch.float32,
+    )
+    return out

@@ -1,0 +1,113 @@
+"""PMSSLinear: a frozen linear layer plus a trained r×r core U between a skeleton of its own weight.
+
+    y = x·Wᵀ + s·((x·Wᵀ)[:, I]·Uᵀ)·W[:, J]ᵀ + bias            (ΔW = s·C·U·R, C = W[:, J], R = W[I, :])
+
+The base GEMM runs once; h = (x·Wᵀ)[:, I] is gathered from it (x·R ᵀ equals it because W is
+unmodified). Backward, with g = dy·W[:, J]:
+
+    dU = s·gᵀ·h            dx = dy·W + s·(g·U)·W[I, :]
+
+Only h (tokens × r) is saved for backward. C and R are never stored: the skeleton GEMMs
+(``portllm.ops.skeleton_mm``) read them out of W by index.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from portllm import ops
+
+
+class _PMSSFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, bias, I, J, U, scale, backend):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y0 = x2 @ W.t()  # the base GEMM, once
+        h = y0.index_select(1, I)  # [T, r] == x·W[I, :]ᵀ
+        z = h @ U.to(h.dtype).t()
+        y = y0 + scale * ops.skeleton_mm(z, W, J, "ct", backend=backend)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(h, W, I, J, U)
+        ctx.scale, ctx.backend, ctx.x_shape = scale, backend, shape
+        return y.reshape(*shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, W, I, J, U = ctx.saved_tensors
+        s, backend = ctx.scale, ctx.backend
+        dy2 = dy.reshape(-1, W.shape[0])
+        g = ops.skeleton_mm(dy2, W, J, "c", backend=backend)  # [T, r] = dy·W[:, J]
+        acc = torch.promote_types(dy2.dtype, torch.float32)  # r×r work in fp32 (fp64 stays fp64)
+        dU = (s * (g.to(acc).t() @ h.to(acc))).to(U.dtype) if ctx.needs_input_grad[5] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ W.to(dy2.dtype)
+            dx = dx + s * ops.skeleton_mm((g.to(acc) @ U.to(acc)).to(dy2.dtype), W, I, "r", backend=backend)
+            dx = dx.reshape(ctx.x_shape)
+        dbias = dy2.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, None, dbias, None, None, dU, None, None
+
+
+def pmss_linear(x, W, bias, I, J, U, scale: float = 1.0, backend: str | None = None):
+    """Functional PMSS linear layer (see the module docstring)."""
+    return _PMSSFunction.apply(x, W, bias, I, J, U, float(scale), backend)
+
+
+class PMSSLinear(nn.Module):
+    """Wraps an ``nn.Linear`` whose weight (and bias) stay frozen; U [r, r] is the only Parameter,
+    I and J are int64 buffers. U starts at zero: the layer starts as the base layer."""
+
+    def __init__(self, base: nn.Linear, I: torch.Tensor, J: torch.Tensor, scale: float = 1.0,
+                 backend: str | None = None, U: torch.Tensor | None = None):
+        super().__init__()
+        m, n = base.weight.shape
+        I, J = torch.as_tensor(I), torch.as_tensor(J)
+        for name, idx, size in (("I", I, m), ("J", J, n)):
+            if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"PMSSLinear: {name} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                raise ValueError(f"PMSSLinear: {name} has indices outside 0..{size - 1}")
+            if idx.unique().numel() != idx.numel():
+                raise ValueError(f"PMSSLinear: {name} has repeated indices")
+        if I.numel() != J.numel():
+            raise ValueError(f"PMSSLinear: I has {I.numel()} indices, J {J.numel()}: both must have r")
+        r = I.numel()
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.register_buffer("I", I.to(device=base.weight.device, dtype=torch.int64))
+        self.register_buffer("J", J.to(device=base.weight.device, dtype=torch.int64))
+        u = torch.zeros(r, r, dtype=torch.float32, device=base.weight.device) if U is None else U.detach().float()
+        if u.shape != (r, r):
+            raise ValueError(f"PMSSLinear: U must be [{r}, {r}], got {tuple(u.shape)}")
+        self.U = nn.Parameter(u.to(base.weight.device))
+        self.scale = float(scale)
+        self.backend = backend
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    @property
+    def rank(self) -> int:
+        return self.I.numel()
+
+    def forward(self, x):
+        return pmss_linear(x, self.base.weight, self.base.bias, self.I, self.J, self.U, self.scale, self.backend)
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = s·W[:, J]·U·W[I, :] in fp32 (dense: for checks, not for training)."""
+        W = self.base.weight.detach().float()
+        return self.scale * W[:, self.J] @ self.U.detach().float() @ W[self.I, :]
+
+    def extra_repr(self) -> str:
+        m, n = self.base.weight.shape
+        return f"in_features={n}, out_features={m}, rank={self.rank}, scale={self.scale}"

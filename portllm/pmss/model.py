@@ -1,0 +1,148 @@
+"""PMSS on transformers models: inject, save/load, merge, and export as a portable patch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from portllm import fingerprint as fp
+from portllm import ops
+from portllm.patch import Patch, PatchModule
+from portllm.pmss.layer import PMSSLinear
+from portllm.pmss.select import select_skeleton
+from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class PMSSLoadError(ValueError):
+    """A PMSS file that does not belong to this model (or is not a PMSS file)."""
+
+
+def _targets(model: nn.Module, target_modules) -> list[str]:
+    targets = tuple(target_modules) if target_modules is not None else DEFAULT_TARGETS
+    names = [name for name, mod in model.named_modules()
+             if isinstance(mod, nn.Linear) and (name.rsplit(".", 1)[-1] in targets or name in targets)]
+    if not names:
+        raise ValueError(f"the model has no nn.Linear modules named {', '.join(targets)}; pass target_modules=")
+    return names
+
+
+def _set(model: nn.Module, name: str, module: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def pmss_modules(model: nn.Module) -> dict[str, PMSSLinear]:
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, PMSSLinear)}
+
+
+def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim", scale: float = 1.0, *,
+           seed: int = 0, backend: str | None = None) -> nn.Module:
+    """Replaces each target ``nn.Linear`` with a ``PMSSLinear`` of the given rank (skeleton selected
+    from its weight by ``method``, on the weight's device; equal shapes are selected as one batch)
+    and freezes everything else: afterwards the U's are the model's only trainable parameters.
+    Returns the model."""
+    names = _targets(model, target_modules)
+    by_shape: dict[tuple, list[str]] = {}
+    for name in names:
+        by_shape.setdefault(tuple(model.get_submodule(name).weight.shape), []).append(name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for shape, group in by_shape.items():
+        Ws = torch.stack([model.get_submodule(n).weight.detach() for n in group])
+        I, J = select_skeleton(Ws, rank, method, seed=seed)
+        for k, name in enumerate(group):
+            _set(model, name, PMSSLinear(model.get_submodule(name), I[k], J[k], scale, backend))
+    return model
+
+
+def save(model: nn.Module, path: str) -> str:
+    """Writes only what PMSS trained and needs: per module I, J, U, and rank, scale and a sketch of
+    the base weight (safetensors; written to a temporary name, then renamed)."""
+    mods = pmss_modules(model)
+    if not mods:
+        raise ValueError("the model has no PMSSLinear modules (call portllm.pmss.inject first)")
+    tensors, info = {}, {}
+    for name, m in mods.items():
+        tensors[f"{name}.I"] = m.I.cpu()
+        tensors[f"{name}.J"] = m.J.cpu()
+        tensors[f"{name}.U"] = m.U.detach().cpu()
+        info[name] = {"rank": m.rank, "scale": m.scale, "sketch": fp.sketch(m.weight)}
+    from portllm import __version__
+
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_tensors(path, tensors, {"format": "pt", "portllm_pmss": json.dumps({"version": __version__, "modules": info})})
+    return path
+
+
+def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Module:
+    """Puts a saved PMSS fine-tune onto ``model`` (plain or already injected). The base weights must
+    be those the skeleton was selected from; otherwise ``PMSSLoadError`` (use ``to_patch`` to carry a
+    PMSS fine-tune to other weights)."""
+    try:
+        with SafetensorsReader(os.fspath(path)) as rd:
+            meta = rd.metadata.get("portllm_pmss")
+            if meta is None:
+                raise PMSSLoadError(f"{path}: not a portllm PMSS file (no portllm_pmss metadata)")
+            info = json.loads(meta)["modules"]
+            tensors = {k: rd[k] for k in rd.keys()}
+    except SafetensorsError as e:
+        raise PMSSLoadError(str(e)) from None
+    for name, mi in info.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise PMSSLoadError(f"{path}: the model has no module {name}") from None
+        base = mod.base if isinstance(mod, PMSSLinear) else mod
+        if not isinstance(base, nn.Linear):
+            raise PMSSLoadError(f"{path}: {name} is a {type(base).__name__}, not a Linear layer")
+        if list(base.weight.shape) != mi["sketch"]["shape"] or not fp.same_weights(mi["sketch"], fp.sketch(base.weight)["sample"]):
+            raise PMSSLoadError(
+                f"{path}: the weights of {name} are not the ones this PMSS skeleton was selected from "
+                "(its indices I, J point into those weights). To carry the fine-tune to other weights, "
+                "export it with portllm.pmss.to_patch(model) on the original model and port the patch.")
+    for name, mi in info.items():
+        mod = model.get_submodule(name)
+        base = mod.base if isinstance(mod, PMSSLinear) else mod
+        new = PMSSLinear(base, tensors[f"{name}.I"], tensors[f"{name}.J"], mi["scale"],
+                         backend if backend is not None else getattr(mod, "backend", None), U=tensors[f"{name}.U"])
+        _set(model, name, new)
+    return model
+
+
+def _factors(m: PMSSLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = C·U (fp32) and A = R: gathered copies, read before W changes."""
+    W = m.weight.detach()
+    C = W.index_select(1, m.J).float()
+    R = W.index_select(0, m.I).clone()
+    return C @ m.U.detach().float(), R
+
+
+def merge(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """W += s·C·U·R in place for every PMSSLinear (C and R gathered before W is written), then puts
+    the plain Linear layers back. Returns the model."""
+    for name, m in pmss_modules(model).items():
+        B, A = _factors(m)
+        ops.patch_add_(m.weight.data, B, A, m.scale, backend=backend)
+        _set(model, name, m.base)
+    return model
+
+
+def to_patch(model: nn.Module) -> Patch:
+    """The PMSS update as a portable low-rank Patch: B = s·C·U, A = R per module, with sketches of
+    the base weights; it ports onto an evolved model like a LoRA patch."""
+    mods = {}
+    sketches = {}
+    for name, m in pmss_modules(model).items():
+        B, A = _factors(m)
+        mods[name] = PatchModule((m.scale * B).contiguous(), A.float().contiguous(), 1.0)
+        sketches[name] = fp.sketch(m.weight)
+    if not mods:
+        raise ValueError("the model has no PMSSLinear modules")
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return Patch(mods, base_model=base, base_sketches=sketches, source="pmss")
