@@ -93,15 +93,18 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
             tensors = {k: rd[k] for k in rd.keys()}
     except SafetensorsError as e:
         raise PMSSLoadError(str(e)) from None
-    for name, mi in info.items():
+    bases = {}
+    for name in info:
         try:
             mod = model.get_submodule(name)
         except AttributeError:
             raise PMSSLoadError(f"{path}: the model has no module {name}") from None
-        base = mod.base if isinstance(mod, PMSSLinear) else mod
-        if not isinstance(base, nn.Linear):
-            raise PMSSLoadError(f"{path}: {name} is a {type(base).__name__}, not a Linear layer")
-        if list(base.weight.shape) != mi["sketch"]["shape"] or not fp.same_weights(mi["sketch"], fp.sketch(base.weight)["sample"]):
+        bases[name] = mod.base if isinstance(mod, PMSSLinear) else mod
+        if not isinstance(bases[name], nn.Linear):
+            raise PMSSLoadError(f"{path}: {name} is a {type(bases[name]).__name__}, not a Linear layer")
+    for name, mi in info.items():
+        W = bases[name].weight
+        if list(W.shape) != mi["sketch"]["shape"] or not fp.same_weights(mi["sketch"], fp.sketch(W)["sample"]):
             raise PMSSLoadError(
                 f"{path}: the weights of {name} are not the ones this PMSS skeleton was selected from "
                 "(its indices I, J point into those weights). To carry the fine-tune to other weights, "
