@@ -84,7 +84,8 @@ def summarise(raw: dict) -> list[dict]:
                     rounds=b["stats"]["rounds"], gbps=round(info["bytes"] / median / 1e9, 2))
         rows.append(info)
     port_rows(rows)
-    rows = [r for r in rows if r["op"] != "port"] + [r for r in rows if r["op"] == "port"]
+    pmss_rows(rows)
+    rows = [r for r in rows if r["op"] == "patch_add_"] + [r for r in rows if r["op"] != "patch_add_"]
     pa = [r for r in rows if r["op"] == "patch_add_"]
     copy = {(r["m"], r["n"]): r for r in pa if r["provider"] == "copy"}
     inplace = {(r["m"], r["n"]): r for r in pa if r["provider"] == "in-place"}
@@ -114,6 +115,21 @@ def port_rows(rows):
             r["speedup_vs_peft"] = round(peft["seconds"] / r["seconds"], 3)
         if r["case"] == "in_memory" and peft_mem and r is not peft_mem:
             r["speedup_vs_peft"] = round(peft_mem["seconds"] / r["seconds"], 3)
+
+
+def pmss_rows(rows):
+    """PMSS layer: time relative to PEFT's LoRA layer and to the dense-CUR layer, in the same run."""
+    layer = {r["provider"]: r for r in rows if r["op"] == "pmss_layer"}
+    lora, dense = layer.get("peft-lora-r8"), layer.get("dense-cur")
+    for r in layer.values():
+        r.pop("gbps", None)
+        if lora and r is not lora:
+            r["time_vs_lora"] = round(r["median_ms"] / lora["median_ms"], 3)
+        if dense and r is not dense:
+            r["speedup_vs_dense_cur"] = round(dense["median_ms"] / r["median_ms"], 3)
+    for r in rows:
+        if r["op"] == "pmss_select":
+            r.pop("gbps", None)
 
 
 def find(rows, **kw):
@@ -166,6 +182,21 @@ def targets(rows: list[dict], device: str) -> list[dict]:
     if a:
         add("apply_patch of the 1.1B patch in memory on CPU (s)", round(a[0]["seconds"], 3), "<= 0.3",
             a[0]["seconds"] <= 0.3)
+    best = [r for r in rows if r["op"] == "pmss_layer" and r["provider"].startswith("pmss-")]
+    if best:
+        b = min(best, key=lambda r: r["median_ms"])
+        add(f"PMSSLinear fwd+bwd ({b['provider']}, {b['m']}x{b['n']}, {b['tokens']} tokens, r={b['r']}): time / PEFT "
+            "LoRA r=8", b.get("time_vs_lora"), "<= 1.15", b.get("time_vs_lora", 9e9) <= 1.15)
+        add("PMSSLinear fwd+bwd: speed vs dense-CUR", b.get("speedup_vs_dense_cur"), ">= 5",
+            b.get("speedup_vs_dense_cur", 0) >= 5)
+        limit = b["tokens"] * b["r"] * 2
+        add("PMSSLinear saved activations (bytes) vs tokens x r x 2", b["saved_activation_bytes"], f"<= {limit}",
+            b["saved_activation_bytes"] <= limit)
+    sel = find(rows, op="pmss_select")
+    if sel:
+        add(f"skeleton selection, one 7B layer (7 projections, r={sel[0]['r']}) on {device} (s; 32 layers in 7B)",
+            round(sel[0]["median_ms"] / 1e3, 2), "<= 60 s for all 32 layers on one H100",
+            None if device == "cpu" else sel[0]["median_ms"] * 32 / 1e3 <= 60)
     g = find(rows, op="port", provider="portllm port --device cuda")
     if g and g[0].get("peak_gpu_bytes") is not None:
         mib = round(g[0]["peak_gpu_bytes"] / 2**20, 1)
@@ -177,7 +208,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run portllm's benchmarks and record the results.")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
-    ap.add_argument("--suite", choices=["all", "patch_add", "port"], default="all")
+    ap.add_argument("--suite", choices=["all", "patch_add", "port", "pmss"], default="all")
     a, pytest_args = ap.parse_known_args(argv)
     env = dict(os.environ)
     if a.quick:
@@ -189,8 +220,8 @@ def main(argv=None) -> int:
     device = env.get("PORTLLM_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = os.path.join(tmp, "raw.json")
-        suites = {"patch_add": ["bench_patch_add.py"], "port": ["bench_port.py"],
-                  "all": ["bench_patch_add.py", "bench_port.py"]}[a.suite]
+        suites = {"patch_add": ["bench_patch_add.py"], "port": ["bench_port.py"], "pmss": ["bench_pmss.py"],
+                  "all": ["bench_patch_add.py", "bench_port.py", "bench_pmss.py"]}[a.suite]
         cmd = [sys.executable, "-m", "pytest", *[os.path.join(HERE, f) for f in suites], "-q",
                "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
                f"--benchmark-json={raw_path}", "--benchmark-columns=median,min,rounds", *pytest_args]
@@ -214,10 +245,11 @@ def main(argv=None) -> int:
         "results": rows,
         "targets": targets(rows, device),
     }
-    print(f"\n{'case':<34} {'provider':<26} {'median ms':>10} {'GB/s':>8} {'x copy':>7} {'x in-pl':>7} "
-          f"{'x addmm_':>8} {'extra MiB':>9}")
+    if any(r["op"] == "patch_add_" for r in rows):
+        print(f"\n{'case':<34} {'provider':<26} {'median ms':>10} {'GB/s':>8} {'x copy':>7} {'x in-pl':>7} "
+              f"{'x addmm_':>8} {'extra MiB':>9}")
     for r in rows:
-        if r["op"] == "port":
+        if r["op"] != "patch_add_":
             continue
         case = f"{r['m']}x{r['n']} r={r['r']}" + (" (4 patches)" if r["case"] != "single" else "")
         extra = r["extra_peak_bytes"]
@@ -231,6 +263,17 @@ def main(argv=None) -> int:
         for r in ports:
             print(f"{r['provider']:<40} {r['seconds']:>9.2f} {r['peak_rss_above_baseline'] / 2**20:>13.1f} "
                   f"{r.get('time_vs_copy', float('nan')):>7.2f} {r.get('speedup_vs_peft', float('nan')):>11.2f}")
+    layers = [r for r in rows if r["op"] == "pmss_layer"]
+    if layers:
+        print(f"\n{'PMSS layer fwd+bwd':<24} {'median ms':>10} {'trainable':>10} {'saved MiB':>10} {'x LoRA':>7} "
+              f"{'dense/this':>10}")
+        for r in layers:
+            print(f"{r['provider']:<24} {r['median_ms']:>10.2f} {r['trainable_params']:>10} "
+                  f"{r['saved_activation_bytes'] / 2**20:>10.2f} {r.get('time_vs_lora', float('nan')):>7.2f} "
+                  f"{r.get('speedup_vs_dense_cur', float('nan')):>10.2f}")
+    for r in rows:
+        if r["op"] == "pmss_select":
+            print(f"\nselect_skeleton (deim, r={r['r']}), one 7B layer's 7 projections: {r['median_ms'] / 1e3:.2f} s")
     print("\nTargets:")
     for t in result["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}] {t['target']}: {t['value']} (goal {t['goal']})")

@@ -116,3 +116,28 @@ def test_saves_only_h_for_backward():
     activations = [t for t in saved if t.data_ptr() not in {lin.weight.data_ptr(), layer.U.data_ptr(),
                                                             layer.I.data_ptr(), layer.J.data_ptr()}]
     assert [tuple(t.shape) for t in activations] == [(100, 8)]
+
+
+@pytest.mark.parametrize("kind", ["ct", "c", "r"])
+def test_skeleton_mm_opcheck(backend, kind):
+    name, device = backend
+    op = {"cpp": "skeleton_mm", "cuda": "skeleton_mm", "triton": "skeleton_mm_triton"}.get(name)
+    if op is None:
+        pytest.skip("the reference backend is plain torch, not a custom op")
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(20, 30, generator=gen).to(device)
+    idx = _idx(30 if kind != "r" else 20, 5, gen).to(device)
+    A = torch.randn(7, {"ct": 5, "c": 20, "r": 5}[kind], generator=gen).to(device)
+    torch.library.opcheck(getattr(torch.ops.portllm, op).default, (A, W, idx, kind))
+
+
+def test_skeleton_mm_errors():
+    W, idx = torch.randn(20, 30), torch.tensor([1, 4, 7])
+    with pytest.raises(ValueError, match=r"A \(7, 4\) needs 3 columns for W \(20, 30\)"):
+        ops.skeleton_mm(torch.randn(7, 4), W, idx, "ct")
+    with pytest.raises(TypeError, match="idx must be a 1-D int64/int32 tensor"):
+        ops.skeleton_mm(torch.randn(7, 3), W, idx.float(), "ct")
+    with pytest.raises(ValueError, match="unknown kind 'x'"):
+        ops.skeleton_mm(torch.randn(7, 3), W, idx, "x")
+    with pytest.raises(ops.BackendUnavailableError):
+        ops.skeleton_mm(torch.randn(7, 3).double(), W.double(), idx, "ct", backend="cuda")

@@ -1,0 +1,121 @@
+"""PMSS, in one run:
+
+* a layer's forward + backward, 4096×4096 bf16, r=256 (65,536 trainable parameters, as many as
+  LoRA r=8): ``pmss-<backend>`` (PMSSLinear), ``peft-lora-r8`` (PEFT's LoRA layer) and
+  ``dense-cur`` (C·U·R materialised each step); with the bytes of activations saved for backward;
+* skeleton selection (DEIM, randomized SVD) for the seven projections of one 7B-Llama layer, r=256.
+
+Tokens: 8192 on a GPU, 2048 on a CPU (a 2-core machine takes seconds per step at 8192).
+"""
+
+import pytest
+import torch
+from benchutil import DEVICE, QUICK, sync
+
+from portllm import ops
+from portllm.pmss import PMSSLinear, select_skeleton
+
+DIM = 256 if QUICK else 4096
+TOKENS = 256 if QUICK else (8192 if DEVICE.type == "cuda" else 2048)
+R_PMSS, R_LORA = (32, 4) if QUICK else (256, 8)
+DTYPE = torch.bfloat16
+ROUNDS = 3 if QUICK else (20 if DEVICE.type == "cuda" else 3)
+BACKENDS = [b for b in ops.available_backends(DEVICE) if not (b == "triton" and DEVICE.type == "cpu")]
+PROVIDERS = [f"pmss-{b}" for b in BACKENDS] + ["peft-lora-r8", "dense-cur"]
+
+
+class DenseCUR(torch.nn.Module):
+    """The naive PMSS: ΔW = s·W[:, J]·U·W[I, :] formed densely every step."""
+
+    def __init__(self, lin, I, J, scale=1.0):
+        super().__init__()
+        self.lin, self.I, self.J, self.scale = lin, I, J, scale
+        self.U = torch.nn.Parameter(torch.zeros(len(I), len(I), device=lin.weight.device, dtype=torch.float32))
+
+    def forward(self, x):
+        W = self.lin.weight
+        dW = self.scale * (W[:, self.J] @ self.U.to(W.dtype) @ W[self.I, :])
+        return x @ (W + dW).t() + self.lin.bias
+
+
+def make_layer(provider):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(DIM, DIM).to(DEVICE, DTYPE)
+    lin.weight.requires_grad_(False)
+    lin.bias.requires_grad_(False)
+    if provider == "peft-lora-r8":
+        from peft import LoraConfig, get_peft_model
+
+        holder = torch.nn.Sequential()
+        holder.add_module("lin", lin)
+        model = get_peft_model(holder, LoraConfig(r=R_LORA, lora_alpha=2 * R_LORA, target_modules=["lin"]))
+        layer = model.base_model.model.lin
+        for p in layer.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.01)
+        return layer
+    I, J = select_skeleton(lin.weight, R_PMSS)
+    if provider == "dense-cur":
+        return DenseCUR(lin, I, J)
+    return PMSSLinear(lin, I, J, backend=provider.removeprefix("pmss-"))
+
+
+def saved_activation_bytes(layer, x) -> int:
+    params = {p.data_ptr() for p in layer.parameters()} | {b.data_ptr() for b in layer.buffers()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params and t.data_ptr() != x.data_ptr():
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return total
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_layer_fwd_bwd(benchmark, provider):
+    layer = make_layer(provider)
+    x = torch.randn(TOKENS, DIM, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    go = torch.randn(TOKENS, DIM, device=DEVICE, dtype=DTYPE)
+
+    def step():
+        layer(x).backward(go)
+        sync()
+
+    step()
+    trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    benchmark.group = f"layer fwd+bwd {DIM}x{DIM} tokens={TOKENS}"
+    benchmark.extra_info.update(op="pmss_layer", case="layer", provider=provider, m=DIM, n=DIM, tokens=TOKENS,
+                                r=R_LORA if provider.startswith("peft") else R_PMSS, dtype="bfloat16",
+                                trainable_params=trainable, saved_activation_bytes=saved_activation_bytes(layer, x),
+                                bytes=0)
+    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+
+
+LAYER_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+            "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+def test_select_one_7b_layer(benchmark):
+    shapes = {k: (s[0] // 16, s[1] // 16) for k, s in LAYER_7B.items()} if QUICK else LAYER_7B
+    r = 16 if QUICK else 256
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    weights = {k: torch.randn(*s, generator=g, device=DEVICE, dtype=DTYPE) for k, s in shapes.items()}
+    groups = {}
+    for k, W in weights.items():
+        groups.setdefault(tuple(W.shape), []).append(W)
+    stacked = [torch.stack(ws) for ws in groups.values()]
+
+    def select_all():
+        for Ws in stacked:
+            select_skeleton(Ws, r, "deim")
+        sync()
+
+    benchmark.group = "select 7B layer"
+    benchmark.extra_info.update(op="pmss_select", case="one_7b_layer", provider="deim", r=r, matrices=len(weights),
+                                layers_in_7b=32, bytes=0, m=0, n=0)
+    benchmark.pedantic(select_all, rounds=1 if not QUICK else 2, warmup_rounds=0, iterations=1)
+
