@@ -53,10 +53,15 @@ def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim
     for p in model.parameters():
         p.requires_grad_(False)
     for shape, group in by_shape.items():
-        Ws = torch.stack([model.get_submodule(n).weight.detach() for n in group])
-        I, J = select_skeleton(Ws, rank, method, seed=seed)
-        for k, name in enumerate(group):
-            _set(model, name, PMSSLinear(model.get_submodule(name), I[k], J[k], scale, backend))
+        # Batches of equal-shape weights, bounded so the stacked copy stays small (~256 MiB).
+        per_batch = max(1, (256 << 20) // (4 * shape[0] * shape[1]))
+        for b0 in range(0, len(group), per_batch):
+            names_b = group[b0 : b0 + per_batch]
+            Ws = torch.stack([model.get_submodule(n).weight.detach() for n in names_b])
+            I, J = select_skeleton(Ws, rank, method, seed=seed)
+            del Ws
+            for k, name in enumerate(names_b):
+                _set(model, name, PMSSLinear(model.get_submodule(name), I[k], J[k], scale, backend))
     return model
 
 

@@ -1,0 +1,64 @@
+"""Markdown tables of a results JSON, for the README: python benchmarks/tables.py benchmarks/results/X.json"""
+
+import json
+import sys
+
+
+def _f(r, k, fmt="{:.2f}"):
+    return fmt.format(r[k]) if r.get(k) is not None else ""
+
+
+def tables(d: dict) -> str:
+    dev, v = d["device"], d["versions"]
+    where = f"{dev['name']}, {dev['cores']} cores" if dev["type"] == "cpu" else f"{dev['name']}"
+    L = [f"Measured by `{d['command']}` on {where}, torch {v['torch']}, commit `{d['commit'][:12]}`, {d['date'][:10]}.", ""]
+    rows = d["results"]
+    pa = [r for r in rows if r["op"] == "patch_add_" and (r["m"], r["n"]) == (4096, 14336)]
+    if pa:
+        L += ["`patch_add_`, bf16 W and factors, 4096×14336 (one rank-r patch; four rank-16 patches with different "
+              "scales):", "", "| case | provider | median ms | GB/s | × copy | × in-place | × addmm_ | extra peak MiB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in pa:
+            case = "4 × rank-16" if r["case"] != "single" else (
+                f"r={r['r']}" if r["provider"] not in ("copy", "in-place") else "—")
+            extra = r["extra_peak_bytes"] / 2**20 if r.get("extra_peak_bytes") is not None else float("nan")
+            L.append(f"| {case} | {r['provider']} | {r['median_ms']:.2f} | {r['gbps']:.1f} | "
+                     f"{_f(r, 'fraction_of_copy_bandwidth')} | {_f(r, 'fraction_of_inplace_bandwidth')} | "
+                     f"{_f(r, 'speedup_vs_addmm_')} | {extra:.1f} |")
+        L.append("")
+    ports = [r for r in rows if r["op"] == "port"]
+    if ports:
+        L += [f"Port of a rank-16 patch (all seven projections) onto a Llama-shaped bf16 checkpoint of "
+              f"{ports[0]['params'] / 1e9:.2f}B random weights ({ports[0]['checkpoint_bytes'] / 1e9:.2f} GB, "
+              "sharded), each job in its own process:", "",
+              "| job | seconds | peak RSS above the interpreter's, MiB | × copying the files | PEFT's time / this |",
+              "|---|---:|---:|---:|---:|"]
+        for r in ports:
+            L.append(f"| {r['provider']} | {r['seconds']:.2f} | {r['peak_rss_above_baseline'] / 2**20:.0f} | "
+                     f"{_f(r, 'time_vs_copy')} | {_f(r, 'speedup_vs_peft')} |")
+        L.append("")
+    layers = [r for r in rows if r["op"] == "pmss_layer"]
+    if layers:
+        r0 = layers[0]
+        L += [f"PMSS layer forward + backward, {r0['m']}×{r0['n']} bf16, {r0['tokens']} tokens, 65,536 trainable "
+              "parameters each (PMSS r=256, LoRA r=8):", "",
+              "| provider | median ms | saved activations MiB | time / LoRA | dense-CUR time / this |",
+              "|---|---:|---:|---:|---:|"]
+        for r in layers:
+            L.append(f"| {r['provider']} | {r['median_ms']:.1f} | {r['saved_activation_bytes'] / 2**20:.2f} | "
+                     f"{_f(r, 'time_vs_lora')} | {_f(r, 'speedup_vs_dense_cur')} |")
+        L.append("")
+    for r in rows:
+        if r["op"] == "pmss_select":
+            L += [f"Skeleton selection (DEIM, r={r['r']}) of one 7B-Llama layer's seven projections: "
+                  f"{r['median_ms'] / 1e3:.2f} s.", ""]
+    L += ["Targets evaluated on that run (`targets` in the JSON):", ""]
+    for t in d["targets"]:
+        met = {True: "met", False: "not met", None: "not judged here"}[t["met"]]
+        L.append(f"- {t['target']}: **{t['value']}** (goal {t['goal']}: {met})")
+    return "\n".join(L) + "\n"
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(tables(json.load(f)), end="")
