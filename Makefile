@@ -14,7 +14,7 @@ $(STAMP): $(SOURCES)
 
 install: $(STAMP)
 
-# The main job: for now, a short port of a patch onto a small random Llama.
+# The main job: the portability experiment end to end (about 2 minutes on a 2-core CPU).
 demo: $(STAMP)
 	$(BIN)/portllm demo
 

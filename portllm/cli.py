@@ -7,11 +7,25 @@ import sys
 
 
 def _demo(args) -> int:
-    from portllm import demo
+    import os
 
-    res = demo.run(hidden=args.hidden, layers=args.layers, rank=args.rank, dtype=args.dtype,
-                   backend=args.backend, seed=args.seed, device=args.device)
-    return 0 if res["max_ulp"] <= 1 else 1
+    user = [args.base, args.evolved, args.patch, args.tasks]
+    if any(user) and not all(user):
+        raise ValueError("--base, --evolved, --patch and --tasks go together (your own checkpoints)")
+    out = os.path.abspath(args.out)
+    if all(user):
+        from portllm.experiment.user import run_user
+
+        run_user(args.base, args.evolved, args.patch, args.tasks, out)
+    else:
+        from portllm.experiment.run import run, table
+
+        results = run(out, quick=args.quick, seed=args.seed)
+        print()
+        print(table(results), end="")
+        print(f"finished in {results['seconds']:.0f} s")
+    print(f"results: {out}/results.json, {out}/accuracy.png" + ("" if all(user) else f", {out}/table.md"))
+    return 0
 
 
 def _port(args) -> int:
@@ -80,14 +94,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="portllm", description="Portable LoRA patches and PMSS fine-tuning.")
     ap.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="port a patch onto a small random Llama and check it")
-    d.add_argument("--hidden", type=int, default=512)
-    d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--rank", type=int, default=8)
-    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    d.add_argument("--backend", default=None, help="reference, cpp, cuda or triton (default: fastest)")
+    d = sub.add_parser("demo", help="the portability experiment end to end (or on your own checkpoints)")
+    d.add_argument("--out", default="demo-out", help="directory for results.json, table.md, accuracy.png")
+    d.add_argument("--quick", action="store_true", help="a shorter run (for tests)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--base", help="your base checkpoint directory (θ)")
+    d.add_argument("--evolved", help="its evolved version (θ′)")
+    d.add_argument("--patch", help="a patch (PEFT adapter directory) made on θ")
+    d.add_argument("--tasks", help="JSON lines of {\"task\", \"prompt\", \"answer\"} to evaluate on")
     d.set_defaults(fn=_demo)
     i = sub.add_parser("info", help="show the build and the available backends")
     i.set_defaults(fn=_info)

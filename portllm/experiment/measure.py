@@ -1,0 +1,56 @@
+"""Cost measurements of the experiment, each in a process of its own so that its peak memory is its own.
+
+python -m portllm.experiment.measure port MODEL_DIR PATCH_DIR OUT_DIR
+python -m portllm.experiment.measure finetune MODEL_DIR TASK STEPS SEED
+
+Prints one JSON line: seconds, and peak RSS above the RSS once imports are done (the job's own
+memory: for fine-tuning the model, optimizer, gradients and activations; for porting, its buffers).
+"""
+
+import json
+import shutil
+import sys
+import time
+
+
+def _rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main(job, *args):
+    import torch
+
+    torch.set_num_threads(2)
+    if job == "finetune":
+        from transformers import AutoModelForCausalLM
+
+        from portllm.experiment import data, train
+    else:
+        import portllm
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _rss("VmRSS")
+    t0 = time.perf_counter()
+    if job == "port":
+        model_dir, patch_dir, out = args
+        portllm.port(model_dir, patch_dir, out, device="cpu", force=True, progress=False, log=None)
+        shutil.rmtree(out, ignore_errors=True)
+    elif job == "finetune":
+        model_dir, task, steps, seed = args
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        train.finetune_lora(model, data.make_tokenizer(), task, int(steps), seed=int(seed))
+    else:
+        raise SystemExit(f"unknown job {job}")
+    print(json.dumps({"job": job, "seconds": time.perf_counter() - t0,
+                      "peak_rss_above_baseline": max(0, _rss("VmHWM") - base)}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

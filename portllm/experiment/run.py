@@ -1,0 +1,265 @@
+"""The portability experiment (PortLLM, arXiv 2410.10870) end to end, at a CPU-sized scale:
+
+1. pretrain a small Llama θ on a synthetic corpus (tokenizer made in code);
+2. evolve it: continued pretraining on a shifted corpus, in successive releases θ′₁, θ′₂, ...;
+3. fine-tune θ on each task with LoRA (PEFT) and with PMSS: patches Δ saved as PEFT adapter dirs;
+4. port θ′ₖ + Δ with `portllm port`;
+5. evaluate θ, θ + Δ, θ′ₖ, θ′ₖ + Δ (ported) and θ′ₖ fine-tuned afresh on held-out prompts; compare
+   what porting and re-fine-tuning cost (time, and peak memory measured in separate processes).
+
+Writes results.json, table.md and accuracy.png to the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from portllm.experiment import data, train
+
+# releases: (continued-pretraining steps, corpus shift, learning rate), applied one after another.
+FULL = dict(pretrain_steps=400, releases=[(30, 0.25, 2e-4), (100, 0.5, 5e-4), (300, 1.0, 1e-3)], ft_steps=200,
+            corpus=30000)
+QUICK = dict(pretrain_steps=250, releases=[(30, 0.25, 2e-4), (150, 1.0, 1e-3)], ft_steps=150, corpus=8000)
+
+
+class Progress:
+    """One status line, rewritten in place (a plain line per phase when not on a terminal)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.tty = stream, stream.isatty()
+
+    def __call__(self, desc, step, total, loss):
+        if self.tty:
+            self.stream.write(f"\r  {desc:<34} {step:>4}/{total} loss {loss:6.3f}")
+            if step == total:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif step == total:
+            self.stream.write(f"  {desc:<34} {total} steps, final loss {loss:.3f}\n")
+            self.stream.flush()
+
+
+def _save_model(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _relative_change(a, b) -> float:
+    num = den = 0.0
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        if p.dim() == 2:
+            num += float((q.detach() - p.detach()).double().pow(2).sum())
+            den += float(p.detach().double().pow(2).sum())
+    return (num / den) ** 0.5
+
+
+def _port(model_dir, patch_dir, out_dir) -> float:
+    from portllm import cli
+
+    t0 = time.perf_counter()
+    if cli.main(["port", "--model", model_dir, "--patch", patch_dir, "--out", out_dir, "--device", "cpu",
+                 "--quiet", "--force"]) != 0:
+        raise RuntimeError(f"portllm port failed for {patch_dir} onto {model_dir}")
+    return time.perf_counter() - t0
+
+
+def _measure(job: list[str]) -> dict:
+    """Runs a measurement job in its own process (its peak RSS is its own)."""
+    res = subprocess.run([sys.executable, "-m", "portllm.experiment.measure", *job], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"measurement {job[0]} failed: {res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
+    cfg = QUICK if quick else FULL
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    os.makedirs(out, exist_ok=True)
+    work = os.path.join(out, "work")
+    t_start = time.perf_counter()
+    progress = Progress()
+    tok = data.make_tokenizer()
+
+    log(f"[1/5] pretraining θ ({cfg['pretrain_steps']} steps on {cfg['corpus']} synthetic sentences)")
+    theta = train.build_model(seed)
+    train.pretrain(theta, tok, data.corpus(cfg["corpus"], seed), cfg["pretrain_steps"], seed=seed,
+                   progress=progress, desc="pretrain θ")
+    _save_model(theta, tok, os.path.join(work, "theta"))
+
+    log(f"[2/5] evolving θ: {len(cfg['releases'])} releases of continued pretraining on a shifted corpus")
+    releases, cur, total_steps = [], theta, 0
+    for k, (steps, shift, lr) in enumerate(cfg["releases"]):
+        import copy
+
+        cur = copy.deepcopy(cur)
+        train.pretrain(cur, tok, data.corpus(cfg["corpus"], seed + 100 + k, shift=shift), steps, lr=lr,
+                       seed=seed + k, progress=progress, desc=f"release θ′{k + 1} (+{steps} steps, shift {shift})")
+        total_steps += steps
+        path = os.path.join(work, f"evolved{k + 1}")
+        _save_model(cur, tok, path)
+        change = _relative_change(theta, cur)
+        releases.append({"name": f"θ′{k + 1}", "path": path, "continued_steps": total_steps, "shift": shift,
+                         "lr": lr, "relative_weight_change": change})
+        log(f"  θ′{k + 1}: weights moved {change:.1%} from θ (relative Frobenius norm, all 2-D weights)")
+
+    log(f"[3/5] fine-tuning θ on {len(data.TASKS)} tasks with LoRA (PEFT, r=8) and PMSS (r=16)")
+    patches = {}
+    for task in data.TASKS:
+        lora = train.finetune_lora(theta, tok, task, cfg["ft_steps"], seed=seed, progress=progress,
+                                   desc=f"LoRA on θ: {task}")
+        lp = os.path.join(work, f"patch-lora-{task}")
+        lora.save_pretrained(lp)
+        from portllm import pmss
+
+        pm = train.finetune_pmss(theta, tok, task, cfg["ft_steps"], seed=seed, progress=progress,
+                                 desc=f"PMSS on θ: {task}")
+        pp = os.path.join(work, f"patch-pmss-{task}")
+        pmss.to_patch(pm).save(pp, overwrite=True)
+        patches[task] = {"lora": (lp, lora.merge_and_unload()), "pmss": (pp, pmss.merge(pm))}
+
+    log("[4/5] porting every patch onto every release with `portllm port`; [5/5] evaluating")
+    results = {"tasks": {}, "releases": [{k: v for k, v in r.items() if k != "path"} for r in releases]}
+    port_seconds = []
+    for task in data.TASKS:
+        row = {"theta": train.accuracy(theta, tok, task),
+               "theta+lora": train.accuracy(patches[task]["lora"][1], tok, task),
+               "theta+pmss": train.accuracy(patches[task]["pmss"][1], tok, task), "releases": []}
+        for k, rel in enumerate(releases):
+            evolved = _load(rel["path"])
+            entry = {"evolved": train.accuracy(evolved, tok, task)}
+            for method in ("lora", "pmss"):
+                ported_dir = os.path.join(work, f"ported-{method}-{task}-{k + 1}")
+                port_seconds.append(_port(rel["path"], patches[task][method][0], ported_dir))
+                entry[f"ported_{method}"] = train.accuracy(_load(ported_dir), tok, task)
+            t0 = time.perf_counter()
+            refit = train.finetune_lora(evolved, tok, task, cfg["ft_steps"], seed=seed, progress=progress,
+                                        desc=f"LoRA afresh on θ′{k + 1}: {task}")
+            entry["refit_seconds"] = time.perf_counter() - t0
+            entry["refit"] = train.accuracy(refit, tok, task)
+            row["releases"].append(entry)
+        results["tasks"][task] = row
+
+    log("measuring the cost of porting and of re-fine-tuning (peak memory in separate processes)")
+    rel1, task0 = releases[0]["path"], data.TASKS[0]
+    results["cost"] = {
+        "port": _measure(["port", rel1, patches[task0]["lora"][0], os.path.join(work, "measure-port")]),
+        "refit": _measure(["finetune", rel1, task0, str(cfg["ft_steps"]), str(seed)]),
+        "port_seconds_median": sorted(port_seconds)[len(port_seconds) // 2],
+    }
+    results["gap_closed"] = gap_closed(results)
+    results["settings"] = {"quick": quick, "seed": seed, **{k: v for k, v in cfg.items()}}
+    results["seconds"] = time.perf_counter() - t_start
+    write_outputs(results, out)
+    return results
+
+
+def gap_closed(results) -> dict:
+    """Per release: mean over tasks of (ported − θ′) / (θ′ re-fine-tuned − θ′), over tasks where
+    re-fine-tuning gains at least 5 points over θ′ (elsewhere there is no gap to close)."""
+    out = {}
+    for k in range(len(results["releases"])):
+        for method in ("lora", "pmss"):
+            fracs = []
+            for row in results["tasks"].values():
+                e = row["releases"][k]
+                gap = e["refit"] - e["evolved"]
+                if gap >= 0.05:
+                    fracs.append((e[f"ported_{method}"] - e["evolved"]) / gap)
+            out.setdefault(method, []).append(sum(fracs) / len(fracs) if fracs else None)
+    return out
+
+
+def table(results) -> str:
+    rels = results["releases"]
+    head = "| task | θ | θ+Δ LoRA | θ+Δ PMSS | " + " | ".join(
+        f"{r['name']} | {r['name']}+Δ LoRA (port) | {r['name']}+Δ PMSS (port) | {r['name']} re-fine-tuned"
+        for r in rels) + " |"
+    sep = "|---" * (4 + 4 * len(rels)) + "|"
+    lines = [head, sep]
+    for task, row in results["tasks"].items():
+        cells = [task, f"{row['theta']:.2f}", f"{row['theta+lora']:.2f}", f"{row['theta+pmss']:.2f}"]
+        for e in row["releases"]:
+            cells += [f"{e['evolved']:.2f}", f"{e['ported_lora']:.2f}", f"{e['ported_pmss']:.2f}", f"{e['refit']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    g = results["gap_closed"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+    lines += ["", "Gap between θ′ and θ′ re-fine-tuned closed by the port (mean over tasks with a gap): " + "; ".join(
+        f"{r['name']} ({r['continued_steps']} steps): LoRA {fmt(g['lora'][k])}, PMSS {fmt(g['pmss'][k])}"
+        for k, r in enumerate(rels))]
+    c = results["cost"]
+    lines += [f"Cost on {rels[0]['name']}: port {c['port']['seconds']:.2f} s, peak memory "
+              f"{c['port']['peak_rss_above_baseline'] / 2**20:.1f} MiB; re-fine-tuning {c['refit']['seconds']:.2f} s, "
+              f"peak memory {c['refit']['peak_rss_above_baseline'] / 2**20:.1f} MiB "
+              f"(ratio {c['refit']['peak_rss_above_baseline'] / max(1, c['port']['peak_rss_above_baseline']):.0f}×)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rels = results["releases"]
+    xs = [r["continued_steps"] for r in rels]
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), sharey=True)
+    for ax, task in zip(axes, tasks):
+        row = results["tasks"][task]
+        series = [("θ′ alone", "evolved", "k--"), ("θ′ + Δ LoRA (ported)", "ported_lora", "C0o-"),
+                  ("θ′ + Δ PMSS (ported)", "ported_pmss", "C2s-"), ("θ′ re-fine-tuned (LoRA)", "refit", "C3^:")]
+        for label, key, style in series:
+            ax.plot(xs, [e[key] for e in row["releases"]], style, label=label)
+        ax.axhline(row["theta+lora"], color="C0", alpha=0.3, lw=1)
+        ax.set_title(task)
+        ax.set_xlabel("vendor's continued pretraining (steps)")
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Porting patches made on θ onto its evolved releases θ′")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(results, path):
+    """Bar chart of the user-checkpoint mode: accuracy of each model on each task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    models = list(next(iter(results["tasks"].values())))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.4))
+    w = 0.8 / len(models)
+    for i, m in enumerate(models):
+        ax.bar([t + i * w for t in range(len(tasks))], [results["tasks"][t][m] for t in tasks], w, label=m)
+    ax.set_xticks([t + 0.4 - w / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(results, out):
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, ensure_ascii=False)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table(results))
+    plot(results, os.path.join(out, "accuracy.png"))
