@@ -18,14 +18,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def extra_peak_memory(fn) -> int | None:
     """Bytes allocated at the peak of one call of fn beyond what was allocated before it.
     CUDA: the caching allocator's peak. CPU: the process's peak RSS (reset through
@@ -37,11 +29,10 @@ def extra_peak_memory(fn) -> int | None:
         fn()
         sync()
         return torch.cuda.max_memory_allocated() - base
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
+    from portllm.memory import reset_peak_rss, rss
+
+    if not reset_peak_rss():
         return None
-    base = _rss_bytes("VmRSS")
+    base = rss("VmRSS")
     fn()
-    return max(0, _rss_bytes("VmHWM") - base)
+    return max(0, rss("VmHWM") - base)

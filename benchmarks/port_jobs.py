@@ -12,26 +12,11 @@ import sys
 import time
 
 
-def rss(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def main(job, ckpt, patch_dir, out, device="cpu"):
     import torch
 
     import portllm
+    from portllm.memory import reset_peak_rss, rss
 
     if job in ("peft", "peft_merge", "apply"):
         from peft import PeftModel
@@ -47,7 +32,7 @@ def main(job, ckpt, patch_dir, out, device="cpu"):
         setup = (model, portllm.Patch.load(patch_dir)) if job == "apply" else PeftModel.from_pretrained(model, patch_dir)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    reset_peak()
+    reset_peak_rss()
     base = rss("VmRSS")
     t0 = time.perf_counter()
     if job == "copy":

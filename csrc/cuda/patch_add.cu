@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "cuda/convert.cuh"
 #include "portllm.h"
 
 namespace portllm {
@@ -27,24 +28,6 @@ constexpr int RK = 32;   // ranks staged per shared-memory round
 constexpr int TM = 8;    // rows per thread
 constexpr int TN = 4;    // columns per thread
 constexpr int THREADS = (BM / TM) * (BN / TN);  // 256
-
-template <typename T> __device__ __forceinline__ float to_f32(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float to_f32(c10::BFloat16 v) {
-  return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(&v));
-}
-template <> __device__ __forceinline__ float to_f32(c10::Half v) {
-  return __half2float(*reinterpret_cast<const __half*>(&v));
-}
-
-template <typename T> __device__ __forceinline__ T from_f32(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ c10::BFloat16 from_f32(float v) {
-  __nv_bfloat16 h = __float2bfloat16_rn(v);
-  return *reinterpret_cast<c10::BFloat16*>(&h);
-}
-template <> __device__ __forceinline__ c10::Half from_f32(float v) {
-  __half h = __float2half_rn(v);
-  return *reinterpret_cast<c10::Half*>(&h);
-}
 
 template <typename T, typename F>
 __global__ void __launch_bounds__(THREADS)

@@ -13,29 +13,13 @@
 
 #include <string>
 
+#include "cuda/convert.cuh"
 #include "portllm.h"
 
 namespace portllm {
 namespace {
 
 constexpr int TT = 64, TN = 64, TK = 16, THREADS = 256;
-
-template <typename T> __device__ __forceinline__ float f32(T v) { return static_cast<float>(v); }
-template <> __device__ __forceinline__ float f32(c10::BFloat16 v) {
-  return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(&v));
-}
-template <> __device__ __forceinline__ float f32(c10::Half v) {
-  return __half2float(*reinterpret_cast<const __half*>(&v));
-}
-template <typename T> __device__ __forceinline__ T from_f32(float v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ c10::BFloat16 from_f32(float v) {
-  __nv_bfloat16 h = __float2bfloat16_rn(v);
-  return *reinterpret_cast<c10::BFloat16*>(&h);
-}
-template <> __device__ __forceinline__ c10::Half from_f32(float v) {
-  __half h = __float2half_rn(v);
-  return *reinterpret_cast<c10::Half*>(&h);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(THREADS)
@@ -56,12 +40,12 @@ skeleton_mm_kernel(const T* __restrict__ A,         // [T, K], strides (sa0, sa1
     for (int e = tid; e < TK * TT; e += THREADS) {
       const int k = e % TK, t = e / TK;
       const int64_t gt = t0 + t, gk = k0 + k;
-      As[k][t] = (gt < nt && gk < K) ? f32(A[gt * sa0 + gk * sa1]) : 0.f;
+      As[k][t] = (gt < nt && gk < K) ? to_f32(A[gt * sa0 + gk * sa1]) : 0.f;
     }
     for (int e = tid; e < TK * TN; e += THREADS) {
       const int c = e % TN, k = e / TN;
       const int64_t gc = c0 + c, gk = k0 + k;
-      Bs[k][c] = (gc < N && gk < K) ? f32(W[roff[gk] + coff[gc]]) : 0.f;
+      Bs[k][c] = (gc < N && gk < K) ? to_f32(W[roff[gk] + coff[gc]]) : 0.f;
     }
     __syncthreads();
 #pragma unroll

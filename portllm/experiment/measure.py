@@ -13,14 +13,6 @@ import sys
 import time
 
 
-def _rss(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def main(job, *args):
     import torch
 
@@ -31,12 +23,10 @@ def main(job, *args):
         from portllm.experiment import data, train
     else:
         import portllm
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    base = _rss("VmRSS")
+    from portllm.memory import reset_peak_rss, rss
+
+    reset_peak_rss()
+    base = rss("VmRSS")
     t0 = time.perf_counter()
     if job == "port":
         model_dir, patch_dir, out = args
@@ -49,7 +39,7 @@ def main(job, *args):
     else:
         raise SystemExit(f"unknown job {job}")
     print(json.dumps({"job": job, "seconds": time.perf_counter() - t0,
-                      "peak_rss_above_baseline": max(0, _rss("VmHWM") - base)}))
+                      "peak_rss_above_baseline": max(0, rss("VmHWM") - base)}))
 
 
 if __name__ == "__main__":
