@@ -17,8 +17,9 @@ import warnings
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["portllm", "portllm.pmss", "portllm.kernels"]
-PACKAGE_DIR = {"portllm": "portllm", "portllm.pmss": "portllm/pmss", "portllm.kernels": "kernels"}
+PACKAGES = ["portllm", "portllm.pmss", "portllm.experiment", "portllm.kernels"]
+PACKAGE_DIR = {"portllm": "portllm", "portllm.pmss": "portllm/pmss", "portllm.experiment": "portllm/experiment",
+               "portllm.kernels": "kernels"}
 
 
 def _warn(msg):

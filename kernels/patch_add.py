@@ -1,5 +1,8 @@
 """Triton patch_add_: W[m, n] += B[m, r] · diag(scale[r]) · A[r, n], in place.
 
+Implements the op ``portllm.ops.patch_add_`` (backend ``triton``, registered as
+``torch.ops.portllm.patch_add_triton_``); tested against the reference by ``tests/test_patch_add.py``.
+
 One program owns a BLOCK_M × BLOCK_N tile of W: it accumulates (B·scale)[tile rows, :] @ A[:, tile
 cols] in fp32, BLOCK_R ranks at a time, then reads the W tile once, adds, rounds once and writes
 it once. Factors are read in their own dtype and converted in registers, so no fp32 copies exist.

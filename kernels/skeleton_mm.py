@@ -1,5 +1,8 @@
 """Triton skeleton GEMMs: products with rows or columns of W gathered by index, never copied.
 
+Implements the op ``portllm.ops.skeleton_mm`` (backend ``triton``, registered as
+``torch.ops.portllm.skeleton_mm_triton``); tested against the reference by ``tests/test_pmss_ops.py``.
+
 All three products of PMSS (see ``portllm.reference.skeleton_mm``) are one kernel,
 ``OUT[T, N] = A[T, K] @ B`` with ``B[k, c] = W[ROFF[k] + COFF[c]]``: the gather is folded into the
 offsets (element offsets into W, int64). Sorted indices keep each tile's gathered elements close.

@@ -1,8 +1,7 @@
 """portllm: portable LoRA patches (PortLLM) and skeleton fine-tuning (PMSS), with Triton, C++ and
 CUDA kernels behind a thin PyTorch layer."""
 
-__version__ = "0.1.0"
-
+from portllm._version import __version__  # noqa: F401
 from portllm import _ext  # noqa: E402,F401  (loads portllm._C first, warns once if missing)
 from portllm import ops  # noqa: E402
 from portllm.ops import BackendUnavailableError, available_backends, patch_add_  # noqa: E402

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from portllm import ops
 from portllm.checkpoint import ModelWeights, weight_key
-from portllm.compat import check_compatibility
+from portllm.compat import check_compatibility, resolve_fan_in_fan_out
+from portllm.merge import prepare_merge
 from portllm.patch import Patch
 
 
@@ -25,28 +25,20 @@ def _as_lists(patch, scale) -> tuple[list[Patch], list[float]]:
     return patches, scales
 
 
-def merge_factors(entries: Sequence[tuple], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Concatenated factors and per-rank scales of several patch modules of one weight:
-    Σ_i s_i·B_i·A_i = [B_1 … B_k] · diag(s_1…, …, s_k…) · [A_1; …; A_k]."""
-    dtype = entries[0][0].B.dtype
-    for m, _ in entries[1:]:
-        dtype = torch.promote_types(dtype, m.B.dtype)
-    B = torch.cat([m.B.to(device=device, dtype=dtype) for m, _ in entries], dim=1)
-    A = torch.cat([m.A.to(device=device, dtype=dtype) for m, _ in entries], dim=0)
-    s = torch.cat([torch.full((m.rank,), m.scale * w, dtype=torch.float32) for m, w in entries]).to(device)
-    return B, A, s
-
-
 def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: float | Sequence[float] = 1.0, *,
-                backend: str | None = None, check_finite: bool | None = None) -> torch.nn.Module:
+                backend: str | None = None, check_finite: bool | None = True) -> torch.nn.Module:
     """Merges ``W += Σ_i scale_i · patch_i`` into the model's weights, in place; returns the model.
 
     Several patches (task arithmetic) are merged per module in one pass of ``patch_add_``, with
     concatenated factors. The model must hold every patch module with the right shape; otherwise
     ``IncompatiblePatchError`` names the module and the shapes, before any weight changes.
+    ``check_finite`` (default on): factors or scales with NaN/Inf, and merges that would make a weight
+    NaN/Inf (overflow of its dtype), are refused with ``NonFiniteMergeError`` naming the module; the
+    model is left unchanged (every module's merge is checked before any weight is written).
     """
     patches, scales = _as_lists(patch, scale)
     source = ModelWeights(model)
+    patches = [resolve_fan_in_fan_out(source, p) for p in patches]
     for p in patches:
         check_compatibility(source, p).raise_for_errors()
     per_module: dict[str, list] = {}
@@ -54,13 +46,10 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
         for name, m in p.items():
             per_module.setdefault(name, []).append((m, w))
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name, entries in per_module.items():
-        if len({m.fan_in_fan_out for m, _ in entries}) > 1:
-            raise ValueError(f"{name}: the patches disagree on fan_in_fan_out")
-        W = params[weight_key(name)].data
-        B, A, s = merge_factors(entries, W.device)
-        ops.patch_add_(W.t() if entries[0][0].fan_in_fan_out else W, B, A, s,
-                       backend=backend, check_finite=check_finite)
+    merges = [prepare_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
+                            name=name) for name, entries in per_module.items()]
+    for merge in merges:
+        merge()
     return model
 
 

@@ -12,6 +12,7 @@ import os
 import torch
 
 from portllm import fingerprint as fp
+from portllm.atomic import UnsafePathError, safe_join
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader
 
 INDEX = "model.safetensors.index.json"
@@ -38,9 +39,12 @@ class Checkpoint:
             try:
                 with open(index) as f:
                     self.index = json.load(f)
-                weight_map: dict[str, str] = self.index["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as e:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CheckpointError(f"{index}: cannot read the shard index ({e})") from None
+            weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: \"weight_map\" must be an object of tensor name -> shard file name")
             self.files = sorted(set(weight_map.values()))
         elif os.path.exists(os.path.join(self.path, SINGLE)):
             self.index = None
@@ -53,19 +57,29 @@ class Checkpoint:
         self._readers: dict[str, SafetensorsReader] = {}
         self.key_file: dict[str, str] = {}
         for fname in self.files:
-            full = os.path.join(self.path, fname)
+            try:
+                full = safe_join(self.path, fname, what=f"{INDEX if self.index is not None else 'shard'}: shard name")
+            except UnsafePathError as e:
+                raise CheckpointError(f"{self.path}: {e}") from None
             if not os.path.exists(full):
+                self.close()
                 raise CheckpointError(f"{self.path}: the index lists {fname}, which is missing")
             try:
                 rd = SafetensorsReader(full)
             except SafetensorsError as e:
+                self.close()
                 raise CheckpointError(str(e)) from None
             self._readers[fname] = rd
             for k in rd.keys():
+                if k in self.key_file:
+                    self.close()
+                    raise CheckpointError(f"{self.path}: tensor {k!r} is in two shards, {self.key_file[k]} and "
+                                          f"{fname}; refusing to guess which one is meant")
                 self.key_file[k] = fname
         if self.index is not None:
             missing = [k for k, f in weight_map.items() if k not in self.key_file]
             if missing:
+                self.close()
                 raise CheckpointError(f"{index}: lists {missing[0]!r} in {weight_map[missing[0]]}, "
                                       f"which does not hold it ({len(missing)} such)")
 

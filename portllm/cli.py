@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+
+# What each command imports beyond portllm's own dependencies, and the extra that installs it.
+REQUIREMENTS = {
+    "demo": ("demo", ("transformers", "peft", "matplotlib")),
+}
+
+
+class MissingRequirementError(RuntimeError):
+    """A command needs an optional package that is not installed; the message names the extra."""
+
+
+def require(command: str):
+    """Checks a command's optional requirements before it starts work."""
+    if command not in REQUIREMENTS:
+        return
+    extra, modules = REQUIREMENTS[command]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingRequirementError(
+            f"`portllm {command}` needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed: pip install 'portllm[{extra}]'")
 
 
 def _demo(args) -> int:
@@ -41,10 +63,13 @@ def _port(args) -> int:
 
 
 def _extract(args) -> int:
+    from portllm.atomic import check_disjoint
     from portllm.extract import extract_patch
 
+    inputs = {"--base": args.base, "--finetuned": args.finetuned}
+    check_disjoint(args.out, inputs)  # before the work, not after it
     patch = extract_patch(args.base, args.finetuned, rank=args.rank, energy=args.energy, device=args.device)
-    patch.save(args.out, overwrite=args.force)
+    patch.save(args.out, overwrite=args.force, inputs=inputs)
     kept = list(patch.extra["energy_kept"].values())
     print(f"portllm extract: {len(patch)} modules, rank {min(m.rank for m in patch.modules.values())}"
           f"..{max(m.rank for m in patch.modules.values())}, energy kept {min(kept):.1%}..{max(kept):.1%} "
@@ -81,12 +106,17 @@ def _inspect(args) -> int:
 def _info(args) -> int:
     import torch
 
-    from portllm import __version__, _ext, ops
+    from portllm import __version__, _ext, defaults, ops
 
     print(f"portllm {__version__}, torch {torch.__version__}")
-    print(f"extension: {_ext.build_info()}")
+    print(f"extension: {_ext.build_info()}; CPU path in use: {_ext.cpu_isa()}")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        print(f"backends on {dev}: {', '.join(ops.available_backends(dev))}")
+        print(f"backends on {dev}: {', '.join(ops.available_backends(dev))} (device class {defaults.device_class(dev)})")
+        for op, impls in ops.IMPLEMENTATIONS.items():
+            print(f"  {op}: backends {', '.join(ops.available_backends(dev, op))} (default first)")
+            for name, impl in impls.items():
+                why = ops.backend_unavailable_reason(name, dev, op)
+                print(f"    {name:<9} {impl.where}" + (f"  [unavailable: {why}]" if why else ""))
     return 0
 
 
@@ -138,6 +168,7 @@ def main(argv=None) -> int:
                         help="show tracebacks on errors")
     args = ap.parse_args(argv)
     try:
+        require(args.command)
         return args.fn(args)
     except Exception as e:  # one line for the user, the traceback on request
         if args.verbose:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import json
+import os
+
+from torch import nn
+
 from portllm import fingerprint as fp
-from portllm.checkpoint import weight_key, weights
-from portllm.patch import Patch
+from portllm.checkpoint import Checkpoint, ModelWeights, weight_key, weights
+from portllm.patch import Patch, PatchModule
+
+# transformers architectures whose projections are Conv1D (weights stored [in, out]): there, and
+# only there, PEFT honours fan_in_fan_out.
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 
 
 class IncompatiblePatchError(ValueError):
@@ -87,3 +96,50 @@ def check_compatibility(source, patch: Patch) -> CompatReport:
             rep.relative_change[name] = fp.relative_change(sk, sample)
         rep.is_base = same
     return rep
+
+
+def resolve_fan_in_fan_out(source, patch: Patch) -> Patch:
+    """The patch as PEFT merges it into this model. PEFT honours ``fan_in_fan_out`` only on Conv1D
+    layers (weights stored [in, out]); on an ``nn.Linear`` it ignores the flag. So a module marked
+    fan_in_fan_out that targets an ``nn.Linear`` is merged as W += s·B·A. In a checkpoint directory,
+    where module types are not known, the stored shape decides; a square weight, which could be
+    either, counts as Conv1D only in the architectures that use Conv1D (config.json's model_type),
+    and is otherwise refused (``IncompatiblePatchError``) rather than merged the wrong way round."""
+    if not any(m.fan_in_fan_out for m in patch.modules.values()):
+        return patch
+    if not hasattr(source, "shape"):
+        source = weights(source)
+    model_type = None
+    if isinstance(source, Checkpoint):
+        try:
+            with open(os.path.join(source.path, "config.json")) as f:
+                cfg = json.load(f)
+            model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+        except (OSError, ValueError):
+            model_type = None
+    modules = dict(patch.modules)
+    for name, m in patch.modules.items():
+        if not m.fan_in_fan_out:
+            continue
+        out_f, in_f = m.B.shape[0], m.A.shape[1]
+        if isinstance(source, ModelWeights):
+            try:
+                linear = isinstance(source.model.get_submodule(name), nn.Linear)
+            except AttributeError:
+                continue  # missing: the compatibility report says so
+        else:
+            shape = source.shape(weight_key(name))
+            if shape is None or tuple(shape) not in ((out_f, in_f), (in_f, out_f)):
+                continue  # missing or mismatched: the compatibility report says so
+            if out_f != in_f:
+                linear = tuple(shape) == (out_f, in_f)
+            elif model_type in CONV1D_MODEL_TYPES:
+                linear = False
+            else:
+                raise IncompatiblePatchError(
+                    f"patch module {name}: the patch says fan_in_fan_out, which PEFT honours only on Conv1D layers; "
+                    f"the weight is square ({out_f}x{in_f}) and the model type ({model_type or 'unknown'}) is not one "
+                    f"known to use Conv1D ({', '.join(CONV1D_MODEL_TYPES)}), so portllm cannot tell which way to merge")
+        if linear:
+            modules[name] = PatchModule(m.B, m.A, m.scale, False)
+    return Patch(modules, patch.base_model, patch.base_sketches, patch.source, dict(patch.extra), patch.version)

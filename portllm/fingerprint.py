@@ -46,3 +46,17 @@ def relative_change(sk: dict, sample: list[float]) -> float:
     then = torch.tensor(sk["sample"], dtype=torch.float64)
     denom = then.norm().item()
     return (now - then).norm().item() / denom if denom > 0 else float("inf") if (now != then).any() else 0.0
+
+
+def content_hash(W: torch.Tensor, chunk_bytes: int = 64 << 20) -> str:
+    """SHA-256 of a weight's dtype, shape and bytes (row-major), read in chunks (a GPU weight is
+    copied to the host a chunk at a time). Equal hashes mean equal weights, bit for bit; any change
+    to any element changes it (the chance that a changed weight keeps its hash is about 2^-256)."""
+    h = hashlib.sha256(f"{W.dtype}|{list(W.shape)}|".encode())
+    flat = W.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    raw = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
+    for i in range(0, raw.numel(), chunk_bytes):
+        h.update(raw[i : i + chunk_bytes].cpu().numpy().tobytes())
+    return h.hexdigest()

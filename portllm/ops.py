@@ -1,19 +1,22 @@
 """portllm's ops: one Python entry per op, with argument checks and backend dispatch.
 
-Backends:
+Every op has a table of its implementations, one per backend (``IMPLEMENTATIONS`` below, printed
+by ``portllm info``): where the code lives, which devices it runs on, and how to tell whether it is
+present in this installation. The backends:
 
 =========== ======================================================= =============================
 name        what                                                    runs on
 =========== ======================================================= =============================
 reference   pure PyTorch (``portllm.reference``), the oracle        any device
-cpp         C++ kernels of ``portllm._C`` (AVX-512 + OpenMP)        CPU tensors
-cuda        CUDA kernels of ``portllm._C``                          CUDA tensors
-triton      Triton kernels (``portllm.kernels``)                    CUDA tensors; CPU tensors
+cpp         C++ kernels of ``portllm._C`` (``csrc/cpu``)            CPU tensors
+cuda        CUDA kernels of ``portllm._C`` (``csrc/cuda``)          CUDA tensors
+triton      Triton kernels (``kernels/``, as ``portllm.kernels``)   CUDA tensors; CPU tensors
                                                                     under ``TRITON_INTERPRET=1``
 =========== ======================================================= =============================
 
 The backend is the ``backend=`` argument, else the ``PORTLLM_BACKEND`` environment variable, else
-the fastest available for the tensors' device (CPU: cpp, reference; CUDA: cuda, triton,
+the op's default for the device: the order in ``portllm.defaults``, which is generated from the
+committed benchmark results (fastest measured first; never a backend measured slower than the
 reference). A backend asked for by name that cannot run raises :class:`BackendUnavailableError`;
 there is no silent fallback.
 
@@ -24,13 +27,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from portllm import _ext, reference
+from portllm import _ext, defaults, reference
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
-_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -39,56 +43,119 @@ class BackendUnavailableError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
+# The implementation tables
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of one op."""
+
+    backend: str
+    where: str  # the code: module.function, or source file and the torch op it registers
+    devices: tuple[str, ...]  # device types it runs on
+    run: Callable  # takes the op's checked arguments
+
+
+def _ext_reason(op: str, key: str, backend: str, device: torch.device) -> str | None:
+    if device.type != key.lower():
+        kind = "CPU" if key == "CPU" else "CUDA"
+        return f"backend {backend!r} runs on {kind} tensors, the tensors are on {device}"
+    if not _ext.available():
+        return f"the extension portllm._C is not loaded ({_ext.ERROR})"
+    if not _ext.has_kernel(op, key):
+        if key == "CUDA":
+            return (f"portllm._C was built without CUDA kernels for {op} (torch without CUDA or no nvcc at "
+                    "build time)")
+        return f"this build of portllm._C has no {op} kernel; rebuild with `pip install --no-build-isolation -e .`"
+    return None
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'portllm[triton]')"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before triton is imported"
+    if device.type not in ("cpu", "cuda"):
+        return f"backend 'triton' does not run on {device}"
+    return None
+
+
+def _unavailable(op: str, impl: Impl, device: torch.device) -> str | None:
+    if impl.backend == "reference":
+        return None
+    if impl.backend == "triton":
+        return _triton_reason(device)
+    return _ext_reason(op, "CPU" if impl.backend == "cpp" else "CUDA", impl.backend, device)
+
+
+def _patch_add_triton_run(W, B, A, s):
+    torch.ops.portllm.patch_add_triton_(W, B, A, s)
+
+
+def _skeleton_mm_triton_run(A, W, idx, kind):
+    return torch.ops.portllm.skeleton_mm_triton(A, W, idx, kind)
+
+
+IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
+    "patch_add_": {
+        "reference": Impl("reference", "portllm.reference.patch_add_", ("cpu", "cuda"),
+                          lambda W, B, A, s: reference.patch_add_(W, B, A, s)),
+        "cpp": Impl("cpp", "csrc/cpu/patch_add.cpp (torch.ops.portllm.patch_add_, CPU)", ("cpu",),
+                    lambda W, B, A, s: torch.ops.portllm.patch_add_(W, B, A, s)),
+        "cuda": Impl("cuda", "csrc/cuda/patch_add.cu (torch.ops.portllm.patch_add_, CUDA)", ("cuda",),
+                     lambda W, B, A, s: torch.ops.portllm.patch_add_(W, B, A, s)),
+        "triton": Impl("triton", "portllm.kernels.patch_add.patch_add_forward (torch.ops.portllm.patch_add_triton_)",
+                       ("cpu", "cuda"), _patch_add_triton_run),
+    },
+    "skeleton_mm": {
+        "reference": Impl("reference", "portllm.reference.skeleton_mm", ("cpu", "cuda"),
+                          lambda A, W, idx, kind: reference.skeleton_mm(A, W, idx, kind)),
+        "cpp": Impl("cpp", "csrc/cpu/skeleton_mm.cpp (torch.ops.portllm.skeleton_mm, CPU)", ("cpu",),
+                    lambda A, W, idx, kind: torch.ops.portllm.skeleton_mm(A, W, idx, kind)),
+        "cuda": Impl("cuda", "csrc/cuda/skeleton_mm.cu (torch.ops.portllm.skeleton_mm, CUDA)", ("cuda",),
+                     lambda A, W, idx, kind: torch.ops.portllm.skeleton_mm(A, W, idx, kind)),
+        "triton": Impl("triton", "portllm.kernels.skeleton_mm.skeleton_mm_forward "
+                       "(torch.ops.portllm.skeleton_mm_triton)", ("cpu", "cuda"), _skeleton_mm_triton_run),
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
 # Backend selection
 
 
-def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
-    """None if ``backend`` can run ops on tensors of ``device``, else the reason it cannot."""
+def backend_unavailable_reason(backend: str, device: torch.device | str, op: str = "patch_add_") -> str | None:
+    """None if ``op``'s ``backend`` implementation can run on tensors of ``device``, else why not."""
     device = torch.device(device)
-    if backend == "reference":
-        return None
-    if backend == "cpp":
-        if device.type != "cpu":
-            return f"backend 'cpp' runs on CPU tensors, the tensors are on {device}"
-        if not _ext.has_kernel("patch_add_", "CPU"):
-            return f"the extension portllm._C is not loaded ({_ext.ERROR})"
-        return None
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors, the tensors are on {device}"
-        if not _ext.available():
-            return f"the extension portllm._C is not loaded ({_ext.ERROR})"
-        if not _ext.has_kernel("patch_add_", "CUDA"):
-            return "portllm._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
-        return None
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install triton)"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before triton is imported"
-        if device.type not in ("cpu", "cuda"):
-            return f"backend 'triton' does not run on {device}"
-        return None
-    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if op not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown op {op!r}; portllm's ops are {', '.join(IMPLEMENTATIONS)}")
+    return _unavailable(op, IMPLEMENTATIONS[op][backend], device)
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run on ``device``, fastest first."""
+def available_backends(device: torch.device | str = "cpu", op: str = "patch_add_") -> list[str]:
+    """The backends of ``op`` that can run on ``device``, the default first (``portllm.defaults``)."""
     device = torch.device(device)
-    order = _PREFERENCE.get(device.type, ("reference",))
+    order = defaults.order(op, device)
     ordered = list(order) + [b for b in BACKENDS if b not in order]
-    return [b for b in ordered if backend_unavailable_reason(b, device) is None]
+    return [b for b in ordered if backend_unavailable_reason(b, device, op) is None]
 
 
-def resolve_backend(backend: str | None, device: torch.device | str) -> str:
-    """The backend an op on ``device`` will use: the named one (checked), else the default."""
+def default_backend(device: torch.device | str, op: str = "patch_add_") -> str:
+    """The backend ``op`` uses on ``device`` when none is named."""
+    return available_backends(device, op)[0]
+
+
+def resolve_backend(backend: str | None, device: torch.device | str, op: str = "patch_add_") -> str:
+    """The backend ``op`` on ``device`` will use: the named one (checked), else the default."""
     if backend is None:
         backend = os.environ.get("PORTLLM_BACKEND") or None
     if backend is None or backend == "auto":
-        return available_backends(device)[0]
-    reason = backend_unavailable_reason(backend, device)
+        return default_backend(device, op)
+    reason = backend_unavailable_reason(backend, device, op)
     if reason is not None:
-        raise BackendUnavailableError(f"portllm backend {backend!r} is not available: {reason}")
+        raise BackendUnavailableError(f"portllm backend {backend!r} is not available for {op}: {reason}")
     return backend
 
 
@@ -110,14 +177,21 @@ def patch_add_(
     * ``scale``: a number, or a tensor of r values (one per rank). Several patches merge in one
       pass by concatenating their factors, ``B = [B1 B2]``, ``A = [A1; A2]``, ``scale = [s1…, s2…]``.
     * Dtypes: W bfloat16, float16 or float32; B and A any of those (each its own). Every element
-      is ``round(W + Σ_k fp32(B[i,k]·scale[k])·fp32(A[k,j]))`` with fp32 accumulation and exactly
-      one rounding (to nearest even) to W's dtype; the m×n product is never materialised.
-    * W may be strided: a row or column slice of a larger weight (a fused qkv), or transposed.
-      Factors that share memory with W are read before W is written.
+      is one rounding (to nearest even) to W's dtype of an fp32 sum: W plus the rank products,
+      accumulated in fp32; the m×n product is never materialised. Ranks that share a scale form a
+      group (one group per concatenated patch): the reference and the fp32-factor paths compute
+      ``W + Σ_k fp32(B[i,k]·s_k)·A[k,j]``; the paths that multiply bf16/fp16 factors on
+      dot-product units (the CPU's AVX512-BF16, tensor cores) compute ``W + Σ_g s_g·(Σ_{k∈g}
+      B[i,k]·A[k,j])``, whose products are exact in fp32. Both are within the fp32 dot-product
+      error bound of the exact result.
+    * W may be strided: a row or column slice of a larger weight (a fused qkv), or transposed. Its
+      elements must not overlap in memory (an expanded or ``as_strided`` view is refused).
+    * Factors that share memory with W are read before W is written (here, for every backend).
     * Deterministic: the same inputs give the same bits, run after run.
     * ``backend``: see the module docstring. ``check_finite=True`` (or ``PORTLLM_CHECK_FINITE=1``)
       first checks B, A and scale for NaN/Inf and raises ``ValueError`` naming the tensor; it is
-      off by default because it reads the factors once more and synchronises with the device.
+      off by default because it reads the factors once more and synchronises with the device
+      (``portllm.merge.merge_into``, which the workflows use, checks factors and the result).
     * Not differentiable: W is treated as data (it may be an ``nn.Parameter``; autograd does not
       record the update). Factors that require grad are refused while grad mode is on.
     """
@@ -126,22 +200,48 @@ def patch_add_(
     if check_finite is None:
         check_finite = os.environ.get("PORTLLM_CHECK_FINITE") == "1"
     if check_finite:
-        for name, t in (("B", B), ("A", A), ("scale", s)):
-            bad = t.numel() - int(torch.isfinite(t).sum())
-            if bad:
-                raise ValueError(f"patch_add_: {name} {tuple(t.shape)} has {bad} NaN or Inf values")
+        check_factors_finite(B, A, s, "patch_add_")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (B, A, s)):
         raise RuntimeError("patch_add_ is not differentiable: call it under torch.no_grad() "
                            "or detach the factors")
-    name = resolve_backend(backend, W.device)
+    name = resolve_backend(backend, W.device, "patch_add_")
+    if W.numel() == 0 or r == 0:
+        return W
+    # The one place that keeps the promise "factors that alias W are read before W is written":
+    # every backend then reads factors that no write to W can change.
+    B = B.clone() if _shares_memory(B, W) else B
+    A = A.clone() if _shares_memory(A, W) else A
     with torch.no_grad():
-        if name == "reference":
-            reference.patch_add_(W, B, A, s)
-        elif name == "triton":
-            torch.ops.portllm.patch_add_triton_(W, B, A, s)
-        else:  # cpp and cuda: one torch op, routed by device
-            torch.ops.portllm.patch_add_(W, B, A, s)
+        IMPLEMENTATIONS["patch_add_"][name].run(W, B, A, s)
     return W
+
+
+def check_factors_finite(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, what: str):
+    """Raises ValueError naming ``what`` and the tensor if B, A or the scales hold NaN or Inf."""
+    for name, t in (("scale", s), ("B", B), ("A", A)):
+        bad = t.numel() - int(torch.isfinite(t).sum())
+        if bad:
+            raise ValueError(f"{what}: {name} {tuple(t.shape)} has {bad} NaN or Inf values")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _overlaps_itself(W: torch.Tensor) -> bool:
+    """Whether two indices of the 2-D W address one element (expand, as_strided)."""
+    if W.numel() <= 1:
+        return False
+    dims = sorted((abs(st), sz) for st, sz in zip(W.stride(), W.shape) if sz > 1)
+    if any(st == 0 for st, _ in dims):
+        return True
+    # Non-overlapping iff each stride is at least the span of the smaller dimensions.
+    span = 1
+    for st, sz in dims:
+        if st < span:
+            return True
+        span = st * (sz - 1) + span
+    return False
 
 
 def _check_patch_add_args(W, B, A) -> int:
@@ -161,10 +261,10 @@ def _check_patch_add_args(W, B, A) -> int:
     for name, t in (("B", B), ("A", A)):
         if t.device != W.device:
             raise ValueError(f"patch_add_: {name} is on {t.device} but W is on {W.device}")
-    if any(st == 0 and sz > 1 for st, sz in zip(W.stride(), W.shape)):
+    if _overlaps_itself(W):
         raise ValueError(
             f"patch_add_: W (shape {tuple(W.shape)}, stride {W.stride()}) has elements that share "
-            "memory (an expanded tensor); an in-place update would be wrong. Pass W.clone()."
+            "memory (an expanded or as_strided view); an in-place update would be wrong. Pass W.clone()."
         )
     return r
 
@@ -219,18 +319,10 @@ def skeleton_mm(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str, 
     fp64 = torch.float64 in (A.dtype, W.dtype)
     if fp64 and backend is None and os.environ.get("PORTLLM_BACKEND") in (None, "", "auto"):
         backend = "reference"  # float64 (gradcheck) runs on the reference unless a backend is named
-    name = resolve_backend(backend, W.device)
+    name = resolve_backend(backend, W.device, "skeleton_mm")
     if fp64 and name in ("triton", "cuda"):
         raise BackendUnavailableError(f"portllm backend {name!r} does not take float64 tensors")
-    if name == "triton":
-        return torch.ops.portllm.skeleton_mm_triton(A, W, idx, kind)
-    if name in ("cpp", "cuda"):
-        key = "CPU" if W.device.type == "cpu" else "CUDA"
-        if not _ext.has_kernel("skeleton_mm", key):
-            raise BackendUnavailableError(f"portllm backend {name!r}: this build of portllm._C has no skeleton_mm; "
-                                          "rebuild with `pip install --no-build-isolation -e .`")
-        return torch.ops.portllm.skeleton_mm(A, W, idx, kind)
-    return reference.skeleton_mm(A, W, idx, kind)
+    return IMPLEMENTATIONS["skeleton_mm"][name].run(A, W, idx, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,16 +347,7 @@ if _ext.available():
 def _patch_add_triton(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:
     from portllm.kernels.patch_add import patch_add_forward
 
-    # Factors that share memory with W would change under the kernel's writes: read copies.
-    if _shares_memory(B, W):
-        B = B.clone()
-    if _shares_memory(A, W):
-        A = A.clone()
     patch_add_forward(W, B, A, scale)
-
-
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 @_patch_add_triton.register_fake

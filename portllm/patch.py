@@ -17,20 +17,19 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from portllm import fingerprint as fp
-from portllm.atomic import replace_dir
+from portllm._version import __version__
+from portllm.atomic import check_disjoint, staging_dir, write_json
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?\.weight$")
 
 
 class PatchFormatError(ValueError):
@@ -71,8 +70,6 @@ class Patch:
 
     def __post_init__(self):
         if not self.version:
-            from portllm import __version__
-
             self.version = __version__
 
     # -- views -----------------------------------------------------------------------------------
@@ -139,8 +136,10 @@ class Patch:
         try:
             with open(cfg_path) as f:
                 cfg = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PatchFormatError(f"{cfg_path}: cannot read ({e})") from None
+        if not isinstance(cfg, dict):
+            raise PatchFormatError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
         _check_supported(cfg, cfg_path)
         try:
             with SafetensorsReader(weights) as rd:
@@ -148,31 +147,25 @@ class Patch:
                 meta = rd.metadata
         except SafetensorsError as e:
             raise PatchFormatError(str(e)) from None
-        return _from_peft(cfg, tensors, meta, weights)
+        return _from_peft(cfg, tensors, meta, weights, cfg_path)
 
-    def save(self, path: str, overwrite: bool = False) -> str:
+    def save(self, path: str, overwrite: bool = False, *, inputs: dict[str, str] | None = None) -> str:
         """Writes a PEFT-compatible adapter directory; written whole into a temporary directory
-        and renamed into place, so an interrupted save never leaves a half patch."""
+        and renamed into place, so an interrupted save never leaves a half patch. ``inputs``
+        (description -> path) are directories that ``path`` must neither be, lie in, nor contain."""
         path = os.fspath(path)
-        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+        check_disjoint(path, inputs or {})
+        if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
         if not self.modules:
             raise ValueError("cannot save an empty patch")
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".portllm-patch-", dir=parent)
-        try:
-            cfg, tensors = _to_peft(self)
-            with open(os.path.join(tmp, CONFIG), "w") as f:
-                json.dump(cfg, f, indent=2)
+        cfg, tensors = _to_peft(self)
+        with staging_dir(path) as tmp:
+            write_json(os.path.join(tmp, CONFIG), cfg, indent=2)
             meta = {"format": "pt", "portllm": json.dumps({
                 "version": self.version, "source": self.source, "base_model": self.base_model,
                 "base_sketches": self.base_sketches, "extra": self.extra})}
             write_tensors(os.path.join(tmp, WEIGHTS), tensors, meta)
-            replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
 
@@ -192,20 +185,45 @@ def _check_supported(cfg: dict, where: str):
     for key, why in refuse.items():
         if cfg.get(key):
             raise PatchFormatError(f"{where}: {key}={cfg[key]!r} is not supported: {why}")
+    if cfg.get("alora_invocation_tokens"):
+        raise PatchFormatError(f"{where}: alora_invocation_tokens is set: an activated LoRA (aLoRA) applies only "
+                               "after its invocation tokens, which a merged weight cannot do")
     if cfg.get("bias", "none") != "none":
         raise PatchFormatError(f"{where}: bias={cfg['bias']!r} is not supported: the adapter trained biases, "
                                "which a low-rank patch does not hold")
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+def _pattern_value(patterns: dict, name: str, default, field_name: str, where: str):
+    if patterns is None:
+        return default
+    if not isinstance(patterns, dict):
+        raise PatchFormatError(f"{where}: {field_name} must be an object of module pattern -> value")
+    for key, value in patterns.items():
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", name)
+        except re.error as e:
+            raise PatchFormatError(f"{where}: {field_name}: {key!r} is not a valid regular expression ({e})") from None
+        if hit:
             return value
     return default
 
 
-def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str) -> Patch:
+def _positive_int(value, what: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise PatchFormatError(f"{where}: {what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _finite(value, what: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PatchFormatError(f"{where}: {what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str, cfg_path: str = "") -> Patch:
+    cfg_path = cfg_path or where
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    adapters = set()
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
@@ -213,10 +231,17 @@ def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str) -> Patch:
                 raise PatchFormatError(f"{where}: {key}: LoRA on embedding layers is not supported")
             raise PatchFormatError(f"{where}: unexpected tensor {key!r} (not a LoRA factor); refusing rather "
                                    "than dropping part of the adapter")
+        adapters.add(m["adapter"])
         factors.setdefault(m["name"], {})[m["which"]] = t
+    if len(adapters) > 1:
+        names = ", ".join(sorted(a or "(unnamed)" for a in adapters))
+        raise PatchFormatError(f"{where}: holds the factors of {len(adapters)} adapters ({names}); a patch is one "
+                               "adapter: save each with its own save_pretrained(selected_adapters=[...])")
     if not factors:
         raise PatchFormatError(f"{where}: no LoRA factors")
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    r_default = _positive_int(r_default, "r", cfg_path)
+    alpha_default = _finite(alpha_default, "lora_alpha", cfg_path)
     rslora, fifo = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
     modules = {}
     for name, ab in factors.items():
@@ -227,10 +252,12 @@ def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str) -> Patch:
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
             raise PatchFormatError(f"{where}: module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
                                    "are not [r, in] and [out, r]")
-        r = int(_pattern_value(cfg.get("rank_pattern"), name, r_default))
+        r = _positive_int(_pattern_value(cfg.get("rank_pattern"), name, r_default, "rank_pattern", cfg_path),
+                          f"rank_pattern value for {name}", cfg_path)
         if r != A.shape[0]:
             raise PatchFormatError(f"{where}: module {name}: the config says rank {r}, lora_A has {A.shape[0]}")
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), name, alpha_default))
+        alpha = _finite(_pattern_value(cfg.get("alpha_pattern"), name, alpha_default, "alpha_pattern", cfg_path),
+                        f"alpha_pattern value for {name}", cfg_path)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules[name] = PatchModule(B, A, scale, fifo)
     info = {}

@@ -9,20 +9,19 @@ leaves a half-written model that looks complete; ``model_dir`` is only ever read
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from portllm import ops
-from portllm.apply import merge_factors
+from portllm.atomic import check_disjoint, safe_join, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, weight_key
-from portllm.compat import CompatReport, check_compatibility
-from portllm.atomic import replace_dir
+from portllm.compat import CompatReport, check_compatibility, resolve_fan_in_fan_out
+from portllm.merge import merge_into
 from portllm.patch import Patch
 from portllm.safetensors_io import SafetensorsWriter
 
@@ -50,14 +49,28 @@ def _dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def _check_out_dir(out_dir: str, model_dir: str, force: bool):
-    if os.path.abspath(out_dir) == os.path.abspath(model_dir):
-        raise ValueError(f"out_dir {out_dir} is model_dir: a port never modifies its input; choose another directory")
-    if os.path.exists(out_dir):
+def _check_out_dir(out_dir: str, inputs: dict[str, str], force: bool):
+    """The output is never an input, inside one, or a parent of one (after resolving symlinks); an
+    existing non-empty output is replaced only with ``force``."""
+    check_disjoint(out_dir, inputs)
+    if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not a directory")
         if os.listdir(out_dir) and not force:
             raise FileExistsError(f"{out_dir} exists and is not empty (use --force / force=True to replace it)")
+
+
+def _resolve_device(device) -> torch.device:
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r}: not a device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU that torch can use "
+                         "(use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, device: str | None = None,
@@ -75,13 +88,19 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     """
     t0 = time.perf_counter()
     model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
+    patch_path = None
     if not isinstance(patch, Patch):
-        patch = Patch.load(patch)
+        patch_path = os.fspath(patch)
+        patch = Patch.load(patch_path)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     patch = patch.scaled(scale) if scale != 1.0 else patch
     out_dtype = _dtype(dtype)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _check_out_dir(out_dir, model_dir, force)
+    device = _resolve_device(device)
+    inputs = {"--model": model_dir, "--patch": patch_path}
+    _check_out_dir(out_dir, inputs, force)
     with Checkpoint(model_dir) as ckpt:
+        patch = resolve_fan_in_fan_out(ckpt, patch)
         report = check_compatibility(ckpt, patch)
         if log:
             for line in report.lines():
@@ -90,34 +109,28 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         # Validate every factor before writing anything (a NaN found half-way would waste the work).
         if check_finite:
             for name, m in patch.items():
+                if not math.isfinite(m.scale):
+                    raise ValueError(f"patch module {name}: scale {m.scale} is not finite")
                 for which, t in (("B", m.B), ("A", m.A)):
                     if not torch.isfinite(t).all():
                         raise ValueError(f"patch module {name}: lora_{which} has NaN or Inf values")
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".portllm-port-", dir=parent)
-        try:
+        with staging_dir(out_dir, log=log, before_replace=lambda: _check_out_dir(out_dir, inputs, force)) as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress)
-            _copy_other_files(model_dir, tmp, out_dtype, stats["total_size"])
-            with open(os.path.join(tmp, "portllm_port.json"), "w") as f:
-                json.dump({"source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
-                           "patch_modules": len(patch), "scale": scale,
-                           "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
-                           "report": report.lines()}, f, indent=2)
-            if os.path.exists(out_dir) and not os.listdir(out_dir):
-                os.rmdir(out_dir)
-            replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite)
+            _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"])
+            write_json(os.path.join(tmp, "portllm_port.json"), {
+                "source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
+                "patch_modules": len(patch), "scale": scale,
+                "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
+                "report": report.lines()}, indent=2)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PortResult(out_dir, report, stats["tensors"], stats["merged"], stats["total_size"],
                       time.perf_counter() - t0, str(device), peak)
 
 
-def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress) -> dict:
+def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress,
+                   check_finite: bool = True) -> dict:
     """Reads, merges and writes every tensor, in file order. Reading the next tensor and writing the
     previous one run in two threads while this one merges (file I/O and torch ops release the GIL):
     at most three tensors are held at once."""
@@ -137,7 +150,8 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
             rd = ckpt.reader(fname)
             layout = [(k, out_dtype if (out_dtype is not None and i.dtype.is_floating_point) else i.dtype, i.shape)
                       for k, i in rd.tensors.items()]
-            writers[fname] = SafetensorsWriter(os.path.join(tmp, fname), layout, rd.metadata or {"format": "pt"})
+            writers[fname] = SafetensorsWriter(safe_join(tmp, fname, what="shard name"), layout,
+                                               rd.metadata or {"format": "pt"})
         return writers[fname]
 
     def write(fname: str, k: str, t: torch.Tensor):
@@ -158,10 +172,10 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
                 if out_dtype is not None and t.dtype.is_floating_point and t.dtype != out_dtype:
                     t = t.to(out_dtype)
                 if k in targets:
-                    m = patch[targets[k]]
+                    # t is this port's own buffer (scratch): merged in place, checked after.
                     W = t.to(device)
-                    B, A, s = merge_factors([(m, 1.0)], device)
-                    ops.patch_add_(W.t() if m.fan_in_fan_out else W, B, A, s, backend=backend)
+                    merge_into(W, [(patch[targets[k]], 1.0)], backend=backend, check_finite=check_finite,
+                               name=targets[k], scratch=True)
                     t = W.cpu()
                     stats["merged"] += 1
                 stats["tensors"] += 1
@@ -180,19 +194,24 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
     return stats
 
 
-def _copy_other_files(model_dir: str, tmp: str, out_dtype, total_size: int):
-    """Everything but the weights: config (dtype updated if converted), tokenizer, index, ..."""
+def _copy_other_files(ckpt: Checkpoint, tmp: str, out_dtype, total_size: int):
+    """Everything but the weights: config (dtype updated if converted), tokenizer, index, ...
+    Symlinks are not followed out of the model directory: a link is copied as the file it names only
+    if that file lies inside the model directory."""
+    model_dir = ckpt.path
+    real_model = os.path.realpath(model_dir)
     for entry in os.listdir(model_dir):
         src = os.path.join(model_dir, entry)
         if entry.endswith(".safetensors") or entry.startswith(".") or entry == "portllm_port.json":
             continue
+        real = os.path.realpath(src)
+        if not (real == real_model or real.startswith(real_model + os.sep)):
+            continue  # a link to outside the model: not part of it
         dst = os.path.join(tmp, entry)
         if entry == INDEX:
-            with open(src) as f:
-                index = json.load(f)
-            index.setdefault("metadata", {})["total_size"] = total_size
-            with open(dst, "w") as f:
-                json.dump(index, f, indent=2)
+            index = dict(ckpt.index)
+            index["metadata"] = dict(index.get("metadata") or {}, total_size=total_size)
+            write_json(dst, index, indent=2)
         elif entry == "config.json" and out_dtype is not None:
             with open(src) as f:
                 cfg = json.load(f)
@@ -200,9 +219,8 @@ def _copy_other_files(model_dir: str, tmp: str, out_dtype, total_size: int):
             for key in ("torch_dtype", "dtype"):
                 if key in cfg:
                     cfg[key] = name
-            with open(dst, "w") as f:
-                json.dump(cfg, f, indent=2)
+            write_json(dst, cfg, indent=2)
         elif os.path.isdir(src):
-            shutil.copytree(src, dst)
+            shutil.copytree(src, dst, symlinks=False)
         else:
             shutil.copy2(src, dst)

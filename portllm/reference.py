@@ -25,8 +25,7 @@ def patch_add_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.T
     if W.numel() == 0 or r == 0:
         return W
     Bs = B.to(torch.float32) * scale.to(torch.float32)[None, :]
-    # Always a copy: A may be a view of W, and must be read before W is written.
-    Af = A.to(torch.float32, copy=True)
+    Af = A.to(torch.float32)  # (factors that alias W arrive as copies: portllm.ops.patch_add_)
     rows = max(1, _CHUNK_ELEMS // max(n, 1))
     for i in range(0, m, rows):
         w = W[i : i + rows]

@@ -28,6 +28,14 @@ NAMES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"the name {dup!r} appears twice")
+    return dict(pairs)
+
+
 class SafetensorsError(ValueError):
     """A safetensors file that cannot be read as one: the message names the file."""
 
@@ -62,28 +70,63 @@ class SafetensorsReader:
         if n > _MAX_HEADER or 8 + n > size:
             raise SafetensorsError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file of {size})")
         try:
-            header = json.loads(self._f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = json.loads(self._f.read(n), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+            self._f.close()
             raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        try:
+            self._parse(header, 8 + n, size)
+        except SafetensorsError:
+            self._f.close()
+            raise
+
+    def _parse(self, header, data_start: int, size: int):
+        """Validates the header as strictly as the safetensors library: a JSON object; string-to-string
+        metadata; known dtypes; non-negative integer shapes and offsets; each tensor's byte count
+        equal to its shape's; tensors contiguous, in order, without gaps or overlaps, filling the
+        data section exactly."""
+        path = self.path
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = meta
         self.tensors: dict[str, TensorInfo] = {}
-        data_start = 8 + n
+        spans = []
         for name, h in header.items():
             try:
                 dtype = DTYPES[h["dtype"]]
-                shape = tuple(int(s) for s in h["shape"])
-                b, e = (int(x) for x in h["data_offsets"])
+                shape, offs = h["shape"], h["data_offsets"]
+                if not (isinstance(shape, list) and isinstance(offs, list) and len(offs) == 2):
+                    raise TypeError
+                if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape + offs):
+                    raise ValueError
+                shape = tuple(shape)
+                b, e = offs
             except (KeyError, TypeError, ValueError):
-                raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {h}") from None
+                raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {h!r} (dtype one of "
+                                       f"{', '.join(DTYPES)}; shape and data_offsets non-negative integers)") from None
             numel = 1
-            for s in shape:
-                numel *= s
-            if e - b != numel * torch.empty((), dtype=dtype).element_size():
-                raise SafetensorsError(f"{path}: tensor {name!r} {shape} {h['dtype']} has {e - b} bytes of data")
-            if data_start + e > size:
-                raise SafetensorsError(
-                    f"{path}: truncated: tensor {name!r} ends at byte {data_start + e}, the file has {size}")
+            for d in shape:
+                numel *= d
+            if e < b or e - b != numel * torch.empty((), dtype=dtype).element_size():
+                raise SafetensorsError(f"{path}: tensor {name!r} {shape} {h['dtype']} has data_offsets [{b}, {e}], "
+                                       f"which do not hold {numel} elements")
+            spans.append((b, e, name))
             self.tensors[name] = TensorInfo(name, dtype, shape, data_start + b, data_start + e)
+        end = 0
+        for b, e, name in sorted(spans):
+            if b != end:
+                raise SafetensorsError(f"{path}: tensor {name!r} starts at data offset {b}, expected {end} "
+                                       "(tensors must be contiguous, in order, and must not overlap)")
+            end = e
+        if data_start + end != size:
+            if data_start + end > size:
+                raise SafetensorsError(f"{path}: truncated: the tensors end at byte {data_start + end}, "
+                                       f"the file has {size}")
+            raise SafetensorsError(f"{path}: {size - data_start - end} bytes after the last tensor's data "
+                                   "(the header does not describe the whole file)")
 
     def keys(self):
         return self.tensors.keys()

@@ -1,6 +1,8 @@
 // skeleton_mm on CPU: the gathered block of W is small (m x r or r x n), so gathering it with
 // index_select and handing the product to ATen's GEMM (oneDNN/MKL, fp32 accumulation) is the
 // fastest way on a CPU; the transient copy is freed at once and never stored.
+//
+// Implements portllm.ops.skeleton_mm (torch.ops.portllm.skeleton_mm); tested against the reference by tests/test_pmss_ops.py.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

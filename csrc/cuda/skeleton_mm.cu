@@ -3,6 +3,8 @@
 // in Triton). Tiles of 64 x 64 outputs, 16 ranks staged per round in shared memory as fp32; each
 // thread accumulates 4 x 4 outputs with fp32 FMAs and rounds once to the output dtype. Sorted
 // indices keep the gathered elements of a tile close together.
+//
+// Implements portllm.ops.skeleton_mm (torch.ops.portllm.skeleton_mm); tested against the reference by tests/test_pmss_ops.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

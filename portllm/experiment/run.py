@@ -3,7 +3,7 @@
 1. pretrain a small Llama θ on a synthetic corpus (tokenizer made in code);
 2. evolve it: continued pretraining on a shifted corpus, in successive releases θ′₁, θ′₂, ...;
 3. fine-tune θ on each task with LoRA (PEFT) and with PMSS: patches Δ saved as PEFT adapter dirs;
-4. port θ′ₖ + Δ with `portllm port`;
+4. port θ′ₖ + Δ with ``portllm.port`` (what `portllm port` runs);
 5. evaluate θ, θ + Δ, θ′ₖ, θ′ₖ + Δ (ported) and θ′ₖ fine-tuned afresh on held-out prompts; compare
    what porting and re-fine-tuning cost (time, and peak memory measured in separate processes).
 
@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from portllm.experiment import data, train
+from portllm.experiment import data, plot, train
+from portllm.port import port
 
 # releases: (continued-pretraining steps, corpus shift, learning rate), applied one after another.
 FULL = dict(pretrain_steps=400, releases=[(30, 0.25, 2e-4), (100, 0.5, 5e-4), (300, 1.0, 1e-3)], ft_steps=200,
@@ -66,12 +67,8 @@ def _relative_change(a, b) -> float:
 
 
 def _port(model_dir, patch_dir, out_dir) -> float:
-    from portllm import cli
-
     t0 = time.perf_counter()
-    if cli.main(["port", "--model", model_dir, "--patch", patch_dir, "--out", out_dir, "--device", "cpu",
-                 "--quiet", "--force"]) != 0:
-        raise RuntimeError(f"portllm port failed for {patch_dir} onto {model_dir}")
+    port(model_dir, patch_dir, out_dir, device="cpu", force=True, progress=False, log=None)
     return time.perf_counter() - t0
 
 
@@ -130,25 +127,25 @@ def run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
         pmss.to_patch(pm).save(pp, overwrite=True)
         patches[task] = {"lora": (lp, lora.merge_and_unload()), "pmss": (pp, pmss.merge(pm))}
 
-    log("[4/5] porting every patch onto every release with `portllm port`; [5/5] evaluating")
+    log("[4/5] porting every patch onto every release with portllm.port; [5/5] evaluating")
     results = {"tasks": {}, "releases": [{k: v for k, v in r.items() if k != "path"} for r in releases]}
     port_seconds = []
     for task in data.TASKS:
-        row = {"theta": train.accuracy(theta, tok, task),
-               "theta+lora": train.accuracy(patches[task]["lora"][1], tok, task),
-               "theta+pmss": train.accuracy(patches[task]["pmss"][1], tok, task), "releases": []}
+        row = {"theta": train.accuracy_batched(theta, tok, task),
+               "theta+lora": train.accuracy_batched(patches[task]["lora"][1], tok, task),
+               "theta+pmss": train.accuracy_batched(patches[task]["pmss"][1], tok, task), "releases": []}
         for k, rel in enumerate(releases):
             evolved = _load(rel["path"])
-            entry = {"evolved": train.accuracy(evolved, tok, task)}
+            entry = {"evolved": train.accuracy_batched(evolved, tok, task)}
             for method in ("lora", "pmss"):
                 ported_dir = os.path.join(work, f"ported-{method}-{task}-{k + 1}")
                 port_seconds.append(_port(rel["path"], patches[task][method][0], ported_dir))
-                entry[f"ported_{method}"] = train.accuracy(_load(ported_dir), tok, task)
+                entry[f"ported_{method}"] = train.accuracy_batched(_load(ported_dir), tok, task)
             t0 = time.perf_counter()
             refit = train.finetune_lora(evolved, tok, task, cfg["ft_steps"], seed=seed, progress=progress,
                                         desc=f"LoRA afresh on θ′{k + 1}: {task}")
             entry["refit_seconds"] = time.perf_counter() - t0
-            entry["refit"] = train.accuracy(refit, tok, task)
+            entry["refit"] = train.accuracy_batched(refit, tok, task)
             row["releases"].append(entry)
         results["tasks"][task] = row
 
@@ -207,59 +204,9 @@ def table(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rels = results["releases"]
-    xs = [r["continued_steps"] for r in rels]
-    tasks = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), sharey=True)
-    for ax, task in zip(axes, tasks):
-        row = results["tasks"][task]
-        series = [("θ′ alone", "evolved", "k--"), ("θ′ + Δ LoRA (ported)", "ported_lora", "C0o-"),
-                  ("θ′ + Δ PMSS (ported)", "ported_pmss", "C2s-"), ("θ′ re-fine-tuned (LoRA)", "refit", "C3^:")]
-        for label, key, style in series:
-            ax.plot(xs, [e[key] for e in row["releases"]], style, label=label)
-        ax.axhline(row["theta+lora"], color="C0", alpha=0.3, lw=1)
-        ax.set_title(task)
-        ax.set_xlabel("vendor's continued pretraining (steps)")
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel("held-out accuracy")
-    axes[-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Porting patches made on θ onto its evolved releases θ′")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_bars(results, path):
-    """Bar chart of the user-checkpoint mode: accuracy of each model on each task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(results["tasks"])
-    models = list(next(iter(results["tasks"].values())))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 3.4))
-    w = 0.8 / len(models)
-    for i, m in enumerate(models):
-        ax.bar([t + i * w for t in range(len(tasks))], [results["tasks"][t][m] for t in tasks], w, label=m)
-    ax.set_xticks([t + 0.4 - w / 2 for t in range(len(tasks))], tasks)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_outputs(results, out):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, ensure_ascii=False)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table(results))
-    plot(results, os.path.join(out, "accuracy.png"))
+    plot.release_curves(results, os.path.join(out, "accuracy.png"))

@@ -111,8 +111,9 @@ def finetune_pmss(model, tokenizer, task: str, steps: int, r: int = 16, lr: floa
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, task: str, n: int = 256, seed: int = 99) -> float:
-    """Fraction of held-out prompts whose next-token argmax is the answer."""
+def accuracy_batched(model, tokenizer, task: str, n: int = 256, seed: int = 99) -> float:
+    """Fraction of n held-out prompts of a built-in task whose next-token argmax is the answer, all
+    prompts in one padded batch."""
     model.eval()
     vocab = tokenizer.get_vocab()
     ex = data.task_examples(task, n, seed)

@@ -1,5 +1,5 @@
 """The experiment on a user's own checkpoints: θ (--base), θ′ (--evolved), a patch made on θ, and a
-task file. Evaluates θ, θ + Δ (merged in memory), θ′ and θ′ + Δ (ported with `portllm port`).
+task file. Evaluates θ, θ + Δ (merged in memory), θ′ and θ′ + Δ (ported with ``portllm.port``).
 
 Task file: JSON lines ``{"task": "name", "prompt": "...", "answer": "..."}``; an example counts as
 right when the model's most likely next token after the prompt is the answer's first token.
@@ -31,7 +31,9 @@ def read_tasks(path: str) -> dict[str, list[tuple[str, str]]]:
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, examples) -> float:
+def accuracy_per_example(model, tokenizer, examples) -> float:
+    """Fraction of (prompt, answer) examples whose next-token argmax after the prompt is the answer's
+    first token, one example at a time (a user's tokenizer may have no padding token)."""
     right = 0
     for prompt, answer in examples:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -46,26 +48,24 @@ def run_user(base: str, evolved: str, patch_path: str, tasks_file: str, out: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import portllm
-    from portllm import cli
-    from portllm.experiment.run import plot_bars
+    from portllm.experiment.plot import task_bars
 
     tasks = read_tasks(tasks_file)
     tok = AutoTokenizer.from_pretrained(base)
     patch = portllm.Patch.load(patch_path)
     os.makedirs(out, exist_ok=True)
     ported_dir = os.path.join(out, "ported")
-    log(f"porting {patch_path} onto {evolved} with `portllm port`")
-    if cli.main(["port", "--model", evolved, "--patch", patch_path, "--out", ported_dir, "--force", "--quiet"]) != 0:
-        raise RuntimeError("portllm port failed")
+    log(f"porting {patch_path} onto {evolved} with portllm.port")
+    portllm.port(evolved, patch, ported_dir, force=True, progress=False, log=None)
     theta = AutoModelForCausalLM.from_pretrained(base).eval()
     models = {"theta": theta, "theta+patch": portllm.apply_patch(copy.deepcopy(theta), patch),
               "evolved": AutoModelForCausalLM.from_pretrained(evolved).eval(),
               "evolved+patch (ported)": AutoModelForCausalLM.from_pretrained(ported_dir).eval()}
     results = {"base": base, "evolved": evolved, "patch": patch_path, "tasks": {}}
     for name, ex in tasks.items():
-        results["tasks"][name] = {k: accuracy(m, tok, ex) for k, m in models.items()}
+        results["tasks"][name] = {k: accuracy_per_example(m, tok, ex) for k, m in models.items()}
         log(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results["tasks"][name].items()))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    plot_bars(results, os.path.join(out, "accuracy.png"))
+    task_bars(results, os.path.join(out, "accuracy.png"))
     return results

@@ -93,6 +93,14 @@ class PMSSLinear(nn.Module):
         return self.base.weight
 
     @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
     def bias(self):
         return self.base.bias
 

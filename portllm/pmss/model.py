@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from portllm import fingerprint as fp
-from portllm import ops
+from portllm._version import __version__
+from portllm.merge import merge_into
 from portllm.patch import Patch, PatchModule
 from portllm.pmss.layer import PMSSLinear
 from portllm.pmss.select import select_skeleton
@@ -66,8 +67,8 @@ def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim
 
 
 def save(model: nn.Module, path: str) -> str:
-    """Writes only what PMSS trained and needs: per module I, J, U, and rank, scale and a sketch of
-    the base weight (safetensors; written to a temporary name, then renamed)."""
+    """Writes only what PMSS trained and needs: per module I, J, U, and rank, scale, a sketch and the
+    SHA-256 of the base weight (safetensors; written to a temporary name, then renamed)."""
     mods = pmss_modules(model)
     if not mods:
         raise ValueError("the model has no PMSSLinear modules (call portllm.pmss.inject first)")
@@ -76,9 +77,8 @@ def save(model: nn.Module, path: str) -> str:
         tensors[f"{name}.I"] = m.I.cpu()
         tensors[f"{name}.J"] = m.J.cpu()
         tensors[f"{name}.U"] = m.U.detach().cpu()
-        info[name] = {"rank": m.rank, "scale": m.scale, "sketch": fp.sketch(m.weight)}
-    from portllm import __version__
-
+        info[name] = {"rank": m.rank, "scale": m.scale, "sketch": fp.sketch(m.weight),
+                      "sha256": fp.content_hash(m.weight)}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_tensors(path, tensors, {"format": "pt", "portllm_pmss": json.dumps({"version": __version__, "modules": info})})
@@ -94,7 +94,12 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
             meta = rd.metadata.get("portllm_pmss")
             if meta is None:
                 raise PMSSLoadError(f"{path}: not a portllm PMSS file (no portllm_pmss metadata)")
-            info = json.loads(meta)["modules"]
+            try:
+                info = json.loads(meta)["modules"]
+                if not isinstance(info, dict):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                raise PMSSLoadError(f"{path}: corrupt portllm_pmss metadata") from None
             tensors = {k: rd[k] for k in rd.keys()}
     except SafetensorsError as e:
         raise PMSSLoadError(str(e)) from None
@@ -109,7 +114,11 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
             raise PMSSLoadError(f"{path}: {name} is a {type(bases[name]).__name__}, not a Linear layer")
     for name, mi in info.items():
         W = bases[name].weight
-        if list(W.shape) != mi["sketch"]["shape"] or not fp.same_weights(mi["sketch"], fp.sketch(W)["sample"]):
+        # Files since 0.1.0 carry the weights' SHA-256: any changed element is caught. Older files only
+        # a 64-element sample, which misses changes elsewhere.
+        same = list(W.shape) == mi["sketch"]["shape"] and (
+            fp.content_hash(W) == mi["sha256"] if "sha256" in mi else fp.same_weights(mi["sketch"], fp.sketch(W)["sample"]))
+        if not same:
             raise PMSSLoadError(
                 f"{path}: the weights of {name} are not the ones this PMSS skeleton was selected from "
                 "(its indices I, J point into those weights). To carry the fine-tune to other weights, "
@@ -136,7 +145,7 @@ def merge(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     the plain Linear layers back. Returns the model."""
     for name, m in pmss_modules(model).items():
         B, A = _factors(m)
-        ops.patch_add_(m.weight.data, B, A, m.scale, backend=backend)
+        merge_into(m.weight.data, [(PatchModule(B, A, m.scale), 1.0)], backend=backend, name=name)
         _set(model, name, m.base)
     return model
 

@@ -1,0 +1,109 @@
+"""The one merge step every workflow uses: ``merge_into(W, entries)``.
+
+``apply_patch``, ``remove_patch``, ``port`` and ``pmss.merge`` all come down to the same sequence:
+take the patch modules that touch one weight, concatenate their factors, orient the update as the
+weight is stored (``fan_in_fan_out``: the update applies to Wᵀ), check, and run ``patch_add_``.
+It is written here once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from portllm import ops
+from portllm.patch import PatchModule
+
+
+class NonFiniteMergeError(ValueError):
+    """A merge would write NaN or Inf into weights that were finite (or its factors hold them)."""
+
+
+def merge_factors(entries: Sequence[tuple[PatchModule, float]], device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """Concatenated factors and per-rank scales of several patch modules of one weight:
+    Σ_i w_i·s_i·B_i·A_i = [B_1 … B_k] · diag(w_1·s_1…, …, w_k·s_k…) · [A_1; …; A_k]."""
+    dtype = entries[0][0].B.dtype
+    for m, _ in entries[1:]:
+        dtype = torch.promote_types(dtype, m.B.dtype)
+    B = torch.cat([m.B.to(device=device, dtype=dtype) for m, _ in entries], dim=1)
+    A = torch.cat([m.A.to(device=device, dtype=dtype) for m, _ in entries], dim=0)
+    s = torch.cat([torch.full((m.rank,), m.scale * w, dtype=torch.float32) for m, w in entries]).to(device)
+    return B, A, s
+
+
+def _cannot_overflow(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> bool:
+    """True if every |W + B·diag(s)·A| is surely below W's dtype's largest finite value (so the merge
+    cannot create Inf), judged from max|W| and Σ_k |s_k|·max|B[:, k]|·max|A[k, :]|. Reads W once,
+    with no temporary; False for a W that already holds NaN or Inf."""
+    lo, hi = torch.aminmax(W)
+    wmax = max(-float(lo), float(hi))
+    dmax = float((s.double().abs() * B.abs().amax(0).double() * A.abs().amax(1).double()).sum())
+    limit = torch.finfo(W.dtype).max
+    return wmax + dmax * (1 + 1e-3) < limit  # (the slack covers fp32 accumulation error)
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    return t.numel() - int(torch.isfinite(t).sum())
+
+
+def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
+                  check_finite: bool | None = True, name: str = "", scratch: bool = False) -> Callable[[], None]:
+    """Checks a merge (see ``merge_into``) without changing W, and returns the function that
+    performs it. Several weights are merged all-or-nothing by preparing every one first."""
+    if not entries:
+        return lambda: None
+    what = f"module {name}" if name else "merge"
+    if len({m.fan_in_fan_out for m, _ in entries}) > 1:
+        raise ValueError(f"{what}: the patches disagree on fan_in_fan_out")
+    target = W.t() if entries[0][0].fan_in_fan_out else W
+    B, A, s = merge_factors(entries, W.device)
+    if check_finite is None:
+        check_finite = os.environ.get("PORTLLM_CHECK_FINITE") == "1"
+    if not check_finite:
+        return lambda: ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
+    try:
+        ops.check_factors_finite(B, A, s, what)
+    except ValueError as e:
+        raise NonFiniteMergeError(str(e)) from None
+
+    def refuse(count: int):
+        raise NonFiniteMergeError(
+            f"{what}: the merge would make {count} of {W.numel()} weights NaN or Inf ({W.dtype} "
+            f"holds at most {torch.finfo(W.dtype).max:.6g}); refusing. Lower the scale, merge in a wider dtype, "
+            "or pass check_finite=False to merge anyway")
+
+    if scratch:
+        def merge_and_check():
+            before = _nonfinite(target)
+            ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
+            after = _nonfinite(target)
+            if after > before:
+                refuse(after - before)
+        return merge_and_check
+    if _cannot_overflow(target, B, A, s):
+        return lambda: ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
+    work = target.clone()
+    ops.patch_add_(work, B, A, s, backend=backend, check_finite=False)
+    added = _nonfinite(work) - _nonfinite(target)
+    if added > 0:
+        refuse(added)
+    return lambda: target.copy_(work)
+
+
+def merge_into(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
+               check_finite: bool | None = True, name: str = "", scratch: bool = False) -> torch.Tensor:
+    """W += Σ_i w_i · ΔW_i in place, for entries ``[(PatchModule, w_i)]`` that all touch the weight W
+    (as stored: for ``fan_in_fan_out`` modules the update goes to Wᵀ); returns W.
+
+    ``check_finite`` (default on; None reads ``PORTLLM_CHECK_FINITE``): factors and scales with NaN or
+    Inf are refused, and so is a merge that would turn finite weights into NaN or Inf (an fp16 weight
+    past 65504, say); ``NonFiniteMergeError`` names the module ``name`` and W is left unchanged.
+    ``scratch=True`` says W is the caller's own copy (``port``): it is merged in place and checked
+    after (and is then garbage if refused). Otherwise a bound from max|W| and the factors decides
+    first; only a merge that might overflow runs on a copy of W, written back if the result is finite.
+    """
+    prepare_merge(W, entries, backend=backend, check_finite=check_finite, name=name, scratch=scratch)()
+    return W
