@@ -7,14 +7,21 @@
 * ``in-place``: ``W.mul_(1)``, the same bytes read and written in place (no second buffer: on a
   CPU it is faster than a copy, and bounds any in-place merge from above).
 
-and four rank-16 patches merged in one pass against four ``addmm_`` calls.
+and four rank-16 patches merged in one pass against four ``addmm_`` calls. Factors in bf16 and in
+fp32 (PEFT saves adapters in fp32; ``addmm_`` and PEFT's way then need a cast, so they run on bf16
+factors only). On a CPU, the cpp backend runs once per vector path this CPU has
+(``portllm-cpp`` with ``isa`` = avx512bf16, avx512, avx2, generic; forced with PORTLLM_CPU_ISA),
+and ``fma-floor`` records the time of 2·m·n·r flops at the FMA rate of that path measured in this
+run (``benchmarks/fma_peak.py``).
 """
+
+import os
 
 import pytest
 import torch
 from benchutil import DEVICE, QUICK, extra_peak_memory, sync
 
-from portllm import ops
+from portllm import _ext, ops
 
 DTYPE = torch.bfloat16
 if QUICK:
@@ -25,7 +32,22 @@ else:
 MULTI_SHAPE = SHAPES[1] if not QUICK else SHAPES[0]
 SCALE = 0.5
 BACKENDS = [b for b in ops.available_backends(DEVICE) if not (b == "triton" and DEVICE.type == "cpu")]
-PROVIDERS = ["copy", "in-place", "torch.addmm_", "peft"] + [f"portllm-{b}" for b in BACKENDS]
+FACTOR_DTYPES = (torch.bfloat16, torch.float32)
+_ISA_ORDER = ("generic", "avx2", "avx512", "avx512bf16")
+
+
+def cpu_isas() -> list[str]:
+    """The CPU vector paths this machine runs, widest first."""
+    if DEVICE.type != "cpu" or "cpp" not in BACKENDS:
+        return []
+    best = _ISA_ORDER.index(_ext.cpu_isa()) if _ext.cpu_isa() in _ISA_ORDER else 0
+    return list(reversed(_ISA_ORDER[: best + 1]))
+
+
+ISAS = cpu_isas()
+PROVIDERS = ["copy", "in-place", "torch.addmm_", "peft"] + [
+    f"portllm-{b}" + (f"@{isa}" if b == "cpp" else "") for b in BACKENDS for isa in (ISAS if b == "cpp" else [""])
+] + (["fma-floor@" + isa for isa in ISAS] if not QUICK else [])
 
 _weights = {}
 
@@ -38,11 +60,23 @@ def weight(m, n):
     return _weights[(m, n)]
 
 
-def factors(m, n, r, seed=1):
+def factors(m, n, r, seed=1, dtype=DTYPE):
     g = torch.Generator(device=DEVICE).manual_seed(seed)
-    B = (torch.randn(m, r, generator=g, device=DEVICE) * 0.01).to(DTYPE)
-    A = (torch.randn(r, n, generator=g, device=DEVICE) * 0.01).to(DTYPE)
+    B = (torch.randn(m, r, generator=g, device=DEVICE) * 0.01).to(dtype)
+    A = (torch.randn(r, n, generator=g, device=DEVICE) * 0.01).to(dtype)
     return B, A
+
+
+_peaks = {}
+
+
+def fma_gflops(isa: str) -> float:
+    """fp32 FMA rate of a CPU path on every core torch uses, measured once per run."""
+    if isa not in _peaks:
+        from fma_peak import peak_gflops
+
+        _peaks[isa] = peak_gflops(isa, torch.get_num_threads())
+    return _peaks[isa]
 
 
 def provider_fn(provider, W, B, A, scale):
@@ -55,7 +89,15 @@ def provider_fn(provider, W, B, A, scale):
         return lambda: W.addmm_(B, A, alpha=scale)
     if provider == "peft":
         return lambda: W.add_((B @ A) * scale)
-    backend = provider.removeprefix("portllm-")
+    backend, _, isa = provider.removeprefix("portllm-").partition("@")
+    if isa:
+        def fn():
+            os.environ["PORTLLM_CPU_ISA"] = isa
+            try:
+                ops.patch_add_(W, B, A, scale, backend=backend)
+            finally:
+                del os.environ["PORTLLM_CPU_ISA"]
+        return fn
     return lambda: ops.patch_add_(W, B, A, scale, backend=backend)
 
 
@@ -72,22 +114,36 @@ def run(benchmark, fn, group, info):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("factor_dtype", FACTOR_DTYPES, ids=str)
 @pytest.mark.parametrize("r", RANKS)
 @pytest.mark.parametrize("m,n", SHAPES, ids=lambda v: str(v))
-def test_patch_add(benchmark, m, n, r, provider):
-    if provider in ("copy", "in-place") and r != RANKS[0]:
-        pytest.skip("does not depend on r: measured once per shape")
+def test_patch_add(benchmark, m, n, r, factor_dtype, provider):
+    if provider in ("copy", "in-place") and (r != RANKS[0] or factor_dtype != DTYPE):
+        pytest.skip("does not depend on r or the factors: measured once per shape")
+    if provider in ("torch.addmm_", "peft") and factor_dtype != DTYPE:
+        pytest.skip("addmm_ and PEFT's add need factors in W's dtype")
+    base, _, isa = provider.partition("@")
     W = weight(m, n)
-    B, A = factors(m, n, r)
+    B, A = factors(m, n, r, dtype=factor_dtype)
     w_bytes = W.numel() * W.element_size()
     f_bytes = B.numel() * B.element_size() + A.numel() * A.element_size()
     info = dict(op="patch_add_", case="single", m=m, n=n, r=r, dtype=str(DTYPE).removeprefix("torch."),
-                provider=provider, bytes=2 * w_bytes + (0 if provider in ("copy", "in-place") else f_bytes),
-                factor_bytes=f_bytes)
-    run(benchmark, provider_fn(provider, W, B, A, SCALE), f"patch_add {m}x{n} r={r}", info)
+                factor_dtype=str(factor_dtype).removeprefix("torch."), provider=base,
+                bytes=2 * w_bytes + (0 if provider in ("copy", "in-place") else f_bytes), factor_bytes=f_bytes)
+    if isa:
+        info["isa"] = isa
+    if base == "fma-floor":
+        # Not a run: the time 2·m·n·r flops take at this path's measured FMA rate.
+        seconds = 2 * m * n * r / (fma_gflops(isa) * 1e9)
+        info.update(fma_gflops=round(fma_gflops(isa), 1), floor_seconds=seconds)
+        benchmark.extra_info.update(info)
+        benchmark.group = f"patch_add {m}x{n} r={r}"
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+        return
+    run(benchmark, provider_fn(provider, W, B, A, SCALE), f"patch_add {m}x{n} r={r} {factor_dtype}", info)
 
 
-MULTI_PROVIDERS = ["torch.addmm_ x4"] + [f"portllm-{b} one pass" for b in BACKENDS]
+MULTI_PROVIDERS = ["torch.addmm_ x4"] + [f"portllm-{b} one pass" for b in BACKENDS]  # (default CPU path)
 
 
 @pytest.mark.parametrize("provider", MULTI_PROVIDERS)

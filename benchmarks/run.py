@@ -23,6 +23,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 
 
 def git(*args) -> str:
@@ -79,7 +80,7 @@ def summarise(raw: dict) -> list[dict]:
                 info["gbps"] = round(info["checkpoint_bytes"] / info["seconds"] / 1e9, 3)
             rows.append(info)
             continue
-        median = b["stats"]["median"]
+        median = b["stats"]["median"] if info.get("provider") != "fma-floor" else info["floor_seconds"]
         info.update(median_ms=round(median * 1e3, 4), min_ms=round(b["stats"]["min"] * 1e3, 4),
                     rounds=b["stats"]["rounds"], gbps=round(info["bytes"] / median / 1e9, 2))
         rows.append(info)
@@ -100,6 +101,19 @@ def summarise(raw: dict) -> list[dict]:
         a = addmm.get((r["case"], r["m"], r["n"], r["r"]))
         if a is not None:
             r["speedup_vs_addmm_"] = round(a["median_ms"] / r["median_ms"], 3)
+    # CPU paths: the limit is the larger of an in-place pass over W and the FMA floor of that path.
+    ref = {(r["case"], r["m"], r["n"], r["r"], r.get("factor_dtype")): r for r in pa
+           if r["provider"] == "portllm-reference"}
+    floor = {(r["m"], r["n"], r["r"], r["isa"]): r for r in pa if r["provider"] == "fma-floor"}
+    for r in pa:
+        f = ref.get((r["case"], r["m"], r["n"], r["r"], r.get("factor_dtype")))
+        if f is not None and r["provider"].startswith("portllm-"):
+            r["speedup_vs_reference"] = round(f["median_ms"] / r["median_ms"], 3)
+        fl, i = floor.get((r["m"], r["n"], r["r"], r.get("isa"))), inplace.get((r["m"], r["n"]))
+        if fl is not None and i is not None and r["provider"] == "portllm-cpp":
+            limit = max(fl["median_ms"], i["median_ms"])
+            r["limit_ms"] = round(limit, 3)
+            r["time_vs_limit"] = round(r["median_ms"] / limit, 3)
     return rows
 
 
@@ -137,72 +151,32 @@ def find(rows, **kw):
 
 
 def targets(rows: list[dict], device: str) -> list[dict]:
-    """The foundation issue's targets, evaluated on this run's numbers (None: not measured)."""
-    out = []
+    """The issues' targets (benchmarks/goals.py), evaluated on this run's numbers."""
+    from goals import evaluate
 
-    def add(name, value, goal, ok):
-        out.append({"target": name, "value": value, "goal": goal, "met": ok if value is not None else None})
+    return evaluate(rows, device)
 
-    fast = "portllm-cpp" if device == "cpu" else "portllm-cuda"
-    if not find(rows, op="patch_add_"):
-        pass
-    elif device == "cpu":
-        r = find(rows, case="single", m=4096, n=14336, r=16, provider=fast)
-        v = r[0].get("speedup_vs_addmm_") if r else None
-        add("CPU bf16 4096x14336 r=16: speed vs torch.addmm_", v, ">= 1.8", v is not None and v >= 1.8)
-    else:
-        for be in ("portllm-cuda", "portllm-triton"):
-            single = [r for r in find(rows, case="single", provider=be)]
-            if single:
-                worst = min(r["fraction_of_copy_bandwidth"] for r in single)
-                add(f"GPU {be}: worst fraction of copy bandwidth", worst, ">= 0.90", worst >= 0.90)
-                slowest = min(r["speedup_vs_addmm_"] for r in single)
-                add(f"GPU {be}: worst speed vs torch.addmm_", slowest, ">= 1.0", slowest >= 1.0)
-                peft = {(r["m"], r["n"], r["r"]): r["median_ms"] for r in find(rows, case="single", provider="peft")}
-                vs_peft = min(peft[(r["m"], r["n"], r["r"])] / r["median_ms"] for r in single)
-                add(f"GPU {be}: worst speed vs the PEFT way", round(vs_peft, 3), ">= 3.0", vs_peft >= 3.0)
-                excess = max(r["extra_peak_bytes"] - r["factor_bytes"] for r in single)
-                add(f"GPU {be}: worst extra peak memory beyond the factors (bytes)", excess, "<= 1 MiB",
-                    excess <= 2**20)
-    r = find(rows, case="four_rank16_patches", provider=f"{fast} one pass")
-    if r:
-        v = r[0].get("speedup_vs_addmm_")
-        add("four rank-16 patches in one pass: speed vs four addmm_ calls", v, ">= 3.0", v is not None and v >= 3.0)
-    p = find(rows, op="port", provider="portllm port")
-    if p:
-        p = p[0]
-        size = f"{p['params'] / 1e9:.2f}B"
-        mib = round(p["peak_rss_above_baseline"] / 2**20, 1)
-        add(f"port {size} on CPU: peak RSS above the interpreter's own (MiB)", mib, "<= 600", mib <= 600)
-        v = p.get("time_vs_copy")
-        add(f"port {size} on CPU: wall time / copying the checkpoint's files", v, "<= 1.5", v is not None and v <= 1.5)
-        v = p.get("speedup_vs_peft")
-        add(f"port {size} on CPU: speed vs load + PeftModel + merge_and_unload + save_pretrained", v, ">= 5",
-            v is not None and v >= 5)
-    a = find(rows, op="port", provider="portllm apply_patch (in memory)")
-    if a:
-        add(f"apply_patch of the {a[0]['params'] / 1e9:.2f}B patch in memory on CPU (s)", round(a[0]["seconds"], 3),
-            "<= 0.3", a[0]["seconds"] <= 0.3)
-    best = [r for r in rows if r["op"] == "pmss_layer" and r["provider"].startswith("pmss-")]
-    if best:
-        b = min(best, key=lambda r: r["median_ms"])
-        add(f"PMSSLinear fwd+bwd ({b['provider']}, {b['m']}x{b['n']}, {b['tokens']} tokens, r={b['r']}): time / PEFT "
-            "LoRA r=8", b.get("time_vs_lora"), "<= 1.15", b.get("time_vs_lora", 9e9) <= 1.15)
-        add("PMSSLinear fwd+bwd: speed vs dense-CUR", b.get("speedup_vs_dense_cur"), ">= 5",
-            b.get("speedup_vs_dense_cur", 0) >= 5)
-        limit = b["tokens"] * b["r"] * 2
-        add("PMSSLinear saved activations (bytes) vs tokens x r x 2", b["saved_activation_bytes"], f"<= {limit}",
-            b["saved_activation_bytes"] <= limit)
-    sel = find(rows, op="pmss_select")
-    if sel:
-        add(f"skeleton selection, one 7B layer (7 projections, r={sel[0]['r']}) on {device} (s; 32 layers in 7B)",
-            round(sel[0]["median_ms"] / 1e3, 2), "<= 60 s for all 32 layers on one H100",
-            None if device == "cpu" else sel[0]["median_ms"] * 32 / 1e3 <= 60)
-    g = find(rows, op="port", provider="portllm port --device cuda")
-    if g and g[0].get("peak_gpu_bytes") is not None:
-        mib = round(g[0]["peak_gpu_bytes"] / 2**20, 1)
-        add("port 1.1B with --device cuda: peak GPU memory (MiB)", mib, "<= 2x the largest tensor", None)
-    return out
+
+SUITE_OPS = {"patch_add": {"patch_add_"}, "port": {"port"}, "pmss": {"pmss_layer", "pmss_select"}}
+
+
+def merge_with_previous(path: str, result: dict, suite: str) -> dict:
+    """A run of one suite replaces that suite's rows in the device's results file and keeps the
+    others, each suite with the commit, date and command that measured it (``suites``)."""
+    run = {k: result[k] for k in ("commit", "date", "command", "pytest_command", "versions")}
+    if suite == "all" or not os.path.exists(path):
+        result["suites"] = {s: run for s in SUITE_OPS} if suite == "all" else {suite: run}
+        return result
+    with open(path) as f:
+        old = json.load(f)
+    mine = SUITE_OPS[suite]
+    rows = [r for r in old["results"] if r["op"] not in mine] + [r for r in result["results"] if r["op"] in mine]
+    suites = old.get("suites") or {s: {k: old.get(k) for k in ("commit", "date", "command", "pytest_command",
+                                                                "versions")} for s in SUITE_OPS
+                                   if any(r["op"] in SUITE_OPS[s] for r in old["results"])}
+    suites[suite] = run
+    merged = dict(result, results=rows, suites=suites, targets=targets(rows, result["device"]["type"]))
+    return merged
 
 
 def main(argv=None) -> int:
@@ -253,7 +227,7 @@ def main(argv=None) -> int:
         if r["op"] != "patch_add_":
             continue
         case = f"{r['m']}x{r['n']} r={r['r']}" + (" (4 patches)" if r["case"] != "single" else "")
-        extra = r["extra_peak_bytes"]
+        extra = r.get("extra_peak_bytes")
         print(f"{case:<34} {r['provider']:<26} {r['median_ms']:>10.3f} {r['gbps']:>8.1f} "
               f"{r.get('fraction_of_copy_bandwidth', float('nan')):>7.2f} "
               f"{r.get('fraction_of_inplace_bandwidth', float('nan')):>7.2f} {r.get('speedup_vs_addmm_', float('nan')):>8.2f} "
@@ -281,6 +255,7 @@ def main(argv=None) -> int:
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, slug(desc) + ".json")
+        result = merge_with_previous(path, result, a.suite)
         tmp_path = path + ".tmp"
         with open(tmp_path, "w") as f:
             json.dump(result, f, indent=1)

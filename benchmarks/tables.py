@@ -11,20 +11,33 @@ def _f(r, k, fmt="{:.2f}"):
 def tables(d: dict) -> str:
     dev, v = d["device"], d["versions"]
     where = f"{dev['name']}, {dev['cores']} cores" if dev["type"] == "cpu" else f"{dev['name']}"
-    L = [f"Measured by `{d['command']}` on {where}, torch {v['torch']}, commit `{d['commit'][:12]}`, {d['date'][:10]}.", ""]
+    L = [f"Measured on {where}, torch {v['torch']}, build `{v.get('portllm_build', '?')}`:"]
+    runs = d.get("suites") or {"all": {"command": d["command"], "commit": d["commit"], "date": d["date"]}}
+    for suite, run in runs.items():
+        L.append(f"- {suite}: `{run['command']}`, commit `{str(run['commit'])[:12]}`, {str(run['date'])[:10]}")
+    L.append("")
     rows = d["results"]
     pa = [r for r in rows if r["op"] == "patch_add_" and (r["m"], r["n"]) == (4096, 14336)]
     if pa:
-        L += ["`patch_add_`, bf16 W and factors, 4096×14336 (one rank-r patch; four rank-16 patches with different "
-              "scales):", "", "| case | provider | median ms | GB/s | × copy | × in-place | × addmm_ | extra peak MiB |",
-              "|---|---|---:|---:|---:|---:|---:|---:|"]
+        L += ["`patch_add_`, bf16 W, 4096×14336, factors bf16 or fp32 (one rank-r patch; four rank-16 patches with "
+              "different scales). `@path`: the CPU path forced with PORTLLM_CPU_ISA; `fma-floor`: 2·m·n·r flops at "
+              "that path's FMA rate measured in the same run; limit = max(in-place pass, FMA floor):", "",
+              "| case | factors | provider | median ms | GB/s | × copy | × in-place | × addmm_ | × reference | "
+              "time / limit | extra peak MiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in pa:
             case = "4 × rank-16" if r["case"] != "single" else (
                 f"r={r['r']}" if r["provider"] not in ("copy", "in-place") else "—")
             extra = r["extra_peak_bytes"] / 2**20 if r.get("extra_peak_bytes") is not None else float("nan")
-            L.append(f"| {case} | {r['provider']} | {r['median_ms']:.2f} | {r['gbps']:.1f} | "
+            prov = r["provider"] + (f"@{r['isa']}" if r.get("isa") else "")
+            if r["provider"] == "fma-floor":
+                if r.get("factor_dtype") == "float32":
+                    continue  # the same floor as the bf16 row above
+                L.append(f"| {case} | | {prov} ({r['fma_gflops']:.0f} GFLOP/s) | {r['median_ms']:.2f} | | | | | | | |")
+                continue
+            L.append(f"| {case} | {r.get('factor_dtype', 'bfloat16')} | {prov} | {r['median_ms']:.2f} | {r['gbps']:.1f} | "
                      f"{_f(r, 'fraction_of_copy_bandwidth')} | {_f(r, 'fraction_of_inplace_bandwidth')} | "
-                     f"{_f(r, 'speedup_vs_addmm_')} | {extra:.1f} |")
+                     f"{_f(r, 'speedup_vs_addmm_')} | {_f(r, 'speedup_vs_reference')} | {_f(r, 'time_vs_limit')} | "
+                     f"{extra:.1f} |")
         L.append("")
     ports = [r for r in rows if r["op"] == "port"]
     if ports:

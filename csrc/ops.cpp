@@ -17,11 +17,13 @@ TORCH_LIBRARY(portllm, m) {
   m.def("skeleton_mm(Tensor A, Tensor W, Tensor idx, str kind) -> Tensor");
   // Human-readable description of what this build contains (ISA paths, CUDA, OpenMP).
   m.def("build_info() -> str", [] { return portllm::build_info(); });
+  // The vector path the CPU kernels take now: the machine's best, or lower if PORTLLM_CPU_ISA says so.
+  m.def("cpu_isa() -> str", [] { return portllm::cpu_isa_for_call(); });
 }
 
 namespace portllm {
 std::string build_info() {
-  std::string s = "cpu=" + cpu_isa();
+  std::string s = "cpu=" + cpu_isa_best();
 #ifdef PORTLLM_WITH_CUDA
   s += " cuda=1";
 #else

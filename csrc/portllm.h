@@ -12,8 +12,10 @@ void check_patch_add_args(const at::Tensor& W, const at::Tensor& B, const at::Te
 // Checks of skeleton_mm's arguments; returns the output's column count.
 int64_t check_skeleton_mm_args(const at::Tensor& A, const at::Tensor& W, const at::Tensor& idx,
                                const std::string& kind);
-// The widest CPU vector path this machine runs ("avx512" or "generic").
-std::string cpu_isa();
+// The widest CPU vector path this machine runs: "avx512bf16", "avx512", "avx2" or "generic".
+std::string cpu_isa_best();
+// The path the CPU kernels take now: cpu_isa_best(), or a lower one named by PORTLLM_CPU_ISA.
+std::string cpu_isa_for_call();
 std::string build_info();
 }  // namespace portllm
 

@@ -39,3 +39,14 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
 
 def build_info() -> str:
     return torch.ops.portllm.build_info() if C is not None else f"extension not loaded ({ERROR})"
+
+
+def cpu_isa() -> str:
+    """The vector path the C++ CPU kernels take on this machine, after ``PORTLLM_CPU_ISA``:
+    ``avx512bf16``, ``avx512``, ``avx2`` or ``generic`` (``generic`` without the extension)."""
+    if C is None:
+        return "generic"
+    try:
+        return torch.ops.portllm.cpu_isa()
+    except (AttributeError, RuntimeError):  # an extension built from older sources
+        return "generic"

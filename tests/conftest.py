@@ -27,4 +27,10 @@ def backend(request, monkeypatch):
         pytest.skip(reason)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    isa = env.get("PORTLLM_CPU_ISA")
+    if isa is not None:
+        from portllm import _ext
+
+        if _ext.cpu_isa() != isa:
+            pytest.skip(f"this CPU has no {isa} path (it runs {_ext.cpu_isa()})")
     return name, torch.device(device)

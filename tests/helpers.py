@@ -11,6 +11,7 @@ BACKEND_CASES = [
     ("reference", "cpu", {}),
     ("cpp", "cpu", {}),
     ("cpp", "cpu", {"PORTLLM_CPU_ISA": "avx512"}),  # fp32 FMAs even for bf16 factors
+    ("cpp", "cpu", {"PORTLLM_CPU_ISA": "avx2"}),  # AVX2 + FMA, for CPUs without AVX-512
     ("cpp", "cpu", {"PORTLLM_CPU_ISA": "generic"}),  # the portable path
     ("triton", "cpu", {}),
     ("reference", "cuda", {}),

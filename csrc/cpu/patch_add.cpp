@@ -5,10 +5,15 @@
 // then each output element is  round(W + sum_k Bs[i,k] * Af[k,j])  with the sum in fp32 and one
 // rounding to W's dtype (round-to-nearest-even, as torch's own casts).
 //
-// Paths, chosen per call: AVX-512 micro-kernels (csrc/cpu/patch_add_avx512.h; with bf16 factors
-// and AVX512-BF16, exact bf16 products summed in fp32 at twice the fp32 FMA rate), and a portable
-// one that also handles arbitrary strides. Rows are split over ATen's OpenMP pool; no result
-// depends on the thread count.
+// Paths, chosen per call from the CPU's features (PORTLLM_CPU_ISA forces a lower one):
+//   avx512bf16  bf16 factors: exact bf16 products summed in fp32 at twice the fp32 FMA rate
+//               (csrc/cpu/patch_add_avx512.h); other factors: the avx512 path
+//   avx512      fp32 FMAs, 8x32 register blocks (csrc/cpu/patch_add_avx512.h)
+//   avx2        fp32 FMAs, 6x16 register blocks (csrc/cpu/patch_add_avx2.h)
+//   generic     portable C++ that compilers vectorize (SSE2 on x86-64, NEON on aarch64); any strides
+// Rows are split over ATen's OpenMP pool; no result depends on the thread count.
+//
+// Implements portllm.ops.patch_add_ (torch.ops.portllm.patch_add_); tested against the reference by tests/test_patch_add.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -24,6 +29,7 @@
 
 #include "portllm.h"
 
+#include "cpu/patch_add_avx2.h"
 #include "cpu/patch_add_avx512.h"
 
 namespace portllm {
@@ -32,43 +38,60 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // Portable path: any strides. acc holds one block of a row in fp32.
+// Portable path: any strides, columns [j_begin, n). acc holds one block of a row in fp32; the
+// inner loops have unit strides and no dependences, so compilers vectorize them. The sum runs in
+// k order with separate multiply and add (-ffp-contract may fuse them; either is within the bound).
 template <typename T>
 void rows_generic(T* W, int64_t sw0, int64_t sw1, const float* Bs, const float* Af, int64_t r,
-                  int64_t n, int64_t i0, int64_t i1) {
+                  int64_t n, int64_t i0, int64_t i1, int64_t j_begin = 0) {
   constexpr int64_t NB = 512;
-  float acc[NB];
+  alignas(64) float acc[NB];
   for (int64_t i = i0; i < i1; ++i) {
     const float* b = Bs + i * r;
-    for (int64_t j0 = 0; j0 < n; j0 += NB) {
+    for (int64_t j0 = j_begin; j0 < n; j0 += NB) {
       const int64_t nb = std::min(NB, n - j0);
       std::fill(acc, acc + nb, 0.f);
       for (int64_t k = 0; k < r; ++k) {
         const float bk = b[k];
-        const float* a = Af + k * n + j0;
+        const float* __restrict__ a = Af + k * n + j0;
         for (int64_t j = 0; j < nb; ++j) acc[j] += bk * a[j];
       }
       T* w = W + i * sw0 + j0 * sw1;
-      for (int64_t j = 0; j < nb; ++j) {
-        w[j * sw1] = static_cast<T>(static_cast<float>(w[j * sw1]) + acc[j]);
+      if (sw1 == 1) {
+        for (int64_t j = 0; j < nb; ++j) w[j] = static_cast<T>(static_cast<float>(w[j]) + acc[j]);
+      } else {
+        for (int64_t j = 0; j < nb; ++j) w[j * sw1] = static_cast<T>(static_cast<float>(w[j * sw1]) + acc[j]);
       }
     }
   }
 }
 
-// PORTLLM_CPU_ISA=generic forces the portable path, =avx512 the fp32 AVX-512 path (no BF16 dot
-// products); the tests use it to cover every path on one machine.
-enum class Isa { Generic, Avx512, Avx512Bf16 };
+// Ordered: a path can run wherever a later one can.
+enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+constexpr const char* kIsaNames[] = {"generic", "avx2", "avx512", "avx512bf16"};
 
-Isa isa_for_call() {
+Isa isa_best() {
 #ifdef PORTLLM_X86_AVX512
-  const char* env = std::getenv("PORTLLM_CPU_ISA");
-  const std::string want = env ? env : "";
-  if (want == "generic" || !avx512::supported()) return Isa::Generic;
-  if (want == "avx512" || !avx512::bf16_supported()) return Isa::Avx512;
-  return Isa::Avx512Bf16;
-#else
-  return Isa::Generic;
+  if (avx512::bf16_supported()) return Isa::Avx512Bf16;
+  if (avx512::supported()) return Isa::Avx512;
 #endif
+#ifdef PORTLLM_X86_AVX2
+  if (avx2::supported()) return Isa::Avx2;
+#endif
+  return Isa::Generic;
+}
+
+// PORTLLM_CPU_ISA=generic|avx2|avx512|avx512bf16 forces that path, or the best this CPU has if it
+// has less; the tests and benchmarks use it to cover every path on one machine.
+Isa isa_for_call() {
+  const Isa best = isa_best();
+  const char* env = std::getenv("PORTLLM_CPU_ISA");
+  if (env == nullptr || *env == 0) return best;
+  const std::string want(env);
+  for (int i = 0; i < 4; ++i) {
+    if (want == kIsaNames[i]) return std::min(best, static_cast<Isa>(i));
+  }
+  TORCH_CHECK(false, "PORTLLM_CPU_ISA=", want, " is not a CPU path; choose generic, avx2, avx512 or avx512bf16");
 }
 
 // W's strides with size-1 dimensions seen through (their stride is meaningless).
@@ -85,17 +108,24 @@ template <typename T>
 void run_fp32(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& scale,
               Isa isa) {
   const at::Tensor Bs = (B.to(at::kFloat) * scale.unsqueeze(0)).contiguous();
-  // Always a copy: A may be a view of W, and must be read before W is written.
-  const at::Tensor Af = A.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  // (Factors that alias W arrive as copies: portllm.ops.patch_add_ keeps that promise.)
+  const at::Tensor Af = A.to(at::kFloat).contiguous();
   const int64_t m = W.size(0), n = W.size(1), r = Bs.size(1);
   const auto [sw0, sw1] = row_col_strides(W);
   T* w = W.data_ptr<T>();
   const float* bs = Bs.data_ptr<float>();
   const float* af = Af.data_ptr<float>();
-  const bool vec = sw1 == 1 && isa != Isa::Generic;
+  const bool vec = sw1 == 1;
   at::parallel_for(0, m, row_grain(n), [&](int64_t i0, int64_t i1) {
 #ifdef PORTLLM_X86_AVX512
-    if (vec) return avx512::rows_fp32<T>(w, sw0, bs, af, r, n, i0, i1);
+    if (vec && isa >= Isa::Avx512) return avx512::rows_fp32<T>(w, sw0, bs, af, r, n, i0, i1);
+#endif
+#ifdef PORTLLM_X86_AVX2
+    if (vec && isa == Isa::Avx2) {
+      avx2::rows_fp32<T>(w, sw0, bs, af, r, n, i0, i1);
+      // The last columns (fewer than one register block): the same fp32 sums, by the portable loop.
+      return rows_generic<T>(w, sw0, 1, bs, af, r, n, i0, i1, avx2::vector_columns<T>(n));
+    }
 #endif
     rows_generic<T>(w, sw0, sw1, bs, af, r, n, i0, i1);
   });
@@ -171,13 +201,8 @@ void patch_add_cpu(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
 
 }  // namespace
 
-std::string cpu_isa() {
-#ifdef PORTLLM_X86_AVX512
-  if (avx512::bf16_supported()) return "avx512+bf16";
-  if (avx512::supported()) return "avx512";
-#endif
-  return "generic";
-}
+std::string cpu_isa_best() { return kIsaNames[static_cast<int>(isa_best())]; }
+std::string cpu_isa_for_call() { return kIsaNames[static_cast<int>(isa_for_call())]; }
 
 TORCH_LIBRARY_IMPL(portllm, CPU, m) { m.impl("patch_add_", &patch_add_cpu); }
 

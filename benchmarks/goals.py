@@ -1,0 +1,99 @@
+"""The issues' speed targets as data: each goal names the rows it reads (field values), the metric,
+how several rows reduce to one value, and the comparison. ``evaluate(rows, device)`` gives, per goal,
+the value measured in this run, or None (not measured: the goal's device or rows are absent).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+_OPS = {">=": operator.ge, "<=": operator.le}
+_AGG = {"min": min, "max": max, "first": lambda v: v[0]}
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    device: str  # "cpu" or "cuda"
+    where: dict  # row fields that must match
+    metric: str  # row field measured
+    compare: str  # ">=" or "<="
+    goal: float
+    agg: str = "first"  # how several matching rows reduce: min, max, first
+    scale: float = 1.0  # the metric times this is compared (bytes -> MiB, ms -> s)
+    exclude: dict = field(default_factory=dict)  # row fields that must not match
+
+
+_BF16 = dict(op="patch_add_", case="single", dtype="bfloat16")
+GOALS: list[Goal] = [
+    # foundation (#2), CPU
+    Goal("CPU bf16 4096x14336 r=16, default cpp path: speed vs torch.addmm_", "cpu",
+         dict(_BF16, m=4096, n=14336, r=16, factor_dtype="bfloat16", provider="portllm-cpp", isa="avx512bf16"),
+         "speedup_vs_addmm_", ">=", 1.8),
+    Goal("four rank-16 patches in one pass (cpp) vs four addmm_ calls", "cpu",
+         dict(case="four_rank16_patches", provider="portllm-cpp one pass"), "speedup_vs_addmm_", ">=", 3.0),
+    # AVX2 path (#12): within 1.3x of max(in-place pass, FMA floor) at r = 8, 16; 1.5x at r = 64
+    *[Goal(f"CPU avx2 path, 4096x14336 r={r}, {fd} factors: time / max(in-place pass, FMA floor)", "cpu",
+           dict(_BF16, m=4096, n=14336, r=r, factor_dtype=fd, provider="portllm-cpp", isa="avx2"),
+           "time_vs_limit", "<=", 1.3 if r <= 16 else 1.5)
+      for r in (8, 16, 64) for fd in ("bfloat16", "float32")],
+    *[Goal(f"CPU {isa} path: slowest speed vs the reference (every case)", "cpu",
+           dict(op="patch_add_", case="single", provider="portllm-cpp", isa=isa), "speedup_vs_reference", ">=", 1.0,
+           agg="min") for isa in ("avx512bf16", "avx512", "avx2")],
+    # GPU (#11): the merge at the bandwidth limit
+    *[Goal(f"GPU {be}, bf16 factors: worst fraction of copy bandwidth", "cuda",
+           dict(_BF16, factor_dtype="bfloat16", provider=be), "fraction_of_copy_bandwidth", ">=", 0.95, agg="min")
+      for be in ("portllm-triton", "portllm-cuda")],
+    *[Goal(f"GPU {be}, fp32 factors, r<=16: worst fraction of copy bandwidth", "cuda",
+           dict(_BF16, factor_dtype="float32", provider=be), "fraction_of_copy_bandwidth", ">=", 0.90, agg="min",
+           exclude=dict(r=64)) for be in ("portllm-triton", "portllm-cuda")],
+    *[Goal(f"GPU {be}, fp32 factors, r=64: worst fraction of copy bandwidth", "cuda",
+           dict(_BF16, factor_dtype="float32", r=64, provider=be), "fraction_of_copy_bandwidth", ">=", 0.85, agg="min")
+      for be in ("portllm-triton", "portllm-cuda")],
+    *[Goal(f"GPU {be}: worst speed vs torch.addmm_", "cuda", dict(_BF16, factor_dtype="bfloat16", provider=be),
+           "speedup_vs_addmm_", ">=", 1.45, agg="min") for be in ("portllm-triton", "portllm-cuda")],
+    *[Goal(f"GPU {be}: four rank-16 patches in one pass vs four addmm_", "cuda",
+           dict(case="four_rank16_patches", provider=f"{be} one pass"), "speedup_vs_addmm_", ">=", 3.0)
+      for be in ("portllm-triton", "portllm-cuda")],
+    *[Goal(f"GPU {be}: worst extra peak memory beyond the factors (MiB)", "cuda",
+           dict(_BF16, provider=be), "extra_beyond_factors", "<=", 1.0, agg="max", scale=2**-20)
+      for be in ("portllm-triton", "portllm-cuda")],
+    # port (#3), CPU
+    Goal("port on CPU: peak RSS above the interpreter's own (MiB)", "cpu", dict(op="port", provider="portllm port"),
+         "peak_rss_above_baseline", "<=", 600, scale=2**-20),
+    Goal("port on CPU: wall time / copying the checkpoint's files", "cpu", dict(op="port", provider="portllm port"),
+         "time_vs_copy", "<=", 1.5),
+    Goal("port on CPU: speed vs PEFT load + merge_and_unload + save", "cpu", dict(op="port", provider="portllm port"),
+         "speedup_vs_peft", ">=", 5),
+    Goal("apply_patch of the 1.1B patch in memory on CPU (s)", "cpu",
+         dict(op="port", provider="portllm apply_patch (in memory)"), "seconds", "<=", 0.3),
+    # PMSS (#4, #11)
+    Goal("PMSSLinear fwd+bwd, best portllm variant: time / PEFT LoRA r=8 (CPU goal 1.15)", "cpu",
+         dict(op="pmss_layer"), "time_vs_lora", "<=", 1.15, agg="min", exclude=dict(provider="peft-lora-r8")),
+    Goal("PMSSLinear fwd+bwd 4096x4096 bf16 8192 tokens r=256, best variant: time / PEFT LoRA r=8", "cuda",
+         dict(op="pmss_layer"), "time_vs_lora", "<=", 0.90, agg="min", exclude=dict(provider="peft-lora-r8")),
+    Goal("PMSSLinear: speed vs dense CUR", "cpu", dict(op="pmss_layer"), "speedup_vs_dense_cur", ">=", 5, agg="max"),
+    Goal("skeleton selection (DEIM) of one 7B layer, 7 projections, r=256, on the GPU (s; x32 <= 10 s)", "cuda",
+         dict(op="pmss_select"), "median_ms", "<=", 10 / 32, scale=1e-3),
+]
+
+
+def _match(row: dict, where: dict) -> bool:
+    return all(row.get(k) == v for k, v in where.items())
+
+
+def evaluate(rows: list[dict], device: str) -> list[dict]:
+    for r in rows:  # derived metrics some goals read
+        if r.get("extra_peak_bytes") is not None and r.get("factor_bytes") is not None:
+            r.setdefault("extra_beyond_factors", r["extra_peak_bytes"] - r["factor_bytes"])
+    out = []
+    for g in GOALS:
+        if g.device != device:
+            continue
+        vals = [r[g.metric] * g.scale for r in rows if _match(r, g.where) and g.metric in r
+                and r[g.metric] is not None and not (g.exclude and _match(r, g.exclude))]
+        value = round(_AGG[g.agg](vals), 4) if vals else None
+        out.append({"target": g.name, "value": value, "goal": f"{g.compare} {g.goal:g}",
+                    "met": None if value is None else bool(_OPS[g.compare](value, g.goal))})
+    return out
