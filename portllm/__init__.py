@@ -8,12 +8,13 @@ from portllm.ops import BackendUnavailableError, available_backends, patch_add_ 
 
 __all__ = ["BackendUnavailableError", "available_backends", "ops", "patch_add_", "__version__"]
 
-from portllm.apply import apply_patch, remove_patch  # noqa: E402
+from portllm.apply import apply_patch, exact_merges, remove_patch  # noqa: E402
+from portllm.exact import ExactUndoError  # noqa: E402
 from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility  # noqa: E402
 from portllm.extract import extract_patch  # noqa: E402
 from portllm.patch import Patch, PatchFormatError, PatchModule  # noqa: E402
 from portllm.port import port  # noqa: E402
 from portllm import pmss  # noqa: E402
 
-__all__ += ["CompatReport", "IncompatiblePatchError", "Patch", "PatchFormatError", "PatchModule",
+__all__ += ["CompatReport", "ExactUndoError", "exact_merges", "IncompatiblePatchError", "Patch", "PatchFormatError", "PatchModule",
             "apply_patch", "check_compatibility", "extract_patch", "pmss", "port", "remove_patch"]

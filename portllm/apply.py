@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from portllm.checkpoint import ModelWeights, weight_key
 from portllm.compat import check_compatibility, resolve_fan_in_fan_out
-from portllm.merge import prepare_merge
+from portllm import ops
+from portllm.exact import ExactUndoError, WeightUndo, check_undo, merge_recorded, undo_recorded
+from portllm.merge import NonFiniteMergeError, _nonfinite, merge_factors, prepare_merge
 from portllm.patch import Patch
 
 
@@ -26,7 +29,7 @@ def _as_lists(patch, scale) -> tuple[list[Patch], list[float]]:
 
 
 def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: float | Sequence[float] = 1.0, *,
-                backend: str | None = None, check_finite: bool | None = True) -> torch.nn.Module:
+                backend: str | None = None, check_finite: bool | None = True, exact: bool = False) -> torch.nn.Module:
     """Merges ``W += Σ_i scale_i · patch_i`` into the model's weights, in place; returns the model.
 
     Several patches (task arithmetic) are merged per module in one pass of ``patch_add_``, with
@@ -35,17 +38,26 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     ``check_finite`` (default on): factors or scales with NaN/Inf, and merges that would make a weight
     NaN/Inf (overflow of its dtype), are refused with ``NonFiniteMergeError`` naming the module; the
     model is left unchanged (every module's merge is checked before any weight is written).
+
+    ``exact=True`` also records with the model, in the same pass, what makes the matching
+    ``remove_patch`` restore every weight bit for bit (``portllm.exact``: the few elements where
+    subtracting the recomputed delta does not give the old bits back, about 0.4 bits per weight at a
+    2% relative delta). The merge is then round(W + Δ) with Δ formed by fp32 ``torch.mm`` (``backend``
+    does not apply). Exact merges stack: remove them in the reverse order.
     """
     patches, scales = _as_lists(patch, scale)
     source = ModelWeights(model)
-    patches = [resolve_fan_in_fan_out(source, p) for p in patches]
-    for p in patches:
+    resolved = [resolve_fan_in_fan_out(source, p) for p in patches]
+    for p in resolved:
         check_compatibility(source, p).raise_for_errors()
     per_module: dict[str, list] = {}
-    for p, w in zip(patches, scales):
+    for p, w in zip(resolved, scales):
         for name, m in p.items():
             per_module.setdefault(name, []).append((m, w))
     params = dict(model.named_parameters(remove_duplicate=False))
+    if exact:
+        _apply_exact(model, params, per_module, patches, scales, check_finite)
+        return model
     merges = [prepare_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
                             name=name) for name, entries in per_module.items()]
     for merge in merges:
@@ -53,13 +65,132 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     return model
 
 
-def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: float | Sequence[float] = 1.0,
-                 **kwargs) -> torch.nn.Module:
-    """Undoes ``apply_patch(model, patch, scale)`` by merging the negated update.
+def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: float | Sequence[float] = 1.0, *,
+                 exact: bool | None = None, **kwargs) -> torch.nn.Module:
+    """Undoes ``apply_patch(model, patch, scale)``.
 
-    Exact up to rounding: in fp32 the weights come back within a few ulp; in bf16/fp16 each merge
-    rounds once, so ``remove_patch(apply_patch(W))`` can differ from W by an ulp or so per element.
-    Keep a copy of the weights where bit-exact restoration matters.
+    If that merge was ``exact=True`` (the latest exact merge still on the model, with the same
+    patches and scales, compared by value), every weight comes back bit for bit; if a weight changed
+    since, ``ExactUndoError`` names it and nothing is written. ``exact=True`` insists on that;
+    ``exact=False`` (or no recorded merge) merges the negated update instead: in fp32 within a few
+    ulp, in bf16/fp16 an ulp or so off per element.
     """
     patches, scales = _as_lists(patch, scale)
+    records = _records(model)
+    if exact is not False and records and records[-1].matches(patches, scales):
+        _remove_exact(model, records[-1])
+        records.pop()
+        return model
+    if exact:
+        held = any(r.matches(patches, scales) for r in records)
+        raise ExactUndoError("this patch's exact merge is not the latest one on the model; remove the later exact "
+                             "merges first" if held else
+                             "no exact merge of this patch (with these scales) is recorded on the model; apply it "
+                             "with apply_patch(..., exact=True) first, or pass exact=False")
+    if any(r.matches(patches, scales) for r in records):
+        records[:] = [r for r in records if not r.matches(patches, scales)]
     return apply_patch(model, patches, [-s for s in scales], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact merges
+
+_RECORDS = "_portllm_exact_merges"
+
+
+@dataclass
+class ExactMerge:
+    """One ``apply_patch(..., exact=True)``: the patches, scales, and each weight's undo."""
+
+    patches: list[Patch]
+    scales: list[float]
+    weights: dict[str, tuple[WeightUndo, bool]]  # module -> (undo, fan_in_fan_out)
+    entries: dict[str, list] = field(repr=False, default_factory=dict)
+
+    def matches(self, patches: list[Patch], scales: list[float]) -> bool:
+        if len(patches) != len(self.patches) or [_f32(x) for x in scales] != [_f32(x) for x in self.scales]:
+            return False
+        return all(p is q or _same_patch(p, q) for p, q in zip(patches, self.patches))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u, _ in self.weights.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        n = sum(u.shape[0] * u.shape[1] for u, _ in self.weights.values())
+        return 8 * self.nbytes / max(n, 1)
+
+
+def exact_merges(model: torch.nn.Module) -> list[ExactMerge]:
+    """The exact merges recorded on ``model``, oldest first (``nbytes``, ``bits_per_weight``)."""
+    return list(_records(model))
+
+
+def _records(model) -> list[ExactMerge]:
+    recs = model.__dict__.get(_RECORDS)
+    if recs is None:
+        recs = []
+        model.__dict__[_RECORDS] = recs
+    return recs
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _same_patch(p: Patch, q: Patch) -> bool:
+    if p.modules.keys() != q.modules.keys():
+        return False
+    for name, a in p.items():
+        b = q[name]
+        # Scales as the merge uses them (fp32): a patch saved and reloaded matches its original.
+        if (_f32(a.scale) != _f32(b.scale) or a.fan_in_fan_out != b.fan_in_fan_out or a.B.shape != b.B.shape
+                or a.A.shape != b.A.shape or not torch.equal(a.B.to(b.B), b.B) or not torch.equal(a.A.to(b.A), b.A)):
+            return False
+    return True
+
+
+def _apply_exact(model, params, per_module, patches, scales, check_finite):
+    done: dict[str, tuple[WeightUndo, bool]] = {}
+    factors = {}
+    for name, entries in per_module.items():
+        W = params[weight_key(name)].data
+        target = W.t() if entries[0][0].fan_in_fan_out else W
+        B, A, s = merge_factors(entries, W.device)
+        if check_finite is not False:
+            try:
+                ops.check_factors_finite(B, A, s, f"module {name}")
+            except ValueError as e:
+                raise NonFiniteMergeError(str(e)) from None
+        factors[name] = (target, B, A, s)
+    for name, (target, B, A, s) in factors.items():
+        before = _nonfinite(target) if check_finite is not False else 0
+        done[name] = (merge_recorded(target, B, A, s), per_module[name][0][0].fan_in_fan_out)
+        added = _nonfinite(target) - before if check_finite is not False else 0
+        if added > 0:
+            for undone, (t, b, a, sc) in factors.items():  # all or nothing: undo what was merged
+                if undone in done:
+                    undo_recorded(t, b, a, sc, done[undone][0], undone)
+            raise NonFiniteMergeError(
+                f"module {name}: the merge would make {added} of {target.numel()} weights NaN or Inf ({target.dtype} "
+                f"holds at most {torch.finfo(target.dtype).max:.6g}); refusing. Lower the scale, merge in a wider "
+                "dtype, or pass check_finite=False to merge anyway")
+    _records(model).append(ExactMerge(list(patches), list(scales), done,
+                                      {k: [(m, w) for m, w in v] for k, v in per_module.items()}))
+
+
+def _remove_exact(model, rec: ExactMerge):
+    params = dict(model.named_parameters(remove_duplicate=False))
+    work = []
+    for name, (u, transposed) in rec.weights.items():
+        key = weight_key(name)
+        if key not in params:
+            raise ExactUndoError(f"module {name}: no longer in the model")
+        W = params[key].data
+        target = W.t() if transposed else W
+        check_undo(target, u, name)
+        B, A, s = merge_factors(rec.entries[name], W.device)
+        work.append((name, target, B, A, s, u))
+    for name, target, B, A, s, u in work:
+        undo_recorded(target, B, A, s, u, name)

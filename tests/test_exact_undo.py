@@ -1,0 +1,174 @@
+"""apply_patch(exact=True) then remove_patch: every weight back bit for bit, in every dtype."""
+
+import pytest
+import torch
+
+import portllm
+from portllm import exact
+from portllm.merge import NonFiniteMergeError
+from portllm.patch import Patch, PatchModule
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+# (out, in): odd shapes, one wider than a chunk of the delta, one that spans several chunks.
+SHAPES = [(5, 123), (123, 5), (67, 300), (3, 1 << 19), (1100, 1000)]
+
+
+class Net(torch.nn.Module):
+    def __init__(self, shapes, dtype, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.layers = torch.nn.ModuleList()
+        for out_f, in_f in shapes:
+            lin = torch.nn.Linear(in_f, out_f, bias=False)
+            lin.weight.data = torch.randn(out_f, in_f, generator=g).to(dtype)
+            self.layers.append(lin)
+
+
+def make_patch(net, rank=4, rel=0.02, seed=1, fan_in_fan_out=False):
+    """A patch whose delta is about ``rel`` of each weight's RMS."""
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for i, lin in enumerate(net.layers):
+        out_f, in_f = lin.weight.shape
+        B, A = torch.randn(out_f, rank, generator=g), torch.randn(rank, in_f, generator=g)
+        scale = rel * float(lin.weight.detach().float().std()) / float((B @ A).std())
+        mods[f"layers.{i}"] = PatchModule(B, A, scale, fan_in_fan_out)
+    return Patch(mods)
+
+
+def bits(net):
+    return [lin.weight.data.view(INT[lin.weight.dtype]).clone() for lin in net.layers]
+
+
+def assert_same_bits(before, after):
+    for i, (a, b) in enumerate(zip(before, after)):
+        bad = (a != b).sum().item()
+        assert bad == 0, f"layer {i}: {bad} of {a.numel()} weights differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rel", [0.002, 0.02, 0.5])
+def test_exact_roundtrip(dtype, rel):
+    net = Net(SHAPES, dtype)
+    before = bits(net)
+    patch = make_patch(net, rel=rel)
+    portllm.apply_patch(net, patch, exact=True)
+    changed = sum(int((a != b).sum()) for a, b in zip(before, bits(net)))
+    assert changed > 0.3 * sum(a.numel() for a in before), "the merge must have changed the weights"
+    # The merge itself is W + Δ rounded once, as every merge: equal to the plain merge's result.
+    plain = Net(SHAPES, dtype)
+    portllm.apply_patch(plain, patch, backend="reference")
+    for lin, ref in zip(net.layers, plain.layers):
+        assert (lin.weight.float() - ref.weight.float()).abs().max() <= 2 * (
+            ref.weight.float().abs() * torch.finfo(dtype).eps).max()
+    assert len(portllm.exact_merges(net)) == 1
+    portllm.remove_patch(net, patch)
+    assert_same_bits(before, bits(net))
+    assert portllm.exact_merges(net) == []
+
+
+def test_inexact_remove_is_not_bit_exact_in_bf16():
+    """What exact=True is for: the plain undo leaves some weights an ulp off."""
+    net = Net(SHAPES[-1:], torch.bfloat16)
+    before = bits(net)
+    patch = make_patch(net, rel=0.02)
+    portllm.apply_patch(net, patch)
+    portllm.remove_patch(net, patch)
+    assert (before[0] != bits(net)[0]).sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_side_information_is_small(dtype):
+    net = Net([(1024, 1024)], dtype)
+    portllm.apply_patch(net, make_patch(net, rank=16, rel=0.02), exact=True)
+    rec = portllm.exact_merges(net)[0]
+    assert 0 < rec.bits_per_weight <= 1.0, rec.bits_per_weight
+
+
+def test_switch_a_to_b_and_back_is_exact():
+    net = Net(SHAPES, torch.bfloat16)
+    before = bits(net)
+    a, b = make_patch(net, seed=1), make_patch(net, seed=2, rel=0.1)
+    portllm.apply_patch(net, a, exact=True)
+    with_a = bits(net)
+    portllm.apply_patch(net, b, exact=True)  # stacked: A then B
+    portllm.remove_patch(net, b)
+    assert_same_bits(with_a, bits(net))
+    portllm.remove_patch(net, a)
+    portllm.apply_patch(net, b, 0.5, exact=True)
+    portllm.remove_patch(net, b, 0.5)
+    assert_same_bits(before, bits(net))
+
+
+def test_several_patches_in_one_exact_merge():
+    net = Net([(40, 70), (70, 40)], torch.float16)
+    before = bits(net)
+    p1, p2 = make_patch(net, seed=3), make_patch(net, seed=4, rank=7)
+    portllm.apply_patch(net, [p1, p2], [1.0, -0.7], exact=True)
+    with pytest.raises(portllm.ExactUndoError, match="no exact merge"):
+        portllm.remove_patch(net, [p1, p2], [1.0, 0.7], exact=True)
+    portllm.remove_patch(net, [p1, p2], [1.0, -0.7])
+    assert_same_bits(before, bits(net))
+
+
+def test_remove_matches_a_reloaded_patch(tmp_path):
+    net = Net([(33, 65)], torch.bfloat16)
+    before = bits(net)
+    patch = make_patch(net)
+    portllm.apply_patch(net, patch, exact=True)
+    patch.save(str(tmp_path / "p"))
+    portllm.remove_patch(net, Patch.load(str(tmp_path / "p")))
+    assert_same_bits(before, bits(net))
+
+
+def test_changed_weights_are_refused_untouched():
+    net = Net(SHAPES[:2], torch.bfloat16)
+    patch = make_patch(net)
+    portllm.apply_patch(net, patch, exact=True)
+    with torch.no_grad():
+        net.layers[1].weight[0, 0] += 1.0
+    now = bits(net)
+    with pytest.raises(portllm.ExactUndoError, match="layers.1.*changed"):
+        portllm.remove_patch(net, patch)
+    assert_same_bits(now, bits(net))  # nothing written, layer 0 included
+
+
+def test_out_of_order_and_unknown_removals():
+    net = Net(SHAPES[:2], torch.float32)
+    a, b = make_patch(net, seed=1), make_patch(net, seed=2)
+    portllm.apply_patch(net, a, exact=True)
+    portllm.apply_patch(net, b, exact=True)
+    with pytest.raises(portllm.ExactUndoError, match="not the latest"):
+        portllm.remove_patch(net, a, exact=True)
+    with pytest.raises(portllm.ExactUndoError, match="no exact merge"):
+        portllm.remove_patch(net, a, 2.0, exact=True)
+
+
+def test_overflow_is_refused_all_or_nothing():
+    net = Net([(20, 30), (30, 20)], torch.float16)
+    before = bits(net)
+    patch = make_patch(net)
+    patch.modules["layers.1"].scale = 1e5  # overflows fp16 in the second module only
+    with pytest.raises(NonFiniteMergeError, match="layers.1"):
+        portllm.apply_patch(net, patch, exact=True)
+    assert_same_bits(before, bits(net))
+    assert portllm.exact_merges(net) == []
+
+
+@pytest.mark.parametrize("gaps", [[0], [254], [255], [256], [510, 0, 1, 765, 3]])
+def test_position_stream_roundtrip(gaps):
+    idx = torch.tensor(gaps).cumsum(0) + torch.arange(len(gaps))
+    stream = exact._encode_positions(idx)
+    assert stream.dtype == torch.uint8
+    assert torch.equal(exact._decode_positions(stream), idx)
+
+
+def test_ordered_bits_roundtrip():
+    for dt, (it, mask) in exact._INT.items():
+        x = torch.randn(1000).to(dt)
+        x[:3] = torch.tensor([0.0, -0.0, float("inf")]).to(dt)
+        o = exact._ordered(x.view(it), mask)
+        back = exact._from_ordered(o, it, mask)
+        ok = back == x.view(it)
+        assert bool(ok[2:].all()) and bool(ok[0])  # -0.0 maps onto +0.0: stored raw by the merge
