@@ -17,7 +17,7 @@ import warnings
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["portllm", "portllm.pmss", "portllm.experiment", "portllm.kernels"]
+PACKAGES = ["portllm", "portllm.pmss", "portllm.serve", "portllm.experiment", "portllm.kernels"]
 PACKAGE_DIR = {"portllm": "portllm", "portllm.pmss": "portllm/pmss", "portllm.experiment": "portllm/experiment",
                "portllm.kernels": "kernels"}
 

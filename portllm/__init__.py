@@ -15,6 +15,7 @@ from portllm.extract import extract_patch  # noqa: E402
 from portllm.patch import Patch, PatchFormatError, PatchModule  # noqa: E402
 from portllm.port import port  # noqa: E402
 from portllm import pmss  # noqa: E402
+from portllm import serve  # noqa: E402
 
 __all__ += ["CompatReport", "ExactUndoError", "exact_merges", "IncompatiblePatchError", "Patch", "PatchFormatError", "PatchModule",
-            "apply_patch", "check_compatibility", "extract_patch", "pmss", "port", "remove_patch"]
+            "apply_patch", "check_compatibility", "extract_patch", "pmss", "port", "remove_patch", "serve"]

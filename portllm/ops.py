@@ -96,6 +96,14 @@ def _skeleton_mm_triton_run(A, W, idx, kind):
     return torch.ops.portllm.skeleton_mm_triton(A, W, idx, kind)
 
 
+def _lora_shrink_triton_run(x, A, slots):
+    return torch.ops.portllm.lora_shrink_triton(x, A, slots)
+
+
+def _lora_expand_triton_run(y, h, B, scale, slots):
+    torch.ops.portllm.lora_expand_triton_(y, h, B, scale, slots)
+
+
 IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
     "patch_add_": {
         "reference": Impl("reference", "portllm.reference.patch_add_", ("cpu", "cuda"),
@@ -117,6 +125,18 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
         "triton": Impl("triton", "portllm.kernels.skeleton_mm.skeleton_mm_forward "
                        "(torch.ops.portllm.skeleton_mm_triton)", ("cpu", "cuda"), _skeleton_mm_triton_run),
     },
+    "lora_shrink": {
+        "reference": Impl("reference", "portllm.reference.lora_shrink", ("cpu", "cuda"),
+                          lambda x, A, slots: reference.lora_shrink(x, A, slots)),
+        "triton": Impl("triton", "portllm.kernels.lora_shrink.lora_shrink_forward "
+                       "(torch.ops.portllm.lora_shrink_triton)", ("cpu", "cuda"), _lora_shrink_triton_run),
+    },
+    "lora_expand_": {
+        "reference": Impl("reference", "portllm.reference.lora_expand_", ("cpu", "cuda"),
+                          lambda y, h, B, scale, slots: reference.lora_expand_(y, h, B, scale, slots)),
+        "triton": Impl("triton", "portllm.kernels.lora_expand.lora_expand_forward "
+                       "(torch.ops.portllm.lora_expand_triton_)", ("cpu", "cuda"), _lora_expand_triton_run),
+    },
 }
 
 
@@ -131,6 +151,9 @@ def backend_unavailable_reason(backend: str, device: torch.device | str, op: str
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if op not in IMPLEMENTATIONS:
         raise ValueError(f"unknown op {op!r}; portllm's ops are {', '.join(IMPLEMENTATIONS)}")
+    if backend not in IMPLEMENTATIONS[op]:
+        have = ", ".join(IMPLEMENTATIONS[op])
+        return f"{op} has no {backend!r} implementation (it has: {have})"
     return _unavailable(op, IMPLEMENTATIONS[op][backend], device)
 
 
@@ -326,6 +349,81 @@ def skeleton_mm(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str, 
 
 
 # ---------------------------------------------------------------------------------------------
+# lora_shrink / lora_expand_ (serving: many patches in one batch, portllm.serve)
+
+
+def _check_slots(slots, T: int, P: int, device, op: str):
+    if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: slots must be a 1-D int64/int32 tensor, got "
+                        f"{getattr(slots, 'dtype', type(slots).__name__)} {tuple(getattr(slots, 'shape', ()))}")
+    if slots.shape[0] != T:
+        raise ValueError(f"{op}: slots has {slots.shape[0]} entries for {T} tokens")
+    if slots.device != device:
+        raise ValueError(f"{op}: slots is on {slots.device}, the tokens on {device}")
+
+
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """h[t] = x[t] · A[slots[t]]ᵀ, fp32 [T, R]; h[t] = 0 where slots[t] < 0.
+
+    x [T, n] (float32/float16/bfloat16), A [P, R, n] (one patch's A per slot, ranks padded with
+    zeros), slots [T] int64/int32 (values below P; negative = no patch). Products and accumulation in
+    fp32 (bf16×bf16 and fp16×fp16 products are exact in fp32, so tensor-core dots keep this).
+    The first half of a patched linear layer, ``portllm.serve.PatchedLinear``.
+    """
+    if x.dim() != 2 or A.dim() != 3:
+        raise ValueError(f"lora_shrink: need x [T, n] and A [P, R, n], got x {tuple(x.shape)}, A {tuple(A.shape)}")
+    if A.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_shrink: x {tuple(x.shape)} and A {tuple(A.shape)} disagree on n")
+    for name, t in (("x", x), ("A", A)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"lora_shrink: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if A.device != x.device:
+        raise ValueError(f"lora_shrink: A is on {A.device}, x on {x.device}")
+    _check_slots(slots, x.shape[0], A.shape[0], x.device, "lora_shrink")
+    name = resolve_backend(backend, x.device, "lora_shrink")
+    if x.shape[0] == 0 or A.shape[1] == 0:
+        return torch.zeros(x.shape[0], A.shape[1], dtype=torch.float32, device=x.device)
+    return IMPLEMENTATIONS["lora_shrink"][name].run(x, A, slots.to(torch.int64))
+
+
+def lora_expand_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor, *,
+                 backend: str | None = None) -> torch.Tensor:
+    """y[t] ← round(fp32(y[t]) + scale[p] · (h[t] · B[p]ᵀ)), p = slots[t], in place; returns y.
+
+    y [T, m] (float32/float16/bfloat16), h [T, R] fp32 (from ``lora_shrink``), B [P, m, R],
+    scale [P] fp32, slots [T]. fp32 accumulation and one rounding (to nearest even) per element; rows
+    with slots[t] < 0 are left untouched, bit for bit. The second half of a patched linear layer.
+    """
+    if y.dim() != 2 or h.dim() != 2 or B.dim() != 3:
+        raise ValueError(f"lora_expand_: need y [T, m], h [T, R], B [P, m, R], got y {tuple(y.shape)}, "
+                         f"h {tuple(h.shape)}, B {tuple(B.shape)}")
+    T, m = y.shape
+    P, mb, R = B.shape
+    if h.shape != (T, R) or mb != m:
+        raise ValueError(f"lora_expand_: shapes do not match: y {tuple(y.shape)}, h {tuple(h.shape)}, "
+                         f"B {tuple(B.shape)}")
+    if h.dtype != torch.float32:
+        raise TypeError(f"lora_expand_: h must be float32 (lora_shrink's output), got {h.dtype}")
+    for name, t in (("y", y), ("B", B)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"lora_expand_: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+    if scale.shape != (P,) or scale.dtype != torch.float32:
+        raise ValueError(f"lora_expand_: scale must be float32 [{P}], got {scale.dtype} {tuple(scale.shape)}")
+    for name, t in (("h", h), ("B", B), ("scale", scale)):
+        if t.device != y.device:
+            raise ValueError(f"lora_expand_: {name} is on {t.device}, y on {y.device}")
+    _check_slots(slots, T, P, y.device, "lora_expand_")
+    name = resolve_backend(backend, y.device, "lora_expand_")
+    if T == 0 or m == 0 or R == 0:
+        return y
+    if _overlaps_itself(y):
+        raise ValueError(f"lora_expand_: y (shape {tuple(y.shape)}, stride {y.stride()}) has elements that share "
+                         "memory; an in-place update would be wrong")
+    IMPLEMENTATIONS["lora_expand_"][name].run(y, h, B, scale, slots.to(torch.int64))
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
 # Registrations with torch.library: fake (meta) implementations so the ops trace under
 # torch.compile and pass torch.library.opcheck.
 
@@ -366,3 +464,28 @@ def _skeleton_mm_triton(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kin
 def _skeleton_mm_triton_fake(A, W, idx, kind):
     n_out = {"ct": W.shape[0], "c": idx.shape[0], "r": W.shape[1]}[kind]
     return A.new_empty(A.shape[0], n_out)
+
+
+@torch.library.custom_op("portllm::lora_shrink_triton", mutates_args=())
+def _lora_shrink_triton(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    from portllm.kernels.lora_shrink import lora_shrink_forward
+
+    return lora_shrink_forward(x, A, slots)
+
+
+@_lora_shrink_triton.register_fake
+def _lora_shrink_triton_fake(x, A, slots):
+    return x.new_empty(x.shape[0], A.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("portllm::lora_expand_triton_", mutates_args=("y",))
+def _lora_expand_triton(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                        slots: torch.Tensor) -> None:
+    from portllm.kernels.lora_expand import lora_expand_forward
+
+    lora_expand_forward(y, h, B, scale, slots)
+
+
+@_lora_expand_triton.register_fake
+def _lora_expand_triton_fake(y, h, B, scale, slots) -> None:
+    return None

@@ -57,3 +57,30 @@ def skeleton_mm(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str) 
     if kind == "r":
         return A @ W.index_select(0, idx).to(A.dtype)
     raise ValueError(f"skeleton_mm: unknown kind {kind!r}")
+
+
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """h[t] = x[t] · A[slots[t]]ᵀ in fp32 (fp32 products, fp32 accumulation); 0 where slots[t] < 0.
+
+    x [T, n], A [P, R, n] (one patch per slot, ranks padded with zeros), slots [T] int64 -> h [T, R].
+    Tokens are grouped by slot, so each patch's factor is read once: the loop runs over the slots in
+    use, not over tokens.
+    """
+    T, R = x.shape[0], A.shape[1]
+    h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
+    for p in torch.unique(slots[slots >= 0]).tolist():
+        rows = (slots == p).nonzero().squeeze(1)
+        h.index_copy_(0, rows, x.index_select(0, rows).to(torch.float32) @ A[p].to(torch.float32).t())
+    return h
+
+
+def lora_expand_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                 slots: torch.Tensor) -> torch.Tensor:
+    """y[t] ← round(fp32(y[t]) + scale[p] · (h[t] · B[p]ᵀ)) for p = slots[t] >= 0, in place; rows with
+    slots[t] < 0 are not touched (bit for bit). y [T, m], h [T, R] fp32, B [P, m, R], scale [P] fp32.
+    One rounding per element, to nearest even."""
+    for p in torch.unique(slots[slots >= 0]).tolist():
+        rows = (slots == p).nonzero().squeeze(1)
+        delta = (h.index_select(0, rows) @ B[p].to(torch.float32).t()) * scale[p].to(torch.float32)
+        y.index_copy_(0, rows, (y.index_select(0, rows).to(torch.float32) + delta).to(y.dtype))
+    return y

@@ -1,0 +1,43 @@
+"""Token grouping shared by the serving kernels (lora_shrink, lora_expand): tokens sorted by patch
+slot, and the tiles of BLOCK_T tokens of one slot that the programs take.
+
+Computed with a few device-side torch ops and no host synchronisation, so a forward that routes
+tokens to patches can be captured in a CUDA graph: the grid is the bound cdiv(T, BLOCK_T) + P on
+the number of tiles, and the programs past the last tile do nothing.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+def token_tiles(slots: torch.Tensor, P: int, block_t: int):
+    """slots [T] int64 (negative = no patch) -> (order [T], seg_start [P], seg_count [P],
+    tile_start [P + 1], grid): ``order`` lists the tokens slot by slot (no-patch tokens last), slot p's
+    tokens are order[seg_start[p] : seg_start[p] + seg_count[p]], and its tiles are the program ids
+    tile_start[p] .. tile_start[p + 1] - 1."""
+    T = slots.shape[0]
+    key = torch.where(slots >= 0, slots, P)
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=P + 1)[:P]
+    seg_start = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block_t - 1) // block_t
+    tile_start = torch.zeros(P + 1, dtype=torch.int64, device=slots.device)
+    tile_start[1:] = torch.cumsum(tiles, 0)
+    return order, seg_start, counts, tile_start, triton.cdiv(T, block_t) + P
+
+
+@triton.jit
+def tile_of(pid, TILE_START, SEG_START, SEG_COUNT, P, BLOCK_T: tl.constexpr, P_POW2: tl.constexpr):
+    """Program ``pid``'s slot and the positions in ``order`` of its tokens: (p, offs, mask); mask is
+    all false for a program past the last tile."""
+    offs_p = tl.arange(0, P_POW2)
+    ends = tl.load(TILE_START + 1 + offs_p, mask=offs_p < P, other=2**62)
+    p = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    live = p < P
+    p = tl.minimum(p, P - 1)
+    first = tl.load(SEG_START + p) + (pid - tl.load(TILE_START + p)) * BLOCK_T
+    last = tl.load(SEG_START + p) + tl.load(SEG_COUNT + p)
+    last = tl.where(live, last, first)  # a program past the last tile: an empty range
+    offs = first + tl.arange(0, BLOCK_T)
+    return p, offs, offs < last

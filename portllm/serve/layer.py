@@ -1,0 +1,98 @@
+"""``PatchedLinear``: a frozen ``nn.Linear`` that serves up to ``max_patches`` patches at once.
+
+    y[t] = x[t]·Wᵀ + bias + s_p·(x[t]·A_pᵀ)·B_pᵀ,    p = the patch slot of token t (or none)
+
+computed as the base product, then ``lora_shrink`` (h = x·A_pᵀ per token, fp32) and
+``lora_expand_`` (y += s_p·h·B_pᵀ in place, fp32 accumulation, one rounding per element), with
+tokens grouped by slot. Tokens routed to no patch get the base output, bit for bit the plain
+layer's. The slots are preallocated buffers (factors padded to ``max_rank`` with zeros, one scale
+each), so loading or replacing a patch copies into them and allocates nothing: a model under
+``torch.compile`` or in a CUDA graph keeps running. Inference only: the patches take no gradients.
+
+The layer is an ``nn.Linear`` that shares the base layer's ``weight`` and ``bias`` (the same
+Parameters, never copies), and its slot buffers are not persistent, so the model's
+``state_dict`` keeps the base model's keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from portllm import ops
+
+
+class Routing:
+    """Which patch slot each row of the batch uses: shared by every PatchedLinear of one model
+    (set by ``portllm.serve.route``). ``rows`` is None outside a route block (base model)."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None  # [batch] int64, -1 = no patch
+        self.names: list | None = None
+
+
+class PatchedLinear(torch.nn.Linear):
+    def __init__(self, base: torch.nn.Linear, max_patches: int, max_rank: int, routing: Routing | None = None):
+        torch.nn.Module.__init__(self)
+        if not isinstance(base, torch.nn.Linear):
+            raise TypeError(f"PatchedLinear wraps an nn.Linear, got {type(base).__name__}")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.__dict__["base_layer"] = base  # the original module, given back by detach (not a submodule)
+        self.max_patches, self.max_rank = int(max_patches), int(max_rank)
+        w = base.weight
+        self.register_buffer("lora_A", torch.zeros(max_patches, max_rank, self.in_features, dtype=w.dtype,
+                                                   device=w.device), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(max_patches, self.out_features, max_rank, dtype=w.dtype,
+                                                   device=w.device), persistent=False)
+        self.register_buffer("lora_scale", torch.zeros(max_patches, dtype=torch.float32, device=w.device),
+                             persistent=False)
+        self.routing = routing if routing is not None else Routing()
+        self.backend: str | None = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"max_patches={self.max_patches}, max_rank={self.max_rank}")
+
+    # -- slots -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_slot(self, slot: int, B: torch.Tensor | None, A: torch.Tensor | None, scale: float = 0.0):
+        """Copies B [out, r], A [r, in] (r <= max_rank) into ``slot``, zero-padded; None clears it."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.lora_scale[slot] = 0.0
+        if B is None:
+            return
+        r = A.shape[0]
+        self.lora_A[slot, :r].copy_(A)
+        self.lora_B[slot, :, :r].copy_(B)
+        self.lora_scale[slot] = float(scale)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def token_slots(self, x: torch.Tensor) -> torch.Tensor | None:
+        rows = self.routing.rows
+        if rows is None:
+            return None
+        batch = x.shape[0] if x.dim() >= 2 else 1
+        if not isinstance(rows, torch.Tensor):  # one patch for every row
+            rows = rows.for_batch(batch)
+        if rows.shape[0] != batch:
+            raise ValueError(f"portllm.serve.route: the batch has {batch} rows but names has {rows.shape[0]} "
+                             "entries (one per row)")
+        per_row = x.numel() // (batch * self.in_features) if batch else 0
+        return rows.to(x.device).repeat_interleave(per_row)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        slots = self.token_slots(x)
+        if slots is None:
+            return y
+        if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad):
+            raise RuntimeError("portllm.serve: PatchedLinear serves patches for inference; run the model under "
+                               "torch.no_grad() or torch.inference_mode() inside route()")
+        x2 = x.reshape(-1, self.in_features)
+        y2 = y.view(-1, self.out_features)
+        h = ops.lora_shrink(x2, self.lora_A, slots, backend=self.backend)
+        ops.lora_expand_(y2, h, self.lora_B, self.lora_scale, slots, backend=self.backend)
+        return y

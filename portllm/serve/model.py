@@ -1,0 +1,248 @@
+"""Serving many patches on one base model: ``attach``, ``route``, ``load``, ``unload``, ``detach``.
+
+    model = portllm.serve.attach(model, {"alice": "adapters/alice", "bob": bob_patch}, max_patches=8)
+    with torch.no_grad(), portllm.serve.route(model, ["alice", None, "bob"]):
+        logits = model(input_ids).logits          # row 0 with alice's patch, row 1 the base, row 2 bob's
+        out = model.generate(input_ids, max_new_tokens=20)
+    portllm.serve.load(model, "carol", "adapters/carol")   # into a free slot, no allocation
+    portllm.serve.unload(model, "bob")
+    model = portllm.serve.detach(model)                    # plain nn.Linear layers again
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from portllm.compat import resolve_fan_in_fan_out
+from portllm.patch import Patch
+from portllm.serve.layer import PatchedLinear, Routing
+
+_STATE = "_portllm_serve"
+
+
+class ServeError(ValueError):
+    """A patch or a routing request that does not fit the served model; the message names it."""
+
+
+@dataclass
+class _Served:
+    layers: dict[str, PatchedLinear]
+    max_patches: int
+    max_rank: int
+    routing: Routing
+    slots: dict[str, int] = field(default_factory=dict)  # patch name -> slot
+
+
+def _state(model: nn.Module) -> _Served:
+    st = model.__dict__.get(_STATE)
+    if st is None:
+        raise ServeError("this model has no patched layers: call portllm.serve.attach(model, patches) first")
+    return st
+
+
+def _as_patch(name: str, patch) -> Patch:
+    if isinstance(patch, Patch):
+        return patch
+    if isinstance(patch, (str, os.PathLike)):
+        return Patch.load(patch)
+    raise TypeError(f"patch {name!r}: expected a portllm.Patch or a patch directory, got {type(patch).__name__}")
+
+
+def _matches(name: str, targets) -> bool:
+    return name in targets or name.rsplit(".", 1)[-1] in targets
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _check_fits(st: _Served, name: str, patch: Patch, model: nn.Module):
+    for module, m in patch.items():
+        layer = st.layers.get(module)
+        if layer is None:
+            try:
+                kind = type(model.get_submodule(module)).__name__
+                why = (f"this {kind} is not one of the patched layers (attach with target_modules= naming all the "
+                       "layers the patches will need)")
+            except AttributeError:
+                why = "the model has no such module"
+            raise ServeError(f"patch {name!r}: module {module}: {why}")
+        if m.fan_in_fan_out:
+            raise ServeError(f"patch {name!r}: module {module} is marked fan_in_fan_out (a Conv1D weight); "
+                             "PatchedLinear serves nn.Linear layers")
+        want = (layer.out_features, layer.in_features)
+        if m.weight_shape != want:
+            raise ServeError(f"patch {name!r}: module {module} needs a weight of shape {m.weight_shape}, "
+                             f"the model's is {want}")
+        if m.rank > st.max_rank:
+            raise ServeError(f"patch {name!r}: module {module} has rank {m.rank}, above max_rank={st.max_rank} "
+                             "(attach with a larger max_rank)")
+
+
+def attach(model: nn.Module, patches: Mapping[str, Patch | str | os.PathLike], *, max_patches: int | None = None,
+           max_rank: int | None = None, target_modules: Sequence[str] | None = None) -> nn.Module:
+    """Replaces the target ``nn.Linear`` layers of ``model`` by ``PatchedLinear`` layers (in place;
+    returns the model) and loads ``patches`` (name -> ``Patch`` or patch directory) into slots.
+
+    Targets: ``target_modules`` (full module names or their last part, as PEFT's), else every module
+    some patch names. ``max_patches`` (default: the number of patches, at least 1) and ``max_rank``
+    (default: the largest rank of the patches) size the preallocated slots; patches of lower rank
+    are zero-padded. Slot factors are kept in each layer's weight dtype.
+    """
+    if _STATE in model.__dict__:
+        raise ServeError("this model already has patched layers; use portllm.serve.load to add patches, or "
+                         "detach first")
+    if not isinstance(patches, Mapping):
+        raise TypeError("patches must map names to patches: {'alice': 'path/to/adapter', ...}")
+    loaded = {}
+    for name, p in patches.items():
+        if not isinstance(name, str) or not name:
+            raise ServeError(f"patch names must be non-empty strings, got {name!r}")
+        loaded[name] = resolve_fan_in_fan_out(model, _as_patch(name, p))
+    if max_patches is None:
+        max_patches = max(1, len(loaded))
+    if max_rank is None:
+        max_rank = max((m.rank for p in loaded.values() for m in p.modules.values()), default=0)
+    if max_patches < 1 or max_rank < 1:
+        raise ServeError(f"max_patches and max_rank must be at least 1 (got {max_patches}, {max_rank}; "
+                         "with no patches, give both)")
+    if len(loaded) > max_patches:
+        raise ServeError(f"{len(loaded)} patches but max_patches={max_patches} slots")
+    if target_modules is not None:
+        targets = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and _matches(n, target_modules)]
+        if not targets:
+            raise ServeError(f"the model has no nn.Linear modules named {', '.join(target_modules)}")
+    else:
+        targets = sorted({n for p in loaded.values() for n in p.modules})
+    routing = Routing()
+    layers = {}
+    for n in targets:
+        try:
+            mod = model.get_submodule(n)
+        except AttributeError:
+            owner = next(k for k, p in loaded.items() if n in p.modules)
+            raise ServeError(f"patch {owner!r}: module {n}: the model has no such module") from None
+        if not isinstance(mod, nn.Linear):
+            owner = next((k for k, p in loaded.items() if n in p.modules), None)
+            raise ServeError(f"{'patch ' + repr(owner) + ': ' if owner else ''}module {n}: it is a "
+                             f"{type(mod).__name__}; PatchedLinear serves nn.Linear layers")
+        layers[n] = mod
+    st = _Served({}, int(max_patches), int(max_rank), routing)
+    st.layers = {n: PatchedLinear(mod, max_patches, max_rank, routing) for n, mod in layers.items()}
+    for name, p in loaded.items():  # everything checked before the model changes
+        _check_fits(st, name, p, model)
+    for n, layer in st.layers.items():
+        _set_module(model, n, layer)
+    model.__dict__[_STATE] = st
+    for name, p in loaded.items():
+        _fill(st, name, p, len(st.slots))
+    return model
+
+
+def _fill(st: _Served, name: str, patch: Patch, slot: int):
+    for module, layer in st.layers.items():
+        m = patch.modules.get(module)
+        if m is None:
+            layer.set_slot(slot, None, None)
+        else:
+            layer.set_slot(slot, m.B, m.A, m.scale)
+    st.slots[name] = slot
+
+
+def load(model: nn.Module, name: str, patch: Patch | str | os.PathLike) -> nn.Module:
+    """Loads ``patch`` under ``name``: into the slot of the patch of that name (replacing it), else
+    into a free slot. Copies into the preallocated buffers, so compiled models and CUDA graphs keep
+    running. Raises ``ServeError`` (before any change) if the patch does not fit or no slot is free."""
+    st = _state(model)
+    p = resolve_fan_in_fan_out(model, _as_patch(name, patch))
+    _check_fits(st, name, p, model)
+    if name in st.slots:
+        slot = st.slots[name]
+    else:
+        free = sorted(set(range(st.max_patches)) - set(st.slots.values()))
+        if not free:
+            raise ServeError(f"cannot load patch {name!r}: all max_patches={st.max_patches} slots hold patches "
+                             f"({', '.join(st.slots)}); unload one first")
+        slot = free[0]
+    _fill(st, name, p, slot)
+    return model
+
+
+def unload(model: nn.Module, name: str) -> nn.Module:
+    """Frees the slot of patch ``name`` (zeroes it)."""
+    st = _state(model)
+    if name not in st.slots:
+        raise ServeError(f"no patch named {name!r} is loaded (loaded: {', '.join(st.slots) or 'none'})")
+    slot = st.slots.pop(name)
+    for layer in st.layers.values():
+        layer.set_slot(slot, None, None)
+    return model
+
+
+def loaded(model: nn.Module) -> dict[str, int]:
+    """Loaded patch names and their slots."""
+    return dict(_state(model).slots)
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Puts the original ``nn.Linear`` layers back (the same objects, whose weights were never
+    changed) and drops the slots; returns the model."""
+    st = _state(model)
+    for n, layer in st.layers.items():
+        _set_module(model, n, layer.base_layer)
+    del model.__dict__[_STATE]
+    return model
+
+
+@contextmanager
+def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterator[None]:
+    """Inside the block, every forward of ``model`` (``model.generate`` included) sends the tokens of
+    row i of the batch through patch ``names[i]`` (None: the base model). A single name (or None)
+    applies to every row. Blocks nest; the previous routing comes back on exit."""
+    st = _state(model)
+    if names is None or isinstance(names, str):
+        names_list = None
+        single = names
+    else:
+        names_list = list(names)
+        single = None
+    device = next(iter(st.layers.values())).weight.device if st.layers else torch.device("cpu")
+
+    def slot_of(n):
+        if n is None:
+            return -1
+        if n not in st.slots:
+            raise ServeError(f"route: no patch named {n!r} is loaded (loaded: {', '.join(st.slots) or 'none'})")
+        return st.slots[n]
+
+    if names_list is None:
+        slot = slot_of(single)
+        rows = _AllRows(slot, device)
+    else:
+        if not names_list:
+            raise ServeError("route: names is empty; give one name (or None) per row of the batch")
+        rows = torch.tensor([slot_of(n) for n in names_list], dtype=torch.int64, device=device)
+    prev = (st.routing.rows, st.routing.names)
+    st.routing.rows, st.routing.names = rows, names
+    try:
+        yield
+    finally:
+        st.routing.rows, st.routing.names = prev
+
+
+class _AllRows:
+    """The same slot for every row, whatever the batch size (``route(model, "alice")``)."""
+
+    def __init__(self, slot: int, device):
+        self.slot, self.device = slot, device
+        self.shape = None
+
+    def for_batch(self, batch: int) -> torch.Tensor:
+        return torch.full((batch,), self.slot, dtype=torch.int64, device=self.device)

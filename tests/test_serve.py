@@ -1,0 +1,190 @@
+"""portllm.serve on a small transformers Llama: mixed batches against PEFT's, hot-swap, errors."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from hf_fixtures import TARGETS, llama  # noqa: E402
+
+import portllm  # noqa: E402
+from portllm import serve  # noqa: E402
+from portllm.patch import Patch  # noqa: E402
+
+TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def peft_adapter(base, out_dir, r, seed, targets=TARGETS):
+    """A LoRA adapter with random (non-zero) A and B, saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():  # make the update large enough to see: about 10% of the weights
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    base = llama(seed=0)
+    return {"a": peft_adapter(base, str(root / "a"), 4, 1),
+            "b": peft_adapter(base, str(root / "b"), 8, 2, targets=["q_proj", "v_proj", "down_proj"])}
+
+
+def peft_mixed(dtype, adapters, names, ids):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(llama(seed=0).to(dtype), adapters["a"], adapter_name="a")
+    model.load_adapter(adapters["b"], adapter_name="b")
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, adapter_names=[n or "__base__" for n in names]).logits
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mixed_batch_matches_peft(adapters, dtype, backend, monkeypatch):
+    if portllm.ops.backend_unavailable_reason(backend, "cpu", "lora_shrink"):
+        pytest.skip(portllm.ops.backend_unavailable_reason(backend, "cpu", "lora_shrink"))
+    monkeypatch.setenv("PORTLLM_BACKEND", backend)
+    names = ["a", None, "b", "a", "b"]
+    ids = torch.randint(0, 128, (len(names), 9), generator=torch.Generator().manual_seed(0))
+    expected = peft_mixed(dtype, adapters, names, ids)
+    model = llama(seed=0).to(dtype)
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    serve.attach(model, adapters, max_patches=4)
+    assert sum(isinstance(m, serve.PatchedLinear) for m in model.modules()) == 2 * len(TARGETS)
+    with torch.no_grad(), serve.route(model, names):
+        got = model(input_ids=ids).logits
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    assert torch.equal(got[1], base[1]), "a row routed to no patch must be the base model's, bit for bit"
+    for i in (0, 2):
+        assert (got[i] - base[i]).abs().max() > 10 * atol, "the patch must change the logits"
+    with torch.no_grad():  # outside route: the base model
+        assert torch.equal(model(input_ids=ids).logits, base)
+
+
+def test_generate_routes_every_step(adapters):
+    model = llama(seed=0)
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    serve.attach(model, adapters)
+    with torch.no_grad(), serve.route(model, ["a", "b", None]):
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    solo = []
+    for name in ("a", "b", None):
+        with torch.no_grad(), serve.route(model, name):
+            solo.append(model.generate(input_ids=ids[:1] if name == "a" else ids[1:2] if name == "b" else ids[2:],
+                                       max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert torch.equal(out, torch.cat(solo))
+
+
+def test_single_patch_equals_merged_weights(adapters):
+    """Routing every row to a patch computes the same function as merging it."""
+    model = llama(seed=0)
+    merged = portllm.apply_patch(llama(seed=0), Patch.load(adapters["b"]))
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    serve.attach(model, {"b": adapters["b"]})
+    with torch.no_grad(), serve.route(model, "b"):
+        got = model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, merged(input_ids=ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_load_unload_detach(adapters):
+    model = llama(seed=0)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    serve.attach(model, {"a": adapters["a"]}, max_patches=2, max_rank=8)
+    assert set(model.state_dict()) == set(sd), "the state dict keeps the base model's keys"
+    serve.load(model, "b", adapters["b"])
+    assert serve.loaded(model) == {"a": 0, "b": 1}
+    with torch.no_grad(), serve.route(model, ["b", "a"]):
+        first = model(input_ids=ids).logits
+    with pytest.raises(serve.ServeError, match="all max_patches=2 slots"):
+        serve.load(model, "c", adapters["a"])
+    serve.unload(model, "a")
+    with pytest.raises(serve.ServeError, match="no patch named 'a'"):
+        with serve.route(model, ["b", "a"]):
+            pass
+    serve.load(model, "c", adapters["a"])  # into a's old slot
+    with torch.no_grad(), serve.route(model, ["b", "c"]):
+        assert torch.equal(model(input_ids=ids).logits, first)
+    serve.load(model, "c", Patch.load(adapters["b"]))  # replace in place
+    with torch.no_grad(), serve.route(model, ["b", "c"]):
+        again = model(input_ids=ids).logits
+    with torch.no_grad(), serve.route(model, ["b", "b"]):
+        assert torch.equal(model(input_ids=ids).logits, again)
+    assert torch.equal(again[0], first[0]) and not torch.equal(again[1], first[1])
+    serve.detach(model)
+    assert not any(isinstance(m, serve.PatchedLinear) for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), f"{k} changed"
+
+
+def test_errors_name_the_thing_at_fault(adapters, tmp_path):
+    model = llama(seed=0)
+    with pytest.raises(serve.ServeError, match="rank 8, above max_rank=4"):
+        serve.attach(model, adapters, max_rank=4)
+    assert not any(isinstance(m, serve.PatchedLinear) for m in model.modules()), "a refused attach changes nothing"
+    with pytest.raises(serve.ServeError, match="2 patches but max_patches=1"):
+        serve.attach(model, adapters, max_patches=1)
+    serve.attach(model, {"b": adapters["b"]})  # only q, v, down are patched layers
+    with pytest.raises(serve.ServeError, match="patch 'a': module model.layers.0.* is not one of the patched layers"):
+        serve.load(model, "a", adapters["a"])
+    wide = Patch.load(adapters["b"])
+    name = "model.layers.0.self_attn.q_proj"
+    m = wide.modules[name]
+    wide.modules[name] = type(m)(torch.zeros(m.B.shape[0] + 1, m.rank), m.A, m.scale)
+    with pytest.raises(serve.ServeError, match=f"module {name} needs a weight of shape"):
+        serve.load(model, "w", wide)
+    with pytest.raises(serve.ServeError, match="no patch named 'zed'"):
+        with serve.route(model, ["b", "zed"]):
+            pass
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    with torch.no_grad(), serve.route(model, ["b", None]):
+        with pytest.raises(ValueError, match="the batch has 3 rows but names has 2 entries"):
+            model(input_ids=ids)
+    with serve.route(model, ["b", None, "b"]):
+        with pytest.raises(RuntimeError, match="inference"):
+            model(input_ids=ids)
+    with pytest.raises(serve.ServeError, match="already has patched layers"):
+        serve.attach(model, adapters)
+
+
+def test_hot_swap_does_not_recompile(adapters):
+    """Loading into a free slot or replacing a patch copies into buffers: no recompilation."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(64, 48)
+    net = torch.nn.Sequential(lin)
+    g = torch.Generator().manual_seed(4)
+    pa = Patch({"0": portllm.PatchModule(torch.randn(48, 4, generator=g), torch.randn(4, 64, generator=g), 0.5)})
+    pb = Patch({"0": portllm.PatchModule(torch.randn(48, 2, generator=g), torch.randn(2, 64, generator=g), 2.0)})
+    serve.attach(net, {"a": pa}, max_patches=3, max_rank=4)
+    x = torch.randn(4, 64, generator=g)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(net, backend="eager", dynamic=False)
+    with torch.no_grad(), serve.route(net, ["a", None, "a", None]):
+        compiled(x)
+        frames = counts["stats"]["unique_graphs"]
+        serve.load(net, "b", pb)
+        serve.load(net, "a", pb)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            out = compiled(x)
+    assert counts["stats"]["unique_graphs"] == frames
+    with torch.no_grad():
+        expected = lin(x) + torch.tensor([1.0, 0, 1, 0])[:, None] * 2.0 * (x @ pb["0"].A.t()) @ pb["0"].B.t()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
