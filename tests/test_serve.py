@@ -123,9 +123,9 @@ def test_load_unload_detach(adapters):
     serve.load(model, "c", Patch.load(adapters["b"]))  # replace in place
     with torch.no_grad(), serve.route(model, ["b", "c"]):
         again = model(input_ids=ids).logits
-    with torch.no_grad(), serve.route(model, ["b", "b"]):
-        assert torch.equal(model(input_ids=ids).logits, again)
-    assert torch.equal(again[0], first[0]) and not torch.equal(again[1], first[1])
+    with torch.no_grad(), serve.route(model, ["b", "b"]):  # (grouped differently: equal up to fp32 rounding)
+        torch.testing.assert_close(model(input_ids=ids).logits, again, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again[0], first[0]) and not torch.allclose(again[1], first[1])
     serve.detach(model)
     assert not any(isinstance(m, serve.PatchedLinear) for m in model.modules())
     for k, v in model.state_dict().items():
