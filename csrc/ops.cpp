@@ -15,6 +15,10 @@ TORCH_LIBRARY(portllm, m) {
   // Products with a skeleton of W [m, n] gathered by idx (PMSS): kind "ct": A[T, r] @ W[:, idx]^T;
   // "c": A[T, m] @ W[:, idx]; "r": A[T, r] @ W[idx, :]. Result in A's dtype, fp32 accumulation.
   m.def("skeleton_mm(Tensor A, Tensor W, Tensor idx, str kind) -> Tensor");
+  // Serving (portllm.serve): h[t] = x[t] . A[slots[t]]^T in fp32 [T, R], 0 where slots[t] < 0.
+  m.def("lora_shrink(Tensor x, Tensor A, Tensor slots) -> Tensor");
+  // y[t] <- round(y[t] + scale[p] * (h[t] . B[p]^T)), p = slots[t] >= 0, in place.
+  m.def("lora_expand_(Tensor(a!) y, Tensor h, Tensor B, Tensor scale, Tensor slots) -> ()");
   // Human-readable description of what this build contains (ISA paths, CUDA, OpenMP).
   m.def("build_info() -> str", [] { return portllm::build_info(); });
   // The vector path the CPU kernels take now: the machine's best, or lower if PORTLLM_CPU_ISA says so.

@@ -25,6 +25,7 @@ This is the only module that imports triton (lazily) or ``portllm._C``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -70,8 +71,13 @@ def _ext_reason(op: str, key: str, backend: str, device: torch.device) -> str | 
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # (a file-system search: once per process)
+
+
 def _triton_reason(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed (pip install 'portllm[triton]')"
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "Triton runs on CPU tensors only under TRITON_INTERPRET=1, set before triton is imported"
@@ -128,12 +134,16 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
     "lora_shrink": {
         "reference": Impl("reference", "portllm.reference.lora_shrink", ("cpu", "cuda"),
                           lambda x, A, slots: reference.lora_shrink(x, A, slots)),
+        "cuda": Impl("cuda", "csrc/cuda/lora_shrink.cu (torch.ops.portllm.lora_shrink, CUDA)", ("cuda",),
+                     lambda x, A, slots: torch.ops.portllm.lora_shrink(x, A, slots)),
         "triton": Impl("triton", "portllm.kernels.lora_shrink.lora_shrink_forward "
                        "(torch.ops.portllm.lora_shrink_triton)", ("cpu", "cuda"), _lora_shrink_triton_run),
     },
     "lora_expand_": {
         "reference": Impl("reference", "portllm.reference.lora_expand_", ("cpu", "cuda"),
                           lambda y, h, B, scale, slots: reference.lora_expand_(y, h, B, scale, slots)),
+        "cuda": Impl("cuda", "csrc/cuda/lora_expand.cu (torch.ops.portllm.lora_expand_, CUDA)", ("cuda",),
+                     lambda y, h, B, scale, slots: torch.ops.portllm.lora_expand_(y, h, B, scale, slots)),
         "triton": Impl("triton", "portllm.kernels.lora_expand.lora_expand_forward "
                        "(torch.ops.portllm.lora_expand_triton_)", ("cpu", "cuda"), _lora_expand_triton_run),
     },
@@ -432,6 +442,16 @@ if _ext.available():
     @torch.library.register_fake("portllm::patch_add_")
     def _patch_add_fake(W, B, A, scale) -> None:
         return None
+
+    if _ext.has_kernel("lora_shrink", "CUDA"):
+
+        @torch.library.register_fake("portllm::lora_shrink")
+        def _lora_shrink_fake(x, A, slots):
+            return x.new_empty(x.shape[0], A.shape[1], dtype=torch.float32)
+
+        @torch.library.register_fake("portllm::lora_expand_")
+        def _lora_expand_fake(y, h, B, scale, slots) -> None:
+            return None
 
     if _ext.has_kernel("skeleton_mm", "CPU"):
 

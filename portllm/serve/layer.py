@@ -44,8 +44,10 @@ class PatchedLinear(torch.nn.Linear):
         w = base.weight
         self.register_buffer("lora_A", torch.zeros(max_patches, max_rank, self.in_features, dtype=w.dtype,
                                                    device=w.device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(max_patches, self.out_features, max_rank, dtype=w.dtype,
-                                                   device=w.device), persistent=False)
+        # B is stored [P, R, out] (viewed as [P, out, R], ``lora_B``): the expand kernels read
+        # consecutive output columns from consecutive addresses.
+        self.register_buffer("lora_B_t", torch.zeros(max_patches, max_rank, self.out_features, dtype=w.dtype,
+                                                     device=w.device), persistent=False)
         self.register_buffer("lora_scale", torch.zeros(max_patches, dtype=torch.float32, device=w.device),
                              persistent=False)
         self.routing = routing if routing is not None else Routing()
@@ -55,18 +57,23 @@ class PatchedLinear(torch.nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"max_patches={self.max_patches}, max_rank={self.max_rank}")
 
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """[max_patches, out_features, max_rank]: each slot's B (a view of ``lora_B_t``)."""
+        return self.lora_B_t.transpose(1, 2)
+
     # -- slots -----------------------------------------------------------------------------------
     @torch.no_grad()
     def set_slot(self, slot: int, B: torch.Tensor | None, A: torch.Tensor | None, scale: float = 0.0):
         """Copies B [out, r], A [r, in] (r <= max_rank) into ``slot``, zero-padded; None clears it."""
         self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+        self.lora_B_t[slot].zero_()
         self.lora_scale[slot] = 0.0
         if B is None:
             return
         r = A.shape[0]
         self.lora_A[slot, :r].copy_(A)
-        self.lora_B[slot, :, :r].copy_(B)
+        self.lora_B_t[slot, :r].copy_(B.t())
         self.lora_scale[slot] = float(scale)
 
     # -- forward ---------------------------------------------------------------------------------

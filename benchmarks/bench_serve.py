@@ -1,0 +1,269 @@
+"""Serving patches, in one run: a patched layer against the base GEMM, decoding with patches mixed in
+the batch against the base model and PEFT, and the exact undo of a merge against the merge.
+
+* ``serve_layer``: y = x·Wᵀ + s_p·(x·A_pᵀ)·B_pᵀ for T tokens, bf16, r = 16. Providers: ``base``
+  (x·Wᵀ alone), ``peft-style`` (one patch: x·Wᵀ + ((x·Aᵀ)·Bᵀ)·s), ``peft-loop`` (eight patches: a
+  masked product per patch, as PEFT's mixed batch), ``serve-<backend>`` (PatchedLinear). On a GPU,
+  T <= 32 is also timed inside CUDA graphs (``graph``: True), as serving stacks decode.
+* ``serve_decode``: ``model.generate`` of a Llama-shaped model with random weights, batch 32, eight
+  patches (r = 16, all seven projections) mixed over the rows: tokens per second of the base model,
+  of portllm.serve and of PEFT with ``adapter_names=``. 1.1B-shaped on a GPU; smaller on a CPU.
+* ``exact_undo``: bf16 W 4096×14336, r = 16, a delta of 2% of W: the default merge (patch_add_),
+  apply(exact=True)'s recorded merge, its undo, and the plain (inexact) undo; bits stored per weight.
+"""
+
+import copy
+
+import pytest
+import torch
+from benchutil import DEVICE, QUICK, sync
+
+from portllm import ops
+from portllm.exact import merge_recorded, undo_recorded
+from portllm.serve.layer import PatchedLinear
+
+DTYPE = torch.bfloat16
+RANK, PATCHES = 16, 8
+if QUICK:
+    LAYER_SHAPES, TOKENS, ROUNDS = [(256, 512)], (1, 32), 3
+elif DEVICE.type == "cuda":
+    LAYER_SHAPES, TOKENS, ROUNDS = [(4096, 4096), (4096, 14336)], (1, 8, 32, 128, 512, 2048), 50
+else:
+    LAYER_SHAPES, TOKENS, ROUNDS = [(4096, 4096), (4096, 14336)], (1, 8, 32, 128), 10
+SERVE_BACKENDS = [b for b in ops.available_backends(DEVICE, "lora_shrink")
+                  if not (b == "triton" and DEVICE.type == "cpu")]
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph (replayed as one launch), or None where capture fails."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
+    except Exception:  # a provider that synchronises (the reference's data-dependent grouping)
+        torch.cuda.synchronize()
+        return None
+
+
+def _layer(n_in, n_out, gen):
+    lin = torch.nn.Linear(n_in, n_out, bias=False, device=DEVICE, dtype=DTYPE).requires_grad_(False)
+    lin.weight.copy_(torch.randn(n_out, n_in, generator=gen, device=DEVICE).to(DTYPE) * n_in**-0.5)
+    return lin
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("provider", ["base", "peft-style", "peft-loop"] + [f"serve-{b}" for b in SERVE_BACKENDS])
+@pytest.mark.parametrize("case", ["one_patch", "eight_mixed"])
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("n_in,n_out", LAYER_SHAPES, ids=str)
+def test_serve_layer(benchmark, n_in, n_out, T, case, provider, graph):
+    if graph and (DEVICE.type != "cuda" or T > 32):
+        pytest.skip("CUDA graphs: on a GPU, for decode sizes (T <= 32)")
+    if (provider == "peft-style" and case != "one_patch") or (provider == "peft-loop" and case != "eight_mixed"):
+        pytest.skip("peft-style is the one-patch way, peft-loop the mixed-batch way")
+    if provider == "base" and case != "one_patch":
+        pytest.skip("the base does not depend on the patches: measured once")
+    gen = torch.Generator(device=DEVICE).manual_seed(T)
+    lin = _layer(n_in, n_out, gen)
+    x = torch.randn(T, n_in, generator=gen, device=DEVICE).to(DTYPE)
+    P = 1 if case == "one_patch" else PATCHES
+    A = (torch.randn(P, RANK, n_in, generator=gen, device=DEVICE) * n_in**-0.5).to(DTYPE)
+    B = (torch.randn(P, n_out, RANK, generator=gen, device=DEVICE) * 0.1).to(DTYPE)
+    slots = torch.randint(0, P, (T,), generator=gen, device=DEVICE)
+    if provider == "base":
+        def fn():
+            return lin(x)
+    elif provider == "peft-style":
+        def fn():
+            return lin(x) + ((x @ A[0].t()) @ B[0].t()) * 2.0
+    elif provider == "peft-loop":
+        masks = [(slots == p).to(DTYPE)[:, None] for p in range(P)]
+
+        def fn():
+            y = lin(x)
+            for p in range(P):
+                y = y + (((x * masks[p]) @ A[p].t()) @ B[p].t()) * 2.0
+            return y
+    else:
+        layer = PatchedLinear(lin, PATCHES, RANK)
+        for p in range(P):
+            layer.set_slot(p, B[p], A[p], 2.0)
+        layer.backend = provider.removeprefix("serve-")
+        layer.routing.rows = slots
+
+        def fn():
+            return layer(x)
+    run_fn = fn
+    if graph:
+        run_fn = _graphed(fn)
+        if run_fn is None:
+            pytest.skip(f"{provider} cannot be captured in a CUDA graph")
+
+    def call():
+        run_fn()
+        sync()
+
+    call()
+    info = dict(op="serve_layer", case=case, n_in=n_in, n_out=n_out, T=T, r=RANK, dtype="bfloat16",
+                provider=provider, graph=graph, bytes=(n_in * n_out + T * (n_in + n_out)) * 2)
+    benchmark.group = f"serve layer {n_in}x{n_out} T={T}"
+    benchmark.extra_info.update(info)
+    with torch.no_grad():
+        benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _decode_config():
+    from transformers import LlamaConfig
+
+    if QUICK:
+        kw = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024)
+    elif DEVICE.type == "cuda":  # 1.1B Llama-shaped (TinyLlama)
+        kw = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                  num_key_value_heads=4, vocab_size=32000)
+    else:
+        kw = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=32000)
+    return LlamaConfig(max_position_embeddings=256, **kw)
+
+
+DECODE_BATCH, PROMPT, NEW = (4, 8, 4) if QUICK else (32, 32, 32)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _base_model():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_decode_config()).to(device=DEVICE, dtype=DTYPE).eval()
+    model.generation_config.eos_token_id = None  # always NEW tokens
+    return model
+
+
+def _patches(model):
+    from portllm.patch import Patch, PatchModule
+
+    out = {}
+    g = torch.Generator().manual_seed(1)
+    for i in range(PATCHES):
+        mods = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                mods[name] = PatchModule((torch.randn(mod.out_features, RANK, generator=g) * 0.01).to(DTYPE),
+                                         (torch.randn(RANK, mod.in_features, generator=g) * 0.01).to(DTYPE), 2.0)
+        out[f"p{i}"] = Patch(mods)
+    return out
+
+
+@pytest.mark.parametrize("provider", ["base", "portllm.serve", "peft adapter_names"])
+def test_serve_decode(benchmark, provider):
+    pytest.importorskip("transformers")
+    model = _base_model()
+    ids = torch.randint(0, model.config.vocab_size, (DECODE_BATCH, PROMPT), device=DEVICE,
+                        generator=torch.Generator(device=DEVICE).manual_seed(2))
+    names = [f"p{i % PATCHES}" for i in range(DECODE_BATCH)]
+    kwargs = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    if provider == "base":
+        def gen():
+            return model.generate(input_ids=ids, **kwargs)
+    elif provider == "portllm.serve":
+        from portllm import serve
+
+        serve.attach(model, _patches(model), max_patches=PATCHES, max_rank=RANK)
+
+        def gen():
+            with serve.route(model, names):
+                return model.generate(input_ids=ids, **kwargs)
+    else:
+        peft = pytest.importorskip("peft")
+        cfg = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=TARGETS, init_lora_weights=False)
+        model = peft.get_peft_model(model, cfg, adapter_name="p0")
+        for i in range(1, PATCHES):
+            model.add_adapter(f"p{i}", copy.deepcopy(cfg))
+        model.to(device=DEVICE, dtype=DTYPE).eval()
+
+        def gen():
+            return model.generate(input_ids=ids, adapter_names=names, **kwargs)
+
+    def call():
+        with torch.no_grad():
+            gen()
+        sync()
+
+    call()
+    info = dict(op="serve_decode", provider=provider, batch=DECODE_BATCH, prompt=PROMPT, new_tokens=NEW,
+                patches=PATCHES, r=RANK, layers=model.config.num_hidden_layers, hidden=model.config.hidden_size,
+                dtype="bfloat16", bytes=0)
+    benchmark.group = "serve decode"
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(call, rounds=3 if DEVICE.type == "cpu" else 5, warmup_rounds=0, iterations=1)
+
+
+# ---------------------------------------------------------------------------------------------
+
+UNDO_SHAPE = (256, 512) if QUICK else (4096, 14336)
+
+
+@pytest.mark.parametrize("provider", ["merge (patch_add_)", "apply exact=True", "remove exact", "remove inexact"])
+def test_exact_undo(benchmark, provider):
+    m, n = UNDO_SHAPE
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    W = torch.randn(m, n, generator=g, device=DEVICE).to(DTYPE)
+    B = torch.randn(m, RANK, generator=g, device=DEVICE)
+    A = torch.randn(RANK, n, generator=g, device=DEVICE)
+    s = torch.full((RANK,), 0.02 / float((B @ A).std()), device=DEVICE)  # the delta: 2% of W's RMS
+    state = {}
+
+    def merge_exact():
+        state["u"] = merge_recorded(W, B, A, s)
+
+    def undo_exact():
+        undo_recorded(W, B, A, s, state["u"], "W")
+
+    merge_exact()  # one recorded merge and its undo: the side information's size
+    u = state.pop("u")
+    undo_recorded(W, B, A, s, u, "W")
+    setup = None
+    if provider == "merge (patch_add_)":
+        def fn():
+            ops.patch_add_(W, B, A, s)
+    elif provider == "remove inexact":
+        def fn():
+            ops.patch_add_(W, B, A, -s)
+    elif provider == "apply exact=True":
+        fn = merge_exact
+
+        def setup():  # each round merges the original W
+            if "u" in state:
+                undo_exact()
+                del state["u"]
+            sync()
+    else:
+        fn = undo_exact
+
+        def setup():
+            merge_exact()
+            sync()
+
+    def call():
+        fn()
+        sync()
+
+    benchmark.group = "exact undo"
+    benchmark.extra_info.update(dict(op="exact_undo", provider=provider, m=m, n=n, r=RANK, dtype="bfloat16",
+                                     relative_delta=0.02, bytes=2 * m * n * 2, exceptions=u.exceptions,
+                                     bits_per_weight=round(8 * u.nbytes / (m * n), 4)))
+    if setup is None:
+        benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    else:
+        benchmark.pedantic(call, setup=setup, rounds=ROUNDS, iterations=1)
