@@ -74,6 +74,24 @@ GOALS: list[Goal] = [
     Goal("PMSSLinear fwd+bwd 4096x4096 bf16 8192 tokens r=256, best variant: time / PEFT LoRA r=8", "cuda",
          dict(op="pmss_layer"), "time_vs_lora", "<=", 0.90, agg="min", exclude=dict(provider="peft-lora-r8")),
     Goal("PMSSLinear: speed vs dense CUR", "cpu", dict(op="pmss_layer"), "speedup_vs_dense_cur", ">=", 5, agg="max"),
+    # serving (#13)
+    *[Goal(f"serve one patch r=16, {sh}, T={T}: PatchedLinear ({be}) / base GEMM" + (" (CUDA graphs)" if g else ""),
+           "cuda", dict(op="serve_layer", case="one_patch", n_in=4096, n_out=n_out, T=T, provider=be, graph=g),
+           "time_vs_base", "<=", 1.10)
+      for be in ("serve-triton", "serve-cuda") for n_out, sh in ((4096, "4096x4096"), (14336, "4096x14336"))
+      for T in (1, 8, 32, 128, 512, 2048) for g in ((True,) if T <= 32 else (False,))],
+    *[Goal(f"serve eight patches mixed, T{'>=' if big else '<'}32: worst PatchedLinear ({be}) / base GEMM", "cuda",
+           dict(op="serve_layer", case="eight_mixed", provider=be, graph=not big), "time_vs_base", "<=",
+           1.5 if big else 1.3, agg="max", exclude=dict(T=32) if not big else {})
+      for be in ("serve-triton", "serve-cuda") for big in (True, False)],
+    Goal("decode 1.1B, batch 32, 8 patches mixed: tokens/s vs the base model", "cuda",
+         dict(op="serve_decode", provider="portllm.serve"), "vs_base", ">=", 0.85),
+    Goal("decode 1.1B, batch 32, 8 patches mixed: tokens/s vs PEFT adapter_names", "cuda",
+         dict(op="serve_decode", provider="portllm.serve"), "vs_peft", ">=", 5.0),
+    *[Goal("exact undo: side information at a 2% delta (bits per weight)", dev,
+           dict(op="exact_undo", provider="remove exact"), "bits_per_weight", "<=", 1.0) for dev in ("cpu", "cuda")],
+    *[Goal("exact undo: time of the undo / time of the exact merge", dev,
+           dict(op="exact_undo", provider="remove exact"), "time_vs_exact_merge", "<=", 1.0) for dev in ("cpu", "cuda")],
     Goal("skeleton selection (DEIM) of one 7B layer, 7 projections, r=256, on the GPU (s; x32 <= 10 s)", "cuda",
          dict(op="pmss_select"), "median_ms", "<=", 10 / 32, scale=1e-3),
 ]

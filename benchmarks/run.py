@@ -86,6 +86,7 @@ def summarise(raw: dict) -> list[dict]:
         rows.append(info)
     port_rows(rows)
     pmss_rows(rows)
+    serve_rows(rows)
     rows = [r for r in rows if r["op"] == "patch_add_"] + [r for r in rows if r["op"] != "patch_add_"]
     pa = [r for r in rows if r["op"] == "patch_add_"]
     copy = {(r["m"], r["n"]): r for r in pa if r["provider"] == "copy"}
@@ -146,6 +147,36 @@ def pmss_rows(rows):
             r.pop("gbps", None)
 
 
+def serve_rows(rows):
+    """Serving: a patched layer's time over the base GEMM's (same shape, T, eager or graph, same run);
+    decoding tokens/s and its ratio to the base model's and to PEFT's; the exact undo against the merge."""
+    base = {(r["n_in"], r["n_out"], r["T"], r["graph"]): r for r in rows
+            if r["op"] == "serve_layer" and r["provider"] == "base"}
+    for r in rows:
+        if r["op"] == "serve_layer":
+            r.pop("gbps", None)
+            b = base.get((r["n_in"], r["n_out"], r["T"], r["graph"]))
+            if b is not None:
+                r["time_vs_base"] = round(r["median_ms"] / b["median_ms"], 3)
+    dec = {r["provider"]: r for r in rows if r["op"] == "serve_decode"}
+    for r in dec.values():
+        r.pop("gbps", None)
+        r["tokens_per_s"] = round(r["batch"] * r["new_tokens"] / (r["median_ms"] / 1e3), 1)
+    for r in dec.values():
+        if "base" in dec and r is not dec["base"]:
+            r["vs_base"] = round(r["tokens_per_s"] / dec["base"]["tokens_per_s"], 3)
+        if "peft adapter_names" in dec and r["provider"] == "portllm.serve":
+            r["vs_peft"] = round(r["tokens_per_s"] / dec["peft adapter_names"]["tokens_per_s"], 3)
+    undo = {r["provider"]: r for r in rows if r["op"] == "exact_undo"}
+    merge = undo.get("merge (patch_add_)")
+    for r in undo.values():
+        if merge is not None:
+            r["time_vs_merge"] = round(r["median_ms"] / merge["median_ms"], 3)
+    exact = undo.get("apply exact=True")
+    if exact is not None and "remove exact" in undo:
+        undo["remove exact"]["time_vs_exact_merge"] = round(undo["remove exact"]["median_ms"] / exact["median_ms"], 3)
+
+
 def find(rows, **kw):
     return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
 
@@ -157,7 +188,8 @@ def targets(rows: list[dict], device: str) -> list[dict]:
     return evaluate(rows, device)
 
 
-SUITE_OPS = {"patch_add": {"patch_add_"}, "port": {"port"}, "pmss": {"pmss_layer", "pmss_select"}}
+SUITE_OPS = {"patch_add": {"patch_add_"}, "port": {"port"}, "pmss": {"pmss_layer", "pmss_select"},
+             "serve": {"serve_layer", "serve_decode", "exact_undo"}}
 
 
 def merge_with_previous(path: str, result: dict, suite: str) -> dict:
@@ -183,7 +215,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run portllm's benchmarks and record the results.")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
-    ap.add_argument("--suite", choices=["all", "patch_add", "port", "pmss"], default="all")
+    ap.add_argument("--suite", choices=["all", "patch_add", "port", "pmss", "serve"], default="all")
     a, pytest_args = ap.parse_known_args(argv)
     env = dict(os.environ)
     if a.quick:
@@ -196,7 +228,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = os.path.join(tmp, "raw.json")
         suites = {"patch_add": ["bench_patch_add.py"], "port": ["bench_port.py"], "pmss": ["bench_pmss.py"],
-                  "all": ["bench_patch_add.py", "bench_port.py", "bench_pmss.py"]}[a.suite]
+                  "serve": ["bench_serve.py"],
+                  "all": ["bench_patch_add.py", "bench_port.py", "bench_pmss.py", "bench_serve.py"]}[a.suite]
         cmd = [sys.executable, "-m", "pytest", *[os.path.join(HERE, f) for f in suites], "-q",
                "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
                f"--benchmark-json={raw_path}", "--benchmark-columns=median,min,rounds", *pytest_args]
@@ -249,6 +282,20 @@ def main(argv=None) -> int:
     for r in rows:
         if r["op"] == "pmss_select":
             print(f"\nselect_skeleton (deim, r={r['r']}), one 7B layer's 7 projections: {r['median_ms'] / 1e3:.2f} s")
+    serve = [r for r in rows if r["op"] == "serve_layer"]
+    if serve:
+        print(f"\n{'serve layer (bf16, r=16)':<30} {'T':>5} {'case':<12} {'provider':<18} {'graph':>5} {'median ms':>10} "
+              f"{'x base':>7}")
+        for r in serve:
+            print(f"{str(r['n_in']) + 'x' + str(r['n_out']):<30} {r['T']:>5} {r['case']:<12} {r['provider']:<18} "
+                  f"{str(r['graph']):>5} {r['median_ms']:>10.3f} {r.get('time_vs_base', float('nan')):>7.2f}")
+    for r in rows:
+        if r["op"] == "serve_decode":
+            print(f"decode {r['provider']:<22} {r['tokens_per_s']:>9.1f} tok/s  x base {r.get('vs_base', 1.0):.2f}  "
+                  f"x peft {r.get('vs_peft', float('nan')):.2f}")
+        if r["op"] == "exact_undo":
+            print(f"exact undo {r['provider']:<22} {r['median_ms']:>9.2f} ms  x merge {r.get('time_vs_merge', 1.0):.2f}  "
+                  f"{r['bits_per_weight']:.3f} bits/weight")
     print("\nTargets:")
     for t in result["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}] {t['target']}: {t['value']} (goal {t['goal']})")

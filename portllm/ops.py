@@ -134,6 +134,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
     "lora_shrink": {
         "reference": Impl("reference", "portllm.reference.lora_shrink", ("cpu", "cuda"),
                           lambda x, A, slots: reference.lora_shrink(x, A, slots)),
+        "cpp": Impl("cpp", "csrc/cpu/lora_shrink.cpp (torch.ops.portllm.lora_shrink, CPU)", ("cpu",),
+                    lambda x, A, slots: torch.ops.portllm.lora_shrink(x, A, slots)),
         "cuda": Impl("cuda", "csrc/cuda/lora_shrink.cu (torch.ops.portllm.lora_shrink, CUDA)", ("cuda",),
                      lambda x, A, slots: torch.ops.portllm.lora_shrink(x, A, slots)),
         "triton": Impl("triton", "portllm.kernels.lora_shrink.lora_shrink_forward "
@@ -142,6 +144,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
     "lora_expand_": {
         "reference": Impl("reference", "portllm.reference.lora_expand_", ("cpu", "cuda"),
                           lambda y, h, B, scale, slots: reference.lora_expand_(y, h, B, scale, slots)),
+        "cpp": Impl("cpp", "csrc/cpu/lora_expand.cpp (torch.ops.portllm.lora_expand_, CPU)", ("cpu",),
+                    lambda y, h, B, scale, slots: torch.ops.portllm.lora_expand_(y, h, B, scale, slots)),
         "cuda": Impl("cuda", "csrc/cuda/lora_expand.cu (torch.ops.portllm.lora_expand_, CUDA)", ("cuda",),
                      lambda y, h, B, scale, slots: torch.ops.portllm.lora_expand_(y, h, B, scale, slots)),
         "triton": Impl("triton", "portllm.kernels.lora_expand.lora_expand_forward "
@@ -443,7 +447,7 @@ if _ext.available():
     def _patch_add_fake(W, B, A, scale) -> None:
         return None
 
-    if _ext.has_kernel("lora_shrink", "CUDA"):
+    if _ext.has_kernel("lora_shrink", "CPU") or _ext.has_kernel("lora_shrink", "CUDA"):
 
         @torch.library.register_fake("portllm::lora_shrink")
         def _lora_shrink_fake(x, A, slots):

@@ -50,7 +50,7 @@ def peft_mixed(dtype, adapters, names, ids):
         return model(input_ids=ids, adapter_names=[n or "__base__" for n in names]).logits
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_mixed_batch_matches_peft(adapters, dtype, backend, monkeypatch):
     if portllm.ops.backend_unavailable_reason(backend, "cpu", "lora_shrink"):

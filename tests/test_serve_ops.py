@@ -6,7 +6,7 @@ import torch
 from helpers import CUDA, DTYPES, ulp_distance
 from portllm import ops
 
-CASES = [("reference", "cpu"), ("triton", "cpu"), ("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+CASES = [("reference", "cpu"), ("cpp", "cpu"), ("triton", "cpu"), ("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
 # (T, n, m, P, R): single token, odd sizes, more tokens than a small tile (T > 256), rank 64.
 SHAPES = [(1, 5, 7, 1, 1), (37, 70, 90, 3, 5), (300, 129, 65, 8, 16), (17, 33, 300, 2, 64)]
 SLOTS = ["mixed", "one", "none"]
@@ -111,6 +111,7 @@ def test_opcheck(backend):
     y, B = torch.randn(20, 17, generator=gen).to(device), torch.randn(3, 17, 5, generator=gen).to(device)
     h, s = torch.randn(20, 5, generator=gen).to(device), torch.rand(3, generator=gen).to(device)
     shrink, expand = {"triton": (torch.ops.portllm.lora_shrink_triton, torch.ops.portllm.lora_expand_triton_),
-                      "cuda": (torch.ops.portllm.lora_shrink, torch.ops.portllm.lora_expand_)}[name]
+                      "cuda": (torch.ops.portllm.lora_shrink, torch.ops.portllm.lora_expand_),
+                      "cpp": (torch.ops.portllm.lora_shrink, torch.ops.portllm.lora_expand_)}[name]
     torch.library.opcheck(shrink, (x, A, slots))
     torch.library.opcheck(expand, (y, h, B, s, slots))

@@ -26,6 +26,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 SOURCES = {
     "patch_add_": ("patch_add_", "portllm-", lambda r: r.get("case") == "single"),
     "skeleton_mm": ("pmss_layer", "pmss-", lambda r: True),
+    # the two serving ops run together (PatchedLinear), so one benchmark decides both
+    "lora_shrink": ("serve_layer", "serve-", lambda r: True),
+    "lora_expand_": ("serve_layer", "serve-", lambda r: True),
 }
 
 
@@ -55,7 +58,8 @@ def generate(paths: list[str]) -> dict:
             # (device class, backend)'s time
             cases: dict[tuple, dict] = {}
             for r in rows:
-                key = (r.get("m"), r.get("n"), r.get("r"), r.get("dtype"), r.get("factor_dtype"), r.get("tokens"))
+                key = (r.get("m"), r.get("n"), r.get("r"), r.get("dtype"), r.get("factor_dtype"), r.get("tokens"),
+                       r.get("n_in"), r.get("n_out"), r.get("T"), r.get("case"), r.get("graph"))
                 backend = r["provider"][len(prefix):]
                 case = cases.setdefault(key, {"ref": None, "times": {}})
                 if backend == "reference":
