@@ -1,37 +1,40 @@
 """Merges that undo bit for bit: ``apply_patch(..., exact=True)`` and the ``remove_patch`` that follows.
 
-A merge rounds: W′ = round(W + Δ), with Δ = B·diag(s)·A summed in fp32. Undoing it by merging −Δ
-gives round(W′ − Δ), which equals W for nearly every element but not all (the rounding of W′ lost
-the low bits of W where |W′| reached a larger binade). So the merge records, in the same pass, the
-elements where round(W′ − Δ) ≠ W, and the undo recomputes the same Δ, subtracts, and patches those
-exceptions back. What is stored per weight:
+A merge rounds: W′ = round(W + Δ). Undoing it by merging −Δ gives round(W′ − Δ), which equals W
+for nearly every element but not all (rounding W′ lost the low bits of W where |W′| reached a
+larger binade). So the exact merge runs, per row chunk, the merge and then the undo's own
+computation, and records the elements where the undo misses W. What is stored per weight:
 
 * the exceptions' positions, as gaps between consecutive positions in a byte stream (a byte
   0..254 advances by byte + 1 and marks an exception, 255 advances by 255 and marks none);
-* for each, the distance from round(W′ − Δ) to W in representable values (an int8; ±1 nearly
-  always), and, for the rare one that does not fit (or a signed zero), W's raw bits;
-* checksums of W′ and of W, so that an undo that would not restore W bit for bit is refused
-  before any weight is written, and one that did not is reported.
+* for each, the difference of W's bit pattern and the undo's as integers (an int8: ±1 nearly
+  always, a one-ulp miss), and, for the rare one that does not fit (a change of sign, a signed
+  zero), W's raw bits;
+* the code path of the merge (backend, CPU vector path) and checksums of W′ and of W, so that an
+  undo that could not restore W bit for bit is refused before any weight is written, and one that
+  did not is reported.
 
-About 16 bits per exception: at a relative delta of 2% (2.6% exceptions on random bf16 weights)
+About 16 bits per exception: at a relative delta of 2% (2.3% exceptions on random bf16 weights)
 that is about 0.4 bits per weight, against 16 for a golden copy.
 
-Δ must be recomputed bit for bit, so it is always formed the same way: fp32 ``torch.mm`` of
-(B·s) and A over fixed row chunks, TF32 off, on the device the merge ran on. The merge result
-itself is round(W + Δ): one rounding of an fp32 sum, as every portllm merge.
+Both directions are ``patch_add_`` calls (W′ is what a plain merge gives), on the same row-chunk
+views with the same backend; ``patch_add_`` is deterministic, so the undo recomputes, bit for bit,
+what the merge predicted. The undo is one ``patch_add_`` pass plus the exceptions and two checksum
+reads; the exact merge costs about three merges (it also runs the undo, and keeps copies).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-# Rows per chunk: the fp32 delta of a chunk stays near 4 MiB (cache-sized, as in the reference).
-_CHUNK_ELEMS = 1 << 20
-_INT = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.float16: (torch.int16, 0x7FFF),
-        torch.bfloat16: (torch.int16, 0x7FFF)}
+from portllm import _ext, ops
+
+# Rows per chunk: the merge keeps two copies of a chunk (the old and the merged bits), 8 MiB each
+# for a bf16 weight, whatever the weight's size.
+_CHUNK_ELEMS = 1 << 22
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 class ExactUndoError(RuntimeError):
@@ -46,6 +49,7 @@ class WeightUndo:
     shape: tuple[int, int]
     dtype: torch.dtype
     device_type: str
+    path: str  # the backend (and CPU vector path) the merge ran on: the undo runs the same
     chunk_rows: int
     stream: torch.Tensor  # uint8: gap codes of every chunk, concatenated
     stream_offsets: list[int]  # per chunk: where its codes start (len chunks + 1)
@@ -53,8 +57,8 @@ class WeightUndo:
     diff_offsets: list[int]  # per chunk (len chunks + 1)
     far_index: torch.Tensor  # int64: flat positions whose W bits are stored raw
     far_bits: torch.Tensor  # W's raw bits there (int16/int32)
-    sum_merged: int  # Σ bits of W′
-    sum_original: int  # Σ bits of W
+    sum_merged: int  # checksum of W′ (``_bit_sum`` per chunk, summed mod 2^64)
+    sum_original: int  # checksum of W
 
     @property
     def exceptions(self) -> int:
@@ -64,32 +68,6 @@ class WeightUndo:
     def nbytes(self) -> int:
         return (self.stream.numel() + self.diff.numel() + self.far_index.numel() * 8
                 + self.far_bits.numel() * self.far_bits.element_size())
-
-
-@contextmanager
-def _no_tf32():
-    """fp32 matmuls in full fp32 on CUDA while Δ is formed (the undo must form the same Δ)."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
-def _ordered(bits: torch.Tensor, mask: int) -> torch.Tensor:
-    """Sign-magnitude float bits -> integers whose differences count representable values."""
-    b = bits.to(torch.int64)
-    mag = b & mask
-    return torch.where(b < 0, -mag, mag)
-
-
-def _from_ordered(o: torch.Tensor, int_dtype: torch.dtype, mask: int) -> torch.Tensor:
-    sign_bit = -(mask + 1)  # the sign bit as a negative int64 (0x...8000)
-    return torch.where(o < 0, (-o) | sign_bit, o).to(int_dtype)
 
 
 def _encode_positions(idx: torch.Tensor) -> torch.Tensor:
@@ -105,9 +83,9 @@ def _encode_positions(idx: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_positions(stream: torch.Tensor) -> torch.Tensor:
-    s = stream.to(torch.int64)
-    pos = torch.where(s == 255, 255, s + 1).cumsum(0) - 1
-    return pos[s != 255]
+    marks = stream != 255
+    pos = (stream.to(torch.int64) + marks).cumsum(0) - 1  # a code b < 255 advances b + 1, 255 advances 255
+    return pos[marks]
 
 
 def _chunks(m: int, n: int):
@@ -116,52 +94,83 @@ def _chunks(m: int, n: int):
 
 
 def _bit_sum(t: torch.Tensor) -> int:
-    return int(t.view(_INT[t.dtype][0]).sum(dtype=torch.int64))
+    """A checksum of t's bits: the sum, mod 2^64, of its bytes read as 64-bit words (one fast
+    vectorised pass; element-wise int16 sums are 40x slower), or of its elements where the byte
+    count is not a multiple of 8. A function of the logical content, whatever t's strides."""
+    b = t.contiguous().view(-1).view(torch.uint8)
+    if b.numel() % 8 == 0:
+        return int(b.view(torch.int64).sum()) % 2**64
+    return int(t.contiguous().view(_INT[t.dtype] if t.is_floating_point() else t.dtype).sum(dtype=torch.int64)) % 2**64
 
 
-def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> WeightUndo:
-    """W ← round(W + B·diag(s)·A) in place (fp32 Δ, one rounding), returning what undoes it exactly."""
-    int_dtype, mask = _INT[W.dtype]
+def _chunk_sum(W: torch.Tensor, rows: int) -> int:
+    total = 0
+    for i in range(0, W.shape[0], rows):
+        total = (total + _bit_sum(W[i:i + rows])) % 2**64
+    return total
+
+
+def _fingerprint(W: torch.Tensor, backend: str) -> str:
+    """The code path a merge of W runs: the backend, and on a CPU the vector path (PORTLLM_CPU_ISA)."""
+    return f"{backend}@{_ext.cpu_isa()}" if W.device.type == "cpu" and backend == "cpp" else backend
+
+
+def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, *,
+                   backend: str | None = None) -> WeightUndo:
+    """W += B·diag(s)·A in place with ``patch_add_`` (the same bits as a plain merge with that
+    backend), returning what undoes it exactly: per row chunk, the merge, then the undo's own
+    computation (``patch_add_`` with -s, on the same view) to find where it misses W."""
+    int_dtype = _INT[W.dtype]
     m, n = W.shape
+    backend = ops.resolve_backend(backend, W.device, "patch_add_")
     rows, starts = _chunks(m, n)
-    Bs = B.to(torch.float32) * s.to(device=W.device, dtype=torch.float32)[None, :]
-    Af = A.to(torch.float32)
+    neg = -s
     streams, diffs, far_i, far_b = [], [], [], []
     s_off, d_off = [0], [0]
     sum_merged = sum_original = 0
-    with torch.no_grad(), _no_tf32():
+    with torch.no_grad():
         for i in starts:
-            w = W[i:i + rows]
-            w0 = w.contiguous().view(int_dtype).reshape(-1).clone()
-            D = torch.mm(Bs[i:i + rows], Af)
-            merged = (w.to(torch.float32) + D).to(W.dtype).contiguous()
-            back = (merged.to(torch.float32) - D).to(W.dtype).view(int_dtype).reshape(-1)
+            w, b = W[i:i + rows], B[i:i + rows]
+            w0 = w.clone(memory_format=torch.contiguous_format).view(int_dtype).view(-1)
+            ops.patch_add_(w, b, A, s, backend=backend)
+            merged = w.clone(memory_format=torch.contiguous_format)
+            ops.patch_add_(w, b, A, neg, backend=backend)  # what remove will compute, in the same call
+            back = w.contiguous().view(int_dtype).view(-1)  # (w itself where w is contiguous)
             loc = (back != w0).nonzero().squeeze(1)
-            d = _ordered(w0[loc], mask) - _ordered(back[loc], mask)
-            small = d.clamp(-127, 127)
-            far = (small != d) | (_from_ordered(_ordered(back[loc], mask) + small, int_dtype, mask) != w0[loc])
+            # The difference of the bit patterns as integers: ±1 for a one-ulp miss of the same sign
+            # (the undo adds it back with one scatter_add_); sign changes and signed zeros are far.
+            d = w0[loc].to(torch.int64) - back[loc].to(torch.int64)
+            far = d.abs() > 127
             streams.append(_encode_positions(loc))
-            diffs.append(torch.where(far, 0, small).to(torch.int8))
+            diffs.append(torch.where(far, 0, d).to(torch.int8))
             far_i.append(loc[far] + i * n)
             far_b.append(w0[loc[far]])
             s_off.append(s_off[-1] + streams[-1].numel())
             d_off.append(d_off[-1] + loc.numel())
-            sum_original += int(w0.sum(dtype=torch.int64))
             w.copy_(merged)
-            sum_merged += _bit_sum(merged)
-    return WeightUndo((m, n), W.dtype, W.device.type, rows, torch.cat(streams), s_off, torch.cat(diffs), d_off,
-                      torch.cat(far_i), torch.cat(far_b), sum_merged, sum_original)
+            sum_original = (sum_original + _bit_sum(w0)) % 2**64
+            sum_merged = (sum_merged + _bit_sum(merged)) % 2**64
+    return WeightUndo((m, n), W.dtype, W.device.type, _fingerprint(W, backend), rows, torch.cat(streams), s_off,
+                      torch.cat(diffs), d_off, torch.cat(far_i), torch.cat(far_b), sum_merged, sum_original)
 
 
 def check_undo(W: torch.Tensor, u: WeightUndo, name: str):
-    """Raises ExactUndoError naming ``name`` unless W is the weight ``u`` was recorded on, unchanged."""
+    """Raises ExactUndoError naming ``name`` unless W is the weight ``u`` was recorded on, unchanged,
+    and the merge's code path can run again."""
     if tuple(W.shape) != u.shape or W.dtype != u.dtype:
         raise ExactUndoError(f"module {name}: the weight is {W.dtype} {tuple(W.shape)} but the merge was recorded "
                              f"on {u.dtype} {u.shape}")
     if W.device.type != u.device_type:
         raise ExactUndoError(f"module {name}: the merge was recorded on {u.device_type}, the weight is now on "
                              f"{W.device}; move the model back to undo exactly (or pass exact=False)")
-    if _bit_sum(W) != u.sum_merged:
+    backend = u.path.split("@")[0]
+    reason = ops.backend_unavailable_reason(backend, W.device, "patch_add_")
+    if reason is None and _fingerprint(W, backend) != u.path:
+        reason = f"the CPU now runs the {_ext.cpu_isa()} path (PORTLLM_CPU_ISA?)"
+    if reason is not None:
+        raise ExactUndoError(f"module {name}: the exact merge ran on {u.path}, which cannot run now ({reason}); "
+                             "undo it where it was merged, or pass exact=False")
+    if _chunk_sum(W, u.chunk_rows) != u.sum_merged:
         raise ExactUndoError(f"module {name}: the weight changed since the exact merge (another merge, a training "
                              "step?); undo the later changes first, or pass exact=False to subtract the patch "
                              "with rounding")
@@ -169,28 +178,29 @@ def check_undo(W: torch.Tensor, u: WeightUndo, name: str):
 
 def undo_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, u: WeightUndo,
                   name: str) -> None:
-    """Restores W bit for bit from round(W + Δ) and ``u`` (check with ``check_undo`` first)."""
-    int_dtype, mask = _INT[W.dtype]
+    """Restores W bit for bit from the merged W and ``u`` (check with ``check_undo`` first): the
+    merge's row chunks, each ``patch_add_`` with -s on the merge's code path, then the exceptions."""
+    int_dtype = _INT[W.dtype]
     m, n = W.shape
-    Bs = B.to(torch.float32) * s.to(device=W.device, dtype=torch.float32)[None, :]
-    Af = A.to(torch.float32)
+    backend = u.path.split("@")[0]
+    neg = -s
     total = 0
-    with torch.no_grad(), _no_tf32():
+    with torch.no_grad():
         for c, i in enumerate(range(0, m, u.chunk_rows)):
             w = W[i:i + u.chunk_rows]
-            D = torch.mm(Bs[i:i + u.chunk_rows], Af)
-            back = (w.to(torch.float32) - D).to(W.dtype).contiguous()
-            bits = back.view(int_dtype).view(-1)
+            ops.patch_add_(w, B[i:i + u.chunk_rows], A, neg, backend=backend)
+            flat = w.view(int_dtype).view(-1) if w.is_contiguous() else None
+            bits = flat if flat is not None else w.contiguous().view(int_dtype).view(-1)
             loc = _decode_positions(u.stream[u.stream_offsets[c]:u.stream_offsets[c + 1]])
             if loc.numel():
-                d = u.diff[u.diff_offsets[c]:u.diff_offsets[c + 1]].to(torch.int64)
-                bits[loc] = _from_ordered(_ordered(bits[loc], mask) + d, int_dtype, mask)
+                bits.scatter_add_(0, loc, u.diff[u.diff_offsets[c]:u.diff_offsets[c + 1]].to(int_dtype))
             lo, hi = i * n, (i + w.shape[0]) * n
             sel = (u.far_index >= lo) & (u.far_index < hi)
             if bool(sel.any()):
                 bits[u.far_index[sel] - lo] = u.far_bits[sel]
-            w.copy_(back)
-            total += int(bits.sum(dtype=torch.int64))
+            if flat is None:
+                w.copy_(bits.view(w.dtype).view(w.shape))
+            total = (total + _bit_sum(w)) % 2**64
     if total != u.sum_original:
         raise ExactUndoError(f"module {name}: the weight was restored to within rounding but not bit for bit (the "
-                             "merge's delta was not recomputed identically: different torch or BLAS build?)")
+                             "merge's delta was not recomputed identically)")
