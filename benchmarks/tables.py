@@ -65,6 +65,48 @@ def tables(d: dict) -> str:
         if r["op"] == "pmss_select":
             L += [f"Skeleton selection (DEIM, r={r['r']}) of one 7B-Llama layer's seven projections: "
                   f"{r['median_ms'] / 1e3:.2f} s.", ""]
+    serve = [r for r in rows if r["op"] == "serve_layer"]
+    if serve:
+        L += ["Patched layer (bf16, r=16): time over the base GEMM `x·Wᵀ` in the same run; `one patch`: every token "
+              "routed to one patch; `8 mixed`: each token to one of eight, at random. `peft-style`: "
+              "`x·Wᵀ + ((x·Aᵀ)·Bᵀ)·s`; `peft-loop`: a masked product per patch (PEFT's mixed batch); "
+              "`serve-<backend>`: `PatchedLinear`" + ("; graph: inside a CUDA graph" if any(r["graph"] for r in serve)
+                                                      else "") + ":", ""]
+        keys = sorted({(r["n_in"], r["n_out"], r["T"], r["graph"]) for r in serve})
+        provs = []
+        for r in serve:
+            p = (r["case"], r["provider"])
+            if p not in provs and r["provider"] != "base":
+                provs.append(p)
+        head = ["W (in×out)", "T", "base ms"] + [f"{'1 patch' if c == 'one_patch' else '8 mixed'} {p}" for c, p in provs]
+        L += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+        for n_in, n_out, T, graph in keys:
+            cell = {(r["case"], r["provider"]): r for r in serve
+                    if (r["n_in"], r["n_out"], r["T"], r["graph"]) == (n_in, n_out, T, graph)}
+            base = cell.get(("one_patch", "base"))
+            L.append(f"| {n_in}×{n_out} | {T}{' (graph)' if graph else ''} | "
+                     f"{base['median_ms']:.3f} | " if base else f"| {n_in}×{n_out} | {T} | | ")
+            L[-1] += " | ".join(_f(cell[p], "time_vs_base") if p in cell else "" for p in provs) + " |"
+        L.append("")
+    dec = [r for r in rows if r["op"] == "serve_decode"]
+    if dec:
+        r0 = dec[0]
+        L += [f"Decoding (`model.generate`, greedy) with a Llama-shaped model of random weights ({r0['layers']} layers, "
+              f"hidden {r0['hidden']}, bf16), batch {r0['batch']}, prompt {r0['prompt']}, {r0['new_tokens']} new tokens, "
+              f"{r0['patches']} rank-{r0['r']} patches on all seven projections mixed over the rows:", "",
+              "| provider | tokens/s | × base model | × PEFT |", "|---|---:|---:|---:|"]
+        for r in dec:
+            L.append(f"| {r['provider']} | {r['tokens_per_s']:.0f} | {_f(r, 'vs_base')} | {_f(r, 'vs_peft')} |")
+        L.append("")
+    undo = [r for r in rows if r["op"] == "exact_undo"]
+    if undo:
+        r0 = undo[0]
+        L += [f"Exact undo, bf16 W {r0['m']}×{r0['n']}, r={r0['r']}, a delta of {r0['relative_delta']:.0%} of W: "
+              f"{r0['exceptions']} exceptions stored, {r0['bits_per_weight']:.3f} bits per weight "
+              "(a golden copy: 16):", "", "| step | median ms | × plain merge |", "|---|---:|---:|"]
+        for r in undo:
+            L.append(f"| {r['provider']} | {r['median_ms']:.1f} | {_f(r, 'time_vs_merge')} |")
+        L.append("")
     L += ["Targets evaluated on that run (`targets` in the JSON):", ""]
     for t in d["targets"]:
         met = {True: "met", False: "not met", None: "not judged here"}[t["met"]]

@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace portllm {
 // Checks shared by every device implementation of patch_add_: ranks, shapes, dtypes, devices.
@@ -17,6 +19,9 @@ std::string cpu_isa_best();
 // The path the CPU kernels take now: cpu_isa_best(), or a lower one named by PORTLLM_CPU_ISA.
 std::string cpu_isa_for_call();
 std::string build_info();
+// The token rows of each patch slot in use, slot by slot: [(p, int64 row indices)]. slots [T] int64
+// on the CPU; negative entries (no patch) and entries >= P are left out.
+std::vector<std::pair<int64_t, at::Tensor>> grouped_rows(const at::Tensor& slots, int64_t P);
 }  // namespace portllm
 
 // Dispatch over the dtypes portllm's kernels take: float32, float16, bfloat16 (no double).

@@ -56,12 +56,10 @@ def test_exact_roundtrip(dtype, rel):
     portllm.apply_patch(net, patch, exact=True)
     changed = sum(int((a != b).sum()) for a, b in zip(before, bits(net)))
     assert changed > 0.3 * sum(a.numel() for a in before), "the merge must have changed the weights"
-    # The merge itself is W + Δ rounded once, as every merge: equal to the plain merge's result.
+    # The merged weights are the plain merge's, bit for bit.
     plain = Net(SHAPES, dtype)
-    portllm.apply_patch(plain, patch, backend="reference")
-    for lin, ref in zip(net.layers, plain.layers):
-        assert (lin.weight.float() - ref.weight.float()).abs().max() <= 2 * (
-            ref.weight.float().abs() * torch.finfo(dtype).eps).max()
+    portllm.apply_patch(plain, patch)
+    assert_same_bits(bits(plain), bits(net))
     assert len(portllm.exact_merges(net)) == 1
     portllm.remove_patch(net, patch)
     assert_same_bits(before, bits(net))
@@ -132,6 +130,35 @@ def test_changed_weights_are_refused_untouched():
     with pytest.raises(portllm.ExactUndoError, match="layers.1.*changed"):
         portllm.remove_patch(net, patch)
     assert_same_bits(now, bits(net))  # nothing written, layer 0 included
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_every_backend_undoes_exactly(backend):
+    if portllm.ops.backend_unavailable_reason(backend, "cpu"):
+        pytest.skip(portllm.ops.backend_unavailable_reason(backend, "cpu"))
+    net = Net(SHAPES[:3], torch.bfloat16)
+    before = bits(net)
+    patch = make_patch(net, rank=5)
+    portllm.apply_patch(net, patch, exact=True, backend=backend)
+    portllm.remove_patch(net, patch)
+    assert_same_bits(before, bits(net))
+
+
+def test_a_different_cpu_path_is_refused(monkeypatch):
+    from portllm import _ext
+
+    if _ext.cpu_isa() == "generic":
+        pytest.skip("this CPU has only the generic path")
+    net = Net(SHAPES[:2], torch.bfloat16)
+    patch = make_patch(net)
+    portllm.apply_patch(net, patch, exact=True, backend="cpp")
+    now = bits(net)
+    monkeypatch.setenv("PORTLLM_CPU_ISA", "generic")
+    with pytest.raises(portllm.ExactUndoError, match="layers.0: the exact merge ran on cpp@"):
+        portllm.remove_patch(net, patch)
+    assert_same_bits(now, bits(net))
+    monkeypatch.delenv("PORTLLM_CPU_ISA")
+    portllm.remove_patch(net, patch)
 
 
 def test_out_of_order_and_unknown_removals():

@@ -5,7 +5,8 @@
 // filled rank by rank (acc[j] += h[k] * B[p, j, k]: with portllm.serve's slot layout, B stored
 // [P, R, m], the inner loop reads consecutive addresses and vectorises), then scaled once, added
 // to y in fp32 and rounded once (c10's conversions round to nearest even). Fixed order per
-// element: deterministic, whatever the thread count.
+// element: deterministic, whatever the thread count. From GEMM_TOKENS tokens on, each slot's
+// tokens are gathered and multiplied by ATen's fp32 GEMM instead (grouped_rows).
 //
 // Implements portllm.ops.lora_expand_ (torch.ops.portllm.lora_expand_, CPU); tested against the
 // reference by tests/test_serve_ops.py.
@@ -19,6 +20,7 @@ namespace portllm {
 namespace {
 
 constexpr int64_t COLS = 1024;
+constexpr int64_t GEMM_TOKENS = 64;
 
 template <typename Y, typename F>
 void expand_block(Y* y, int64_t sym, const float* h, const F* b, int64_t sbm, int64_t sbr, float s,
@@ -53,6 +55,13 @@ void lora_expand_cpu(at::Tensor y, const at::Tensor& h_in, const at::Tensor& B, 
   if (T == 0 || m == 0 || R == 0) return;
   const at::Tensor h = h_in.contiguous(), scale = scale_in.contiguous();
   const at::Tensor slots = slots_in.to(at::kLong).contiguous();
+  if (T >= GEMM_TOKENS) {
+    for (const auto& [p, rows] : grouped_rows(slots, P)) {
+      at::Tensor delta = at::mm(h.index_select(0, rows), B[p].to(at::kFloat).t()).mul_(scale[p]);
+      y.index_copy_(0, rows, y.index_select(0, rows).to(at::kFloat).add_(delta).to(y.scalar_type()));
+    }
+    return;
+  }
   const int64_t* sl = slots.data_ptr<int64_t>();
   const float* hp = h.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();

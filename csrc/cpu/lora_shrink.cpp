@@ -4,7 +4,8 @@
 // partial sums (so the compiler vectorises it without reassociating) that are added in a fixed
 // order at the end: deterministic, whatever the thread count. Items run in parallel
 // (at::parallel_for); a decode step (a few tokens) is a few microseconds of work, so the point of
-// this kernel is one call instead of the reference's per-slot gathers.
+// this kernel is one call instead of the reference's per-slot gathers. From GEMM_TOKENS tokens on,
+// the tokens of each slot are gathered and multiplied by ATen's fp32 GEMM instead (grouped_rows).
 //
 // Implements portllm.ops.lora_shrink (torch.ops.portllm.lora_shrink, CPU); tested against the
 // reference by tests/test_serve_ops.py.
@@ -18,6 +19,7 @@ namespace portllm {
 namespace {
 
 constexpr int64_t LANES = 16;
+constexpr int64_t GEMM_TOKENS = 64;
 
 template <typename T>
 float dot(const T* x, int64_t sx, const T* a, int64_t sa, int64_t n) {
@@ -47,6 +49,11 @@ at::Tensor lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& A_in, const
     A = A.to(at::kFloat);
   }
   const at::Tensor slots = slots_in.to(at::kLong).contiguous();
+  if (T >= GEMM_TOKENS) {
+    for (const auto& [p, rows] : grouped_rows(slots, P))
+      h.index_copy_(0, rows, at::mm(x.index_select(0, rows).to(at::kFloat), A[p].to(at::kFloat).t()));
+    return h;
+  }
   const int64_t* sl = slots.data_ptr<int64_t>();
   float* hp = h.data_ptr<float>();
   PORTLLM_DISPATCH_FLOATS(x.scalar_type(), "lora_shrink_cpu", [&] {
