@@ -13,6 +13,8 @@ the batch against the base model and PEFT, and the exact undo of a merge against
 """
 
 import copy
+import statistics
+import time
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ if QUICK:
 elif DEVICE.type == "cuda":
     LAYER_SHAPES, TOKENS, ROUNDS = [(4096, 4096), (4096, 14336)], (1, 8, 32, 128, 512, 2048), 50
 else:
-    LAYER_SHAPES, TOKENS, ROUNDS = [(4096, 4096), (4096, 14336)], (1, 8, 32, 128), 10
+    LAYER_SHAPES, TOKENS, ROUNDS = [(4096, 4096), (4096, 14336)], (1, 8, 32, 128), 20
 SERVE_BACKENDS = [b for b in ops.available_backends(DEVICE, "lora_shrink")
                   if not (b == "triton" and DEVICE.type == "cpu")]
 
@@ -100,23 +102,41 @@ def test_serve_layer(benchmark, n_in, n_out, T, case, provider, graph):
 
         def fn():
             return layer(x)
-    run_fn = fn
+    run_fn, base_fn = fn, (lambda: lin(x))
     if graph:
-        run_fn = _graphed(fn)
+        run_fn, base_fn = _graphed(fn), _graphed(base_fn)
         if run_fn is None:
             pytest.skip(f"{provider} cannot be captured in a CUDA graph")
+    # Paired timing: before each timed round of the provider, one untimed-by-pytest round of the
+    # base GEMM, timed here; the ratio of the two medians is immune to the machine drifting between
+    # tests (on a shared 2-core CPU, tests minutes apart differ by 30%).
+    base_times, prov_times = [], []
+
+    def setup():
+        sync()
+        t0 = time.perf_counter()
+        base_fn()
+        sync()
+        base_times.append(time.perf_counter() - t0)
 
     def call():
+        t0 = time.perf_counter()
         run_fn()
         sync()
+        prov_times.append(time.perf_counter() - t0)
 
-    call()
-    info = dict(op="serve_layer", case=case, n_in=n_in, n_out=n_out, T=T, r=RANK, dtype="bfloat16",
-                provider=provider, graph=graph, bytes=(n_in * n_out + T * (n_in + n_out)) * 2)
-    benchmark.group = f"serve layer {n_in}x{n_out} T={T}"
-    benchmark.extra_info.update(info)
     with torch.no_grad():
-        benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+        call()
+        setup()
+        base_times.clear()
+        prov_times.clear()
+        info = dict(op="serve_layer", case=case, n_in=n_in, n_out=n_out, T=T, r=RANK, dtype="bfloat16",
+                    provider=provider, graph=graph, bytes=(n_in * n_out + T * (n_in + n_out)) * 2)
+        benchmark.group = f"serve layer {n_in}x{n_out} T={T}"
+        benchmark.pedantic(call, setup=setup, rounds=ROUNDS, iterations=1)
+    info["paired_base_ms"] = round(statistics.median(base_times) * 1e3, 4)
+    info["time_vs_base"] = round(statistics.median(prov_times) / statistics.median(base_times), 3)
+    benchmark.extra_info.update(info)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ the reference (see portllm/defaults.py)."""
 
 TABLE = {'cpu-avx2': {'patch_add_': ['cpp', 'reference']},
  'cpu-avx512': {'patch_add_': ['cpp', 'reference']},
- 'cpu-avx512bf16': {'patch_add_': ['cpp', 'reference'], 'skeleton_mm': ['reference']},
+ 'cpu-avx512bf16': {'lora_expand_': ['reference'],
+                    'lora_shrink': ['reference'],
+                    'patch_add_': ['cpp', 'reference'],
+                    'skeleton_mm': ['reference']},
  'cpu-generic': {'patch_add_': ['reference']},
  'cuda': {'patch_add_': ['triton', 'cuda', 'reference'], 'skeleton_mm': ['reference']}}

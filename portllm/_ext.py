@@ -3,6 +3,7 @@ works on its reference backend and says so once, with the reason and how to rebu
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch  # noqa: F401  (the extension links against torch; load torch first)
@@ -27,8 +28,10 @@ def available() -> bool:
     return C is not None
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    """Whether the extension registered a kernel for ``portllm::op`` under ``dispatch_key``."""
+    """Whether the extension registered a kernel for ``portllm::op`` under ``dispatch_key`` (fixed
+    once the extension is loaded: asked once per process)."""
     if C is None:
         return False
     try:

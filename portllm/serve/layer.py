@@ -88,7 +88,8 @@ class PatchedLinear(torch.nn.Linear):
             raise ValueError(f"portllm.serve.route: the batch has {batch} rows but names has {rows.shape[0]} "
                              "entries (one per row)")
         per_row = x.numel() // (batch * self.in_features) if batch else 0
-        return rows.to(x.device).repeat_interleave(per_row)
+        rows = rows.to(x.device)
+        return rows if per_row == 1 else rows.repeat_interleave(per_row)  # (decode: one token per row)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)

@@ -121,6 +121,8 @@ def attach(model: nn.Module, patches: Mapping[str, Patch | str | os.PathLike], *
             raise ServeError(f"the model has no nn.Linear modules named {', '.join(target_modules)}")
     else:
         targets = sorted({n for p in loaded.values() for n in p.modules})
+        if not targets:
+            raise ServeError("nothing to attach: give patches, or target_modules= naming the layers to patch later")
     routing = Routing()
     layers = {}
     for n in targets:
@@ -242,7 +244,6 @@ class _AllRows:
 
     def __init__(self, slot: int, device):
         self.slot, self.device = slot, device
-        self.shape = None
 
     def for_batch(self, batch: int) -> torch.Tensor:
         return torch.full((batch,), self.slot, dtype=torch.int64, device=self.device)
