@@ -14,6 +14,7 @@ from benchutil import DEVICE, QUICK, sync
 
 from portllm import ops
 from portllm.pmss import PMSSLinear, select_skeleton
+from portllm.pmss.select import _top_singular_vectors, deim_lstsq
 
 DIM = 256 if QUICK else 4096
 TOKENS = 256 if QUICK else (8192 if DEVICE.type == "cuda" else 2048)
@@ -99,7 +100,10 @@ LAYER_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 409
             "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
 
 
-def test_select_one_7b_layer(benchmark):
+@pytest.mark.parametrize("provider", ["deim", "deim-lstsq"])
+def test_select_one_7b_layer(benchmark, provider):
+    """select_skeleton's DEIM (incremental: one rank-1 elimination per step) against the direct form
+    it replaced (growing least-squares solves), the same randomized SVD in front of both."""
     shapes = {k: (s[0] // 16, s[1] // 16) for k, s in LAYER_7B.items()} if QUICK else LAYER_7B
     r = 16 if QUICK else 256
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -111,11 +115,15 @@ def test_select_one_7b_layer(benchmark):
 
     def select_all():
         for Ws in stacked:
-            select_skeleton(Ws, r, "deim")
+            if provider == "deim":
+                select_skeleton(Ws, r, "deim")
+            else:
+                U, V = _top_singular_vectors(Ws, r, 0, 4)
+                deim_lstsq(U), deim_lstsq(V)
         sync()
 
     benchmark.group = "select 7B layer"
-    benchmark.extra_info.update(op="pmss_select", case="one_7b_layer", provider="deim", r=r, matrices=len(weights),
+    benchmark.extra_info.update(op="pmss_select", case="one_7b_layer", provider=provider, r=r, matrices=len(weights),
                                 layers_in_7b=32, bytes=0, m=0, n=0)
     benchmark.pedantic(select_all, rounds=1 if not QUICK else 2, warmup_rounds=0, iterations=1)
 

@@ -281,7 +281,8 @@ def main(argv=None) -> int:
                   f"{r.get('speedup_vs_dense_cur', float('nan')):>10.2f}")
     for r in rows:
         if r["op"] == "pmss_select":
-            print(f"\nselect_skeleton (deim, r={r['r']}), one 7B layer's 7 projections: {r['median_ms'] / 1e3:.2f} s")
+            print(f"\nselect_skeleton ({r['provider']}, r={r['r']}), one 7B layer's 7 projections: "
+                  f"{r['median_ms'] / 1e3:.2f} s")
     serve = [r for r in rows if r["op"] == "serve_layer"]
     if serve:
         print(f"\n{'serve layer (bf16, r=16)':<30} {'T':>5} {'case':<12} {'provider':<18} {'graph':>5} {'median ms':>10} "

@@ -63,7 +63,9 @@ def tables(d: dict) -> str:
         L.append("")
     for r in rows:
         if r["op"] == "pmss_select":
-            L += [f"Skeleton selection (DEIM, r={r['r']}) of one 7B-Llama layer's seven projections: "
+            how = ("incremental DEIM" if r["provider"] == "deim" else
+                   "DEIM by growing least-squares solves (the form it replaced)")
+            L += [f"Skeleton selection ({how}, r={r['r']}) of one 7B-Llama layer's seven projections: "
                   f"{r['median_ms'] / 1e3:.2f} s.", ""]
     serve = [r for r in rows if r["op"] == "serve_layer"]
     if serve:

@@ -41,6 +41,20 @@ def test_deim_picks_the_dominant_subspace():
         torch.testing.assert_close(cur, W, rtol=1e-4, atol=1e-5 * W.abs().max().item())
 
 
+@pytest.mark.parametrize("b,m,r", [(1, 7, 7), (3, 50, 12), (2, 300, 64), (1, 2000, 40)])
+def test_incremental_deim_equals_the_definition(b, m, r):
+    """deim (one rank-1 elimination per step) picks the indices of deim_lstsq (growing solves)."""
+    from portllm.pmss.select import deim, deim_lstsq
+
+    g = torch.Generator().manual_seed(m + r)
+    U = torch.linalg.qr(torch.randn(b, m, r, generator=g, dtype=torch.float64)).Q.float()
+    assert torch.equal(deim(U), deim_lstsq(U))
+    # singular vectors of a real weight, as inject sees them
+    W = torch.randn(b, m, max(r, m // 2), generator=g)
+    Uw = torch.linalg.svd(W, full_matrices=False).U[..., :r]
+    assert torch.equal(deim(Uw), deim_lstsq(Uw))
+
+
 def test_select_errors():
     with pytest.raises(ValueError, match=r"rank r=41 must be in 1..min\(m, n\)=40"):
         pmss.select_skeleton(torch.randn(40, 70), 41)

@@ -188,3 +188,19 @@ def test_hot_swap_does_not_recompile(adapters):
     with torch.no_grad():
         expected = lin(x) + torch.tensor([1.0, 0, 1, 0])[:, None] * 2.0 * (x @ pb["0"].A.t()) @ pb["0"].B.t()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attach_empty_then_load(adapters):
+    """Slots sized up front, patches loaded later: the serving stack's start-up."""
+    model = llama(seed=0)
+    with pytest.raises(serve.ServeError, match="nothing to attach"):
+        serve.attach(model, {}, max_patches=2, max_rank=8)
+    serve.attach(model, {}, max_patches=2, max_rank=8, target_modules=TARGETS)
+    assert serve.loaded(model) == {}
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    serve.load(model, "a", adapters["a"])
+    with torch.no_grad(), serve.route(model, [None, "a"]):
+        out = model(input_ids=ids).logits
+    assert torch.equal(out[0], base[0]) and not torch.allclose(out[1], base[1])

@@ -41,6 +41,22 @@ def pmss_modules(model: nn.Module) -> dict[str, PMSSLinear]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, PMSSLinear)}
 
 
+def _selection_batch(W: torch.Tensor, rank: int) -> int:
+    """How many weights shaped like W one batched selection takes: what fits in a quarter of the
+    device's free memory (on a GPU), or in 256 MiB (on a CPU, where batching saves little). Per
+    weight: its fp32 copy, the randomized SVD's two bases and DEIM's fp64 working copies, with a
+    factor 2 for temporaries."""
+    m, n = W.shape
+    q = rank + 10
+    per = 2 * (4 * m * n + 4 * q * (m + n) + 8 * rank * (m + n))
+    if W.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(W.device)
+        budget = max(256 << 20, free // 4)
+    else:
+        budget = 256 << 20
+    return max(1, budget // per)
+
+
 def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim", scale: float = 1.0, *,
            seed: int = 0, backend: str | None = None) -> nn.Module:
     """Replaces each target ``nn.Linear`` with a ``PMSSLinear`` of the given rank (skeleton selected
@@ -54,8 +70,7 @@ def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim
     for p in model.parameters():
         p.requires_grad_(False)
     for shape, group in by_shape.items():
-        # Batches of equal-shape weights, bounded so the stacked copy stays small (~256 MiB).
-        per_batch = max(1, (256 << 20) // (4 * shape[0] * shape[1]))
+        per_batch = _selection_batch(model.get_submodule(group[0]).weight, rank)
         for b0 in range(0, len(group), per_batch):
             names_b = group[b0 : b0 + per_batch]
             Ws = torch.stack([model.get_submodule(n).weight.detach() for n in names_b])
