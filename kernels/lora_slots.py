@@ -19,7 +19,8 @@ def token_tiles(slots: torch.Tensor, P: int, block_t: int):
     T = slots.shape[0]
     key = torch.where(slots >= 0, slots, P)
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=P + 1)[:P]
+    # (scatter_add_ into a fixed size, not bincount, which reads the largest key back to the host)
+    counts = torch.zeros(P + 1, dtype=torch.int64, device=slots.device).scatter_add_(0, key, torch.ones_like(key))[:P]
     seg_start = torch.cumsum(counts, 0) - counts
     tiles = (counts + block_t - 1) // block_t
     tile_start = torch.zeros(P + 1, dtype=torch.int64, device=slots.device)

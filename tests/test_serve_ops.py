@@ -8,8 +8,8 @@ from portllm import ops
 
 CASES = [("reference", "cpu"), ("cpp", "cpu"), ("triton", "cpu"), ("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
 # (T, n, m, P, R): single token, odd sizes, more tokens than a small tile (T > 256) and than the C++
-# kernel's direct path (T >= 192), rank 64, more columns than one C++ work item (1024).
-SHAPES = [(1, 5, 7, 1, 1), (37, 70, 90, 3, 5), (300, 129, 65, 8, 16), (17, 33, 300, 2, 64), (200, 20, 1500, 3, 3)]
+# kernel's direct path (T >= 384), rank 64, more columns than one C++ work item (1024).
+SHAPES = [(1, 5, 7, 1, 1), (37, 70, 90, 3, 5), (300, 129, 65, 8, 16), (17, 33, 300, 2, 64), (400, 20, 1500, 3, 3)]
 SLOTS = ["mixed", "one", "none"]
 
 
