@@ -185,7 +185,7 @@ def _patches(model):
     return out
 
 
-@pytest.mark.parametrize("provider", ["base", "portllm.serve", "peft adapter_names"])
+@pytest.mark.parametrize("provider", ["base", "peft adapter_names"] + [f"portllm.serve@{b}" for b in SERVE_BACKENDS])
 def test_serve_decode(benchmark, provider):
     pytest.importorskip("transformers")
     model = _base_model()
@@ -196,10 +196,13 @@ def test_serve_decode(benchmark, provider):
     if provider == "base":
         def gen():
             return model.generate(input_ids=ids, **kwargs)
-    elif provider == "portllm.serve":
+    elif provider.startswith("portllm.serve@"):
         from portllm import serve
 
         serve.attach(model, _patches(model), max_patches=PATCHES, max_rank=RANK)
+        for layer in model.modules():
+            if isinstance(layer, PatchedLinear):
+                layer.backend = provider.partition("@")[2]
 
         def gen():
             with serve.route(model, names):

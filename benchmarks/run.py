@@ -165,7 +165,7 @@ def serve_rows(rows):
     for r in dec.values():
         if "base" in dec and r is not dec["base"]:
             r["vs_base"] = round(r["tokens_per_s"] / dec["base"]["tokens_per_s"], 3)
-        if "peft adapter_names" in dec and r["provider"] == "portllm.serve":
+        if "peft adapter_names" in dec and r["provider"].startswith("portllm.serve"):
             r["vs_peft"] = round(r["tokens_per_s"] / dec["peft adapter_names"]["tokens_per_s"], 3)
     undo = {r["provider"]: r for r in rows if r["op"] == "exact_undo"}
     merge = undo.get("merge (patch_add_)")
