@@ -164,14 +164,24 @@ def _apply_exact(model, params, per_module, patches, scales, check_finite, backe
             except ValueError as e:
                 raise NonFiniteMergeError(str(e)) from None
         factors[name] = (target, B, A, s)
+    for _, (target, _, _, _) in factors.items():  # a backend that cannot run fails here, before any write
+        ops.resolve_backend(backend, target.device, "patch_add_")
+
+    def roll_back():  # all or nothing: undo, exactly, what was merged
+        for undone, (u, _) in reversed(list(done.items())):
+            t, b, a, sc = factors[undone]
+            undo_recorded(t, b, a, sc, u, undone)
+
     for name, (target, B, A, s) in factors.items():
         before = _nonfinite(target) if check_finite is not False else 0
-        done[name] = (merge_recorded(target, B, A, s, backend=backend), per_module[name][0][0].fan_in_fan_out)
+        try:
+            done[name] = (merge_recorded(target, B, A, s, backend=backend), per_module[name][0][0].fan_in_fan_out)
+        except BaseException:
+            roll_back()  # (an interrupt between modules; one inside a module's merge leaves that module merged)
+            raise
         added = _nonfinite(target) - before if check_finite is not False else 0
         if added > 0:
-            for undone, (t, b, a, sc) in factors.items():  # all or nothing: undo what was merged
-                if undone in done:
-                    undo_recorded(t, b, a, sc, done[undone][0], undone)
+            roll_back()
             raise NonFiniteMergeError(
                 f"module {name}: the merge would make {added} of {target.numel()} weights NaN or Inf ({target.dtype} "
                 f"holds at most {torch.finfo(target.dtype).max:.6g}); refusing. Lower the scale, merge in a wider "
@@ -192,5 +202,13 @@ def _remove_exact(model, rec: ExactMerge):
         check_undo(target, u, name)
         B, A, s = merge_factors(rec.entries[name], W.device)
         work.append((name, target, B, A, s, u))
-    for name, target, B, A, s, u in work:
-        undo_recorded(target, B, A, s, u, name)
+    failed = []
+    for name, target, B, A, s, u in work:  # every weight, even if one is not restored bit for bit
+        try:
+            undo_recorded(target, B, A, s, u, name)
+        except ExactUndoError:
+            failed.append(name)
+    if failed:
+        _records(model).remove(rec)  # the weights are no longer the merged ones: the record is spent
+        raise ExactUndoError(f"{len(failed)} of {len(work)} weights were restored to within rounding but not bit for "
+                             f"bit (first: module {failed[0]}); the merge's delta was not recomputed identically")

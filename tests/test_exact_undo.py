@@ -189,3 +189,28 @@ def test_position_stream_roundtrip(gaps):
     stream = exact._encode_positions(idx)
     assert stream.dtype == torch.uint8
     assert torch.equal(exact._decode_positions(stream), idx)
+
+
+def test_failure_midway_rolls_back(monkeypatch):
+    """An error while merging the second weight undoes the first, exactly; nothing is recorded."""
+    net = Net(SHAPES[:3], torch.bfloat16)
+    before = bits(net)
+    patch = make_patch(net)
+    real, calls = exact.merge_recorded, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    import portllm.apply
+
+    monkeypatch.setattr(portllm.apply, "merge_recorded", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        portllm.apply_patch(net, patch, exact=True)
+    assert_same_bits(before, bits(net))
+    assert portllm.exact_merges(net) == []
+    with pytest.raises(portllm.BackendUnavailableError):
+        portllm.apply_patch(net, patch, exact=True, backend="cuda")
+    assert_same_bits(before, bits(net))
