@@ -220,7 +220,10 @@ def patch_add_(
       ``W + Σ_k fp32(B[i,k]·s_k)·A[k,j]``; the paths that multiply bf16/fp16 factors on
       dot-product units (the CPU's AVX512-BF16, tensor cores) compute ``W + Σ_g s_g·(Σ_{k∈g}
       B[i,k]·A[k,j])``, whose products are exact in fp32. Both are within the fp32 dot-product
-      error bound of the exact result.
+      error bound of the exact result. fp32 factors on a bf16/fp16 W go to the tensor cores
+      (Triton) as bf16 high and low parts of B·s and A (``Bh·Ah + Bh·Al + Bl·Ah``): each product
+      within 2⁻¹⁶ of its fp32 value, far below W's rounding step. An fp32 W is always merged with
+      fp32 products.
     * W may be strided: a row or column slice of a larger weight (a fused qkv), or transposed. Its
       elements must not overlap in memory (an expanded or ``as_strided`` view is refused).
     * Factors that share memory with W are read before W is written (here, for every backend).

@@ -98,6 +98,35 @@ def test_mixed_factor_dtypes(backend, dtype_w, dtype_b, dtype_a):
     check_against_reference(W.cpu(), W0.cpu(), B.cpu(), A.cpu(), 2.0, ref_out.cpu())
 
 
+@pytest.mark.parametrize("scales", ["one", "groups", "per_rank"])
+@pytest.mark.parametrize("dtype_w", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,n,r", [(5, 123, 7), (70, 300, 33), (129, 260, 64)], ids=str)
+def test_fp32_factors_on_16bit_W(backend, m, n, r, dtype_w, scales):
+    """fp32 factors (as PEFT saves them) on a bf16/fp16 W: every element within one rounding step of
+    the exact value plus a near-fp32 sum's error (Triton forms the products from bf16 high and low
+    parts of B·s and A, whose dropped low·low term is 2^-16 of a product), and nearly all
+    correctly rounded."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(m + r)
+    W, _ = make_W(m, n, dtype_w, "contiguous", device, gen)
+    B, A = make_factors(m, n, r, torch.float32, torch.float32, device, gen)
+    s = {"one": torch.full((r,), 0.37), "per_rank": torch.rand(r, generator=gen) + 0.1,
+         "groups": torch.tensor([0.5, -2.0, 3.0])[torch.arange(r) * 3 // r]}[scales]
+    W0 = W.clone().cpu()
+    ops.patch_add_(W, B, A, s.to(device), backend=name)
+    out, Bc, Ac = W.cpu(), B.cpu(), A.cpu()
+    exact = patch_add_exact(W0, Bc, Ac, s)
+    fi = torch.finfo(dtype_w)
+    step = torch.maximum(exact.abs() * fi.eps, torch.tensor(fi.smallest_normal * fi.eps, dtype=torch.float64))
+    mag = (Bc.double().abs() * s.double().abs()[None, :]) @ Ac.double().abs()
+    bound = step / 2 + fp32_error_bound(W0, Bc, Ac, s) + 2 * 2.0**-16 * mag
+    err = (out.double() - exact).abs()
+    assert (err <= bound).all(), f"worst error {(err / bound).max().item():.3g}x the bound"
+    if out.numel() >= 200:
+        miss = (ulp_distance(out, exact.to(dtype_w)) > 0).double().mean().item()
+        assert miss <= 0.01, f"{miss:.1%} of elements are not the correctly rounded result"
+
+
 def test_per_rank_scale_merges_several_patches(backend):
     """Concatenated factors with one scale per rank == the patches' sum."""
     name, device = backend
