@@ -7,11 +7,14 @@ unmodified). Backward, with g = dy·W[:, J]:
 
     dU = s·gᵀ·h            dx = dy·W + s·(g·U)·W[I, :]
 
-Only h (tokens × r) is saved for backward. C and R are never stored: the skeleton GEMMs
-(``portllm.ops.skeleton_mm``) read them out of W by index.
+Only h (tokens × r) is saved for backward. C and R are never stored: with the default backend
+they are gathered for the duration of one GEMM each, whose output is the base GEMM's (addmm_,
+beta = 1); with the kernel backends ``portllm.ops.skeleton_mm`` reads them out of W by index.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -20,18 +23,34 @@ from portllm import ops
 
 
 class _PMSSFunction(torch.autograd.Function):
+    """Two ways to run the skeleton products, by the backend ``skeleton_mm`` resolves to:
+
+    * ``reference`` (the default wherever it was measured fastest): gather C = W[:, J] (m×r) and
+      R = W[I, :] (r×n), a few MB, and hand the products to the BLAS GEMM accumulating into the
+      base GEMM's output and into dx in place (``addmm_``, beta = 1): no tokens×m temporary and no
+      separate add. z = s·h·Uᵀ is formed in fp32 (r×r work) and rounded once to the activations'
+      dtype. The gathered copies are freed at once, never stored.
+    * ``cpp``/``cuda``/``triton``: ``portllm.ops.skeleton_mm`` reads C and R out of W by index.
+    """
+
     @staticmethod
     def forward(ctx, x, W, bias, I, J, U, scale, backend):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y0 = x2 @ W.t()  # the base GEMM, once
-        h = y0.index_select(1, I)  # [T, r] == x·W[I, :]ᵀ
-        z = h @ U.to(h.dtype).t()
-        y = y0 + scale * ops.skeleton_mm(z, W, J, "ct", backend=backend)
+        fused = _fused(W, x2, backend)
+        y = x2 @ W.t()  # the base GEMM, once
+        h = y.index_select(1, I)  # [T, r] == x·W[I, :]ᵀ
+        acc = torch.promote_types(h.dtype, torch.float32)
+        if fused:
+            z = (h.to(acc) @ (scale * U.to(acc)).t()).to(y.dtype)
+            y.addmm_(z, W.index_select(1, J).t().to(y.dtype))
+        else:
+            z = h @ U.to(h.dtype).t()
+            y = y + scale * ops.skeleton_mm(z, W, J, "ct", backend=backend)
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(h, W, I, J, U)
-        ctx.scale, ctx.backend, ctx.x_shape = scale, backend, shape
+        ctx.scale, ctx.backend, ctx.x_shape, ctx.fused = scale, backend, shape, fused
         return y.reshape(*shape[:-1], W.shape[0])
 
     @staticmethod
@@ -39,16 +58,31 @@ class _PMSSFunction(torch.autograd.Function):
         h, W, I, J, U = ctx.saved_tensors
         s, backend = ctx.scale, ctx.backend
         dy2 = dy.reshape(-1, W.shape[0])
-        g = ops.skeleton_mm(dy2, W, J, "c", backend=backend)  # [T, r] = dy·W[:, J]
         acc = torch.promote_types(dy2.dtype, torch.float32)  # r×r work in fp32 (fp64 stays fp64)
+        if ctx.fused:
+            g = dy2 @ W.index_select(1, J).to(dy2.dtype)  # [T, r] = dy·W[:, J]
+        else:
+            g = ops.skeleton_mm(dy2, W, J, "c", backend=backend)
         dU = (s * (g.to(acc).t() @ h.to(acc))).to(U.dtype) if ctx.needs_input_grad[5] else None
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ W.to(dy2.dtype)
-            dx = dx + s * ops.skeleton_mm((g.to(acc) @ U.to(acc)).to(dy2.dtype), W, I, "r", backend=backend)
+            gu = (g.to(acc) @ (s * U.to(acc))).to(dy2.dtype)
+            if ctx.fused:
+                dx.addmm_(gu, W.index_select(0, I).to(dy2.dtype))
+            else:
+                dx = dx + ops.skeleton_mm(gu, W, I, "r", backend=backend)
             dx = dx.reshape(ctx.x_shape)
         dbias = dy2.sum(0) if ctx.needs_input_grad[2] else None
         return dx, None, dbias, None, None, dU, None, None
+
+
+def _fused(W: torch.Tensor, x2: torch.Tensor, backend: str | None) -> bool:
+    """Whether the skeleton products go to the BLAS GEMM (the ``reference`` backend)."""
+    fp64 = torch.float64 in (W.dtype, x2.dtype)
+    if fp64 and backend is None and os.environ.get("PORTLLM_BACKEND") in (None, "", "auto"):
+        return True  # float64 (gradcheck) runs on the reference unless a backend is named
+    return ops.resolve_backend(backend, W.device, "skeleton_mm") == "reference"
 
 
 def pmss_linear(x, W, bias, I, J, U, scale: float = 1.0, backend: str | None = None):
