@@ -74,6 +74,16 @@ GOALS: list[Goal] = [
     Goal("PMSSLinear fwd+bwd 4096x4096 bf16 8192 tokens r=256, best variant: time / PEFT LoRA r=8", "cuda",
          dict(op="pmss_layer"), "time_vs_lora", "<=", 0.90, agg="min", exclude=dict(provider="peft-lora-r8")),
     Goal("PMSSLinear: speed vs dense CUR", "cpu", dict(op="pmss_layer"), "speedup_vs_dense_cur", ">=", 5, agg="max"),
+    # training step (#11)
+    *[Goal(f"train step {size}: PMSS r=256 tokens/s / PEFT LoRA r=8", "cuda",
+           dict(op="train_step", model=size, provider="pmss-r256"), "tokens_per_s_vs_lora", ">=", goal)
+      for size, goal in (("1.1B", 1.45), ("7B", 1.10))],
+    *[Goal(f"train step {size}: PMSS r=256 peak GPU memory / PEFT LoRA r=8", "cuda",
+           dict(op="train_step", model=size, provider="pmss-r256"), "memory_vs_lora", "<=", goal)
+      for size, goal in (("1.1B", 0.60), ("7B", 0.75))],
+    *[Goal(f"pmss.inject(rank=256, method='deim') of the whole {size}-shaped model (s)", "cuda",
+           dict(op="train_step", model=size, provider="pmss-r256"), "inject_seconds", "<=", goal)
+      for size, goal in (("1.1B", 3.0), ("7B", 10.0))],
     # serving (#13)
     *[Goal(f"serve one patch r=16, {sh}, T={T}: PatchedLinear ({be}) / base GEMM" + (" (CUDA graphs)" if g else ""),
            "cuda", dict(op="serve_layer", case="one_patch", n_in=4096, n_out=n_out, T=T, provider=be, graph=g),

@@ -87,6 +87,7 @@ def summarise(raw: dict) -> list[dict]:
     port_rows(rows)
     pmss_rows(rows)
     serve_rows(rows)
+    train_rows(rows)
     rows = [r for r in rows if r["op"] == "patch_add_"] + [r for r in rows if r["op"] != "patch_add_"]
     pa = [r for r in rows if r["op"] == "patch_add_"]
     copy = {(r["m"], r["n"]): r for r in pa if r["provider"] == "copy"}
@@ -177,6 +178,20 @@ def serve_rows(rows):
         undo["remove exact"]["time_vs_exact_merge"] = round(undo["remove exact"]["median_ms"] / exact["median_ms"], 3)
 
 
+def train_rows(rows):
+    """Training steps: PMSS's tokens/s and peak memory relative to PEFT LoRA's, per model size."""
+    lora = {r["model"]: r for r in rows if r["op"] == "train_step" and r["provider"] == "peft-lora-r8"}
+    for r in rows:
+        if r["op"] != "train_step":
+            continue
+        r.pop("gbps", None)
+        base = lora.get(r["model"])
+        if base is not None and r is not base:
+            r["tokens_per_s_vs_lora"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+            if r.get("peak_memory_bytes") and base.get("peak_memory_bytes"):
+                r["memory_vs_lora"] = round(r["peak_memory_bytes"] / base["peak_memory_bytes"], 3)
+
+
 def find(rows, **kw):
     return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
 
@@ -189,7 +204,7 @@ def targets(rows: list[dict], device: str) -> list[dict]:
 
 
 SUITE_OPS = {"patch_add": {"patch_add_"}, "port": {"port"}, "pmss": {"pmss_layer", "pmss_select"},
-             "serve": {"serve_layer", "serve_decode", "exact_undo"}}
+             "serve": {"serve_layer", "serve_decode", "exact_undo"}, "train": {"train_step"}}
 
 
 def merge_with_previous(path: str, result: dict, suite: str) -> dict:
@@ -215,7 +230,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run portllm's benchmarks and record the results.")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
-    ap.add_argument("--suite", choices=["all", "patch_add", "port", "pmss", "serve"], default="all")
+    ap.add_argument("--suite", choices=["all", "patch_add", "port", "pmss", "serve", "train"], default="all")
     a, pytest_args = ap.parse_known_args(argv)
     env = dict(os.environ)
     if a.quick:
@@ -228,8 +243,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         raw_path = os.path.join(tmp, "raw.json")
         suites = {"patch_add": ["bench_patch_add.py"], "port": ["bench_port.py"], "pmss": ["bench_pmss.py"],
-                  "serve": ["bench_serve.py"],
-                  "all": ["bench_patch_add.py", "bench_port.py", "bench_pmss.py", "bench_serve.py"]}[a.suite]
+                  "serve": ["bench_serve.py"], "train": ["bench_train.py"],
+                  "all": ["bench_patch_add.py", "bench_port.py", "bench_pmss.py", "bench_serve.py",
+                          "bench_train.py"]}[a.suite]
         cmd = [sys.executable, "-m", "pytest", *[os.path.join(HERE, f) for f in suites], "-q",
                "-o", "python_files=bench_*.py", "-p", "no:cacheprovider",
                f"--benchmark-json={raw_path}", "--benchmark-columns=median,min,rounds", *pytest_args]
@@ -297,6 +313,13 @@ def main(argv=None) -> int:
         if r["op"] == "exact_undo":
             print(f"exact undo {r['provider']:<22} {r['median_ms']:>9.2f} ms  x merge {r.get('time_vs_merge', 1.0):.2f}  "
                   f"{r['bits_per_weight']:.3f} bits/weight")
+    for r in rows:
+        if r["op"] == "train_step":
+            mem = r.get("peak_memory_bytes")
+            print(f"train step {r['model']:<5} {r['provider']:<14} {r['tokens_per_s']:>10.0f} tok/s  "
+                  f"x LoRA {r.get('tokens_per_s_vs_lora', 1.0):.2f}  peak {mem / 2**30 if mem else float('nan'):.2f} GiB"
+                  f"  x LoRA {r.get('memory_vs_lora', float('nan')):.2f}"
+                  + (f"  inject {r['inject_seconds']:.1f} s" if "inject_seconds" in r else ""))
     print("\nTargets:")
     for t in result["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT met' if t['met'] is False else 'n/a'}] {t['target']}: {t['value']} (goal {t['goal']})")
