@@ -98,7 +98,7 @@ def test_serve_layer(benchmark, n_in, n_out, T, case, provider, graph):
         for p in range(P):
             layer.set_slot(p, B[p], A[p], 2.0)
         layer.backend = provider.removeprefix("serve-")
-        layer.routing.rows = slots
+        layer.routing.set(slots, None)
 
         def fn():
             return layer(x)

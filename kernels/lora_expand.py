@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portllm.kernels.lora_slots import tile_of, token_tiles
+from portllm.kernels.lora_slots import tile_of, token_tiles, unpack
 from portllm.kernels.rounding import to_bf16_rne
 
 
@@ -62,14 +62,16 @@ def _lora_expand_kernel(
 
 
 def lora_expand_forward(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                        slots: torch.Tensor) -> None:
-    """Host launcher; arguments are checked by ``portllm.ops.lora_expand_``."""
+                        slots: torch.Tensor, tiles: torch.Tensor | None = None) -> None:
+    """Host launcher; arguments are checked by ``portllm.ops.lora_expand_``. ``tiles``: the
+    grouping of ``slots`` (``lora_slots.token_tiles``), computed here if not given."""
     T, M = y.shape
     P, _, R = B.shape
     if T == 0 or M == 0 or R == 0:
         return
-    block_t = 16 if T <= 256 else 64
-    order, seg_start, seg_count, tile_start, grid = token_tiles(slots, P, block_t)
+    if tiles is None:
+        tiles = token_tiles(slots, P)
+    order, seg_start, seg_count, tile_start, block_t, grid = unpack(tiles, T, P)
     block_m = 128
     _lora_expand_kernel[(grid, triton.cdiv(M, block_m))](
         y, h, B, scale, order, seg_start, seg_count, tile_start, M, R, P,

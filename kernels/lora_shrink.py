@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portllm.kernels.lora_slots import tile_of, token_tiles
+from portllm.kernels.lora_slots import tile_of, token_tiles, unpack
 
 
 @triton.jit
@@ -63,15 +63,18 @@ def _lora_shrink_kernel(
     tl.store(H + tok[:, None] * stride_ht + offs_r[None, :], acc, mask=mask_t[:, None] & mask_r[None, :])
 
 
-def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Host launcher; arguments are checked by ``portllm.ops.lora_shrink``."""
+def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor,
+                        tiles: torch.Tensor | None = None) -> torch.Tensor:
+    """Host launcher; arguments are checked by ``portllm.ops.lora_shrink``. ``tiles``: the
+    grouping of ``slots`` (``lora_slots.token_tiles``), computed here if not given."""
     T, N = x.shape
     P, R, _ = A.shape
     h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
     if T == 0 or R == 0:
         return h
-    block_t = 16 if T <= 256 else 64
-    order, seg_start, seg_count, tile_start, grid = token_tiles(slots, P, block_t)
+    if tiles is None:
+        tiles = token_tiles(slots, P)
+    order, seg_start, seg_count, tile_start, block_t, grid = unpack(tiles, T, P)
     upcast = (x.dtype != A.dtype or x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
     _lora_shrink_kernel[(grid,)](
         x, A, h, order, seg_start, seg_count, tile_start, N, R, P,

@@ -11,21 +11,35 @@ import triton
 import triton.language as tl
 
 
-def token_tiles(slots: torch.Tensor, P: int, block_t: int):
-    """slots [T] int64 (negative = no patch) -> (order [T], seg_start [P], seg_count [P],
-    tile_start [P + 1], grid): ``order`` lists the tokens slot by slot (no-patch tokens last), slot p's
-    tokens are order[seg_start[p] : seg_start[p] + seg_count[p]], and its tiles are the program ids
-    tile_start[p] .. tile_start[p + 1] - 1."""
-    T = slots.shape[0]
+def block_t_for(T: int) -> int:
+    """Tokens per tile: small tiles for decode-sized batches, larger ones for prefill."""
+    return 16 if T <= 256 else 64
+
+
+def token_tiles(slots: torch.Tensor, P: int) -> torch.Tensor:
+    """slots [T] int64 (negative = no patch) -> the grouping, packed in one int64 tensor
+    [T + 3P + 1] (``unpack`` splits it): ``order`` lists the tokens slot by slot (no-patch tokens
+    last), slot p's tokens are order[seg_start[p] : seg_start[p] + seg_count[p]], and its tiles of
+    ``block_t_for(T)`` tokens are the program ids tile_start[p] .. tile_start[p + 1] - 1. One
+    grouping serves every layer of a forward (``portllm.serve`` computes it once per batch)."""
+    block_t = block_t_for(slots.shape[0])
     key = torch.where(slots >= 0, slots, P)
     order = torch.argsort(key, stable=True)
     # (scatter_add_ into a fixed size, not bincount, which reads the largest key back to the host)
-    counts = torch.zeros(P + 1, dtype=torch.int64, device=slots.device).scatter_add_(0, key, torch.ones_like(key))[:P]
+    counts = torch.zeros(P + 1, dtype=torch.int64, device=slots.device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:P]
     seg_start = torch.cumsum(counts, 0) - counts
-    tiles = (counts + block_t - 1) // block_t
     tile_start = torch.zeros(P + 1, dtype=torch.int64, device=slots.device)
-    tile_start[1:] = torch.cumsum(tiles, 0)
-    return order, seg_start, counts, tile_start, triton.cdiv(T, block_t) + P
+    tile_start[1:] = torch.cumsum((counts + block_t - 1) // block_t, 0)
+    return torch.cat([order, seg_start, counts, tile_start])
+
+
+def unpack(tiles: torch.Tensor, T: int, P: int):
+    """(order, seg_start, seg_count, tile_start, block_t, grid) from ``token_tiles``' tensor; the
+    grid is the bound cdiv(T, block_t) + P on the number of tiles."""
+    order, seg_start, counts, tile_start = torch.split(tiles, [T, P, P, P + 1])
+    block_t = block_t_for(T)
+    return order, seg_start, counts, tile_start, block_t, triton.cdiv(T, block_t) + P
 
 
 @triton.jit

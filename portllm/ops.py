@@ -29,7 +29,7 @@ import functools
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -102,12 +102,12 @@ def _skeleton_mm_triton_run(A, W, idx, kind):
     return torch.ops.portllm.skeleton_mm_triton(A, W, idx, kind)
 
 
-def _lora_shrink_triton_run(x, A, slots):
-    return torch.ops.portllm.lora_shrink_triton(x, A, slots)
+def _lora_shrink_triton_run(x, A, slots, tiles=None):
+    return torch.ops.portllm.lora_shrink_triton(x, A, slots, tiles)
 
 
-def _lora_expand_triton_run(y, h, B, scale, slots):
-    torch.ops.portllm.lora_expand_triton_(y, h, B, scale, slots)
+def _lora_expand_triton_run(y, h, B, scale, slots, tiles=None):
+    torch.ops.portllm.lora_expand_triton_(y, h, B, scale, slots, tiles)
 
 
 IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
@@ -133,21 +133,21 @@ IMPLEMENTATIONS: dict[str, dict[str, Impl]] = {
     },
     "lora_shrink": {
         "reference": Impl("reference", "portllm.reference.lora_shrink", ("cpu", "cuda"),
-                          lambda x, A, slots: reference.lora_shrink(x, A, slots)),
+                          lambda x, A, slots, tiles=None: reference.lora_shrink(x, A, slots)),
         "cpp": Impl("cpp", "csrc/cpu/lora_shrink.cpp (torch.ops.portllm.lora_shrink, CPU)", ("cpu",),
-                    lambda x, A, slots: torch.ops.portllm.lora_shrink(x, A, slots)),
+                    lambda x, A, slots, tiles=None: torch.ops.portllm.lora_shrink(x, A, slots)),
         "cuda": Impl("cuda", "csrc/cuda/lora_shrink.cu (torch.ops.portllm.lora_shrink, CUDA)", ("cuda",),
-                     lambda x, A, slots: torch.ops.portllm.lora_shrink(x, A, slots)),
+                     lambda x, A, slots, tiles=None: torch.ops.portllm.lora_shrink(x, A, slots)),
         "triton": Impl("triton", "portllm.kernels.lora_shrink.lora_shrink_forward "
                        "(torch.ops.portllm.lora_shrink_triton)", ("cpu", "cuda"), _lora_shrink_triton_run),
     },
     "lora_expand_": {
         "reference": Impl("reference", "portllm.reference.lora_expand_", ("cpu", "cuda"),
-                          lambda y, h, B, scale, slots: reference.lora_expand_(y, h, B, scale, slots)),
+                          lambda y, h, B, scale, slots, tiles=None: reference.lora_expand_(y, h, B, scale, slots)),
         "cpp": Impl("cpp", "csrc/cpu/lora_expand.cpp (torch.ops.portllm.lora_expand_, CPU)", ("cpu",),
-                    lambda y, h, B, scale, slots: torch.ops.portllm.lora_expand_(y, h, B, scale, slots)),
+                    lambda y, h, B, scale, slots, tiles=None: torch.ops.portllm.lora_expand_(y, h, B, scale, slots)),
         "cuda": Impl("cuda", "csrc/cuda/lora_expand.cu (torch.ops.portllm.lora_expand_, CUDA)", ("cuda",),
-                     lambda y, h, B, scale, slots: torch.ops.portllm.lora_expand_(y, h, B, scale, slots)),
+                     lambda y, h, B, scale, slots, tiles=None: torch.ops.portllm.lora_expand_(y, h, B, scale, slots)),
         "triton": Impl("triton", "portllm.kernels.lora_expand.lora_expand_forward "
                        "(torch.ops.portllm.lora_expand_triton_)", ("cpu", "cuda"), _lora_expand_triton_run),
     },
@@ -379,13 +379,15 @@ def _check_slots(slots, T: int, P: int, device, op: str):
         raise ValueError(f"{op}: slots is on {slots.device}, the tokens on {device}")
 
 
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, *, backend: str | None = None,
+                tiles: torch.Tensor | None = None) -> torch.Tensor:
     """h[t] = x[t] · A[slots[t]]ᵀ, fp32 [T, R]; h[t] = 0 where slots[t] < 0.
 
     x [T, n] (float32/float16/bfloat16), A [P, R, n] (one patch's A per slot, ranks padded with
     zeros), slots [T] int64/int32 (values below P; negative = no patch). Products and accumulation in
     fp32 (bf16×bf16 and fp16×fp16 products are exact in fp32, so tensor-core dots keep this).
-    The first half of a patched linear layer, ``portllm.serve.PatchedLinear``.
+    The first half of a patched linear layer, ``portllm.serve.PatchedLinear``. ``tiles``: the
+    grouping of ``slots`` from ``lora_tiles`` (computed once, shared by the layers of a forward).
     """
     if x.dim() != 2 or A.dim() != 3:
         raise ValueError(f"lora_shrink: need x [T, n] and A [P, R, n], got x {tuple(x.shape)}, A {tuple(A.shape)}")
@@ -400,11 +402,11 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, *, backen
     name = resolve_backend(backend, x.device, "lora_shrink")
     if x.shape[0] == 0 or A.shape[1] == 0:
         return torch.zeros(x.shape[0], A.shape[1], dtype=torch.float32, device=x.device)
-    return IMPLEMENTATIONS["lora_shrink"][name].run(x, A, slots.to(torch.int64))
+    return IMPLEMENTATIONS["lora_shrink"][name].run(x, A, slots.to(torch.int64), tiles)
 
 
 def lora_expand_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, slots: torch.Tensor, *,
-                 backend: str | None = None) -> torch.Tensor:
+                 backend: str | None = None, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """y[t] ← round(fp32(y[t]) + scale[p] · (h[t] · B[p]ᵀ)), p = slots[t], in place; returns y.
 
     y [T, m] (float32/float16/bfloat16), h [T, R] fp32 (from ``lora_shrink``), B [P, m, R],
@@ -436,8 +438,20 @@ def lora_expand_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch
     if _overlaps_itself(y):
         raise ValueError(f"lora_expand_: y (shape {tuple(y.shape)}, stride {y.stride()}) has elements that share "
                          "memory; an in-place update would be wrong")
-    IMPLEMENTATIONS["lora_expand_"][name].run(y, h, B, scale, slots.to(torch.int64))
+    IMPLEMENTATIONS["lora_expand_"][name].run(y, h, B, scale, slots.to(torch.int64), tiles)
     return y
+
+
+def lora_tiles(slots: torch.Tensor, P: int, backend: str) -> torch.Tensor | None:
+    """The token grouping the ``backend``'s serving kernels take (``slots`` [T] int64, P slots), to
+    compute once and pass to every ``lora_shrink``/``lora_expand_`` call with these slots (every
+    layer of a forward); None for the backends that group tokens themselves. Device-side ops only,
+    no host synchronisation."""
+    if backend != "triton":
+        return None
+    from portllm.kernels.lora_slots import token_tiles
+
+    return token_tiles(slots.to(torch.int64), P)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,25 +508,26 @@ def _skeleton_mm_triton_fake(A, W, idx, kind):
 
 
 @torch.library.custom_op("portllm::lora_shrink_triton", mutates_args=())
-def _lora_shrink_triton(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _lora_shrink_triton(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor,
+                        tiles: Optional[torch.Tensor] = None) -> torch.Tensor:
     from portllm.kernels.lora_shrink import lora_shrink_forward
 
-    return lora_shrink_forward(x, A, slots)
+    return lora_shrink_forward(x, A, slots, tiles)
 
 
 @_lora_shrink_triton.register_fake
-def _lora_shrink_triton_fake(x, A, slots):
+def _lora_shrink_triton_fake(x, A, slots, tiles=None):
     return x.new_empty(x.shape[0], A.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("portllm::lora_expand_triton_", mutates_args=("y",))
 def _lora_expand_triton(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                        slots: torch.Tensor) -> None:
+                        slots: torch.Tensor, tiles: Optional[torch.Tensor] = None) -> None:
     from portllm.kernels.lora_expand import lora_expand_forward
 
-    lora_expand_forward(y, h, B, scale, slots)
+    lora_expand_forward(y, h, B, scale, slots, tiles)
 
 
 @_lora_expand_triton.register_fake
-def _lora_expand_triton_fake(y, h, B, scale, slots) -> None:
+def _lora_expand_triton_fake(y, h, B, scale, slots, tiles=None) -> None:
     return None

@@ -204,3 +204,26 @@ def test_attach_empty_then_load(adapters):
     with torch.no_grad(), serve.route(model, [None, "a"]):
         out = model(input_ids=ids).logits
     assert torch.equal(out[0], base[0]) and not torch.allclose(out[1], base[1])
+
+
+def test_grouping_is_computed_once_per_batch(adapters, monkeypatch):
+    """Every layer of a forward routes the same tokens: the slots and the kernels' grouping are
+    computed once per batch shape, not once per layer, and a new route starts afresh."""
+    from portllm import ops
+
+    calls = []
+    real = ops.lora_tiles
+    monkeypatch.setattr(ops, "lora_tiles", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = llama(seed=0)
+    serve.attach(model, adapters)
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        with serve.route(model, ["a", None, "b"]):
+            first = model(input_ids=ids).logits
+            assert len(calls) == 1
+            model(input_ids=ids[:, :4])  # another token count: one more grouping
+            assert len(calls) == 2
+        with serve.route(model, ["b", None, "a"]):
+            swapped = model(input_ids=ids).logits
+        assert len(calls) == 3
+    assert torch.equal(swapped[1], first[1]) and not torch.allclose(swapped[0], first[0])

@@ -24,11 +24,20 @@ from portllm import ops
 
 class Routing:
     """Which patch slot each row of the batch uses: shared by every PatchedLinear of one model
-    (set by ``portllm.serve.route``). ``rows`` is None outside a route block (base model)."""
+    (set by ``portllm.serve.route``). ``rows`` is None outside a route block (base model).
+
+    Every layer of a forward routes the same tokens, so the per-token slots and the kernels' token
+    grouping are computed once per batch shape and kept until the routing changes (``cache``): a
+    decode step pays for them once, not once per layer. (Not under ``torch.compile``, which traces
+    the computation into each layer's graph instead.)"""
 
     def __init__(self):
         self.rows: torch.Tensor | None = None  # [batch] int64, -1 = no patch
         self.names: list | None = None
+        self.cache: dict = {}
+
+    def set(self, rows, names):
+        self.rows, self.names, self.cache = rows, names, {}
 
 
 class PatchedLinear(torch.nn.Linear):
@@ -82,6 +91,14 @@ class PatchedLinear(torch.nn.Linear):
         if rows is None:
             return None
         batch = x.shape[0] if x.dim() >= 2 else 1
+        if torch.compiler.is_compiling():
+            return self._token_slots(x, rows, batch)
+        key = ("slots", batch, x.numel() // self.in_features, x.device)
+        if key not in self.routing.cache:
+            self.routing.cache[key] = self._token_slots(x, rows, batch)
+        return self.routing.cache[key]
+
+    def _token_slots(self, x, rows, batch):
         if not isinstance(rows, torch.Tensor):  # one patch for every row
             rows = rows.for_batch(batch)
         if rows.shape[0] != batch:
@@ -101,6 +118,14 @@ class PatchedLinear(torch.nn.Linear):
                                "torch.no_grad() or torch.inference_mode() inside route()")
         x2 = x.reshape(-1, self.in_features)
         y2 = y.view(-1, self.out_features)
-        h = ops.lora_shrink(x2, self.lora_A, slots, backend=self.backend)
-        ops.lora_expand_(y2, h, self.lora_B, self.lora_scale, slots, backend=self.backend)
+        backend = ops.resolve_backend(self.backend, x.device, "lora_shrink")
+        key = ("tiles", backend, self.max_patches, slots.shape[0], x.device)
+        if torch.compiler.is_compiling():
+            tiles = ops.lora_tiles(slots, self.max_patches, backend)
+        elif key in self.routing.cache:
+            tiles = self.routing.cache[key]
+        else:
+            tiles = self.routing.cache[key] = ops.lora_tiles(slots, self.max_patches, backend)
+        h = ops.lora_shrink(x2, self.lora_A, slots, backend=backend, tiles=tiles)
+        ops.lora_expand_(y2, h, self.lora_B, self.lora_scale, slots, backend=backend, tiles=tiles)
         return y

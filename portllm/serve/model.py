@@ -232,11 +232,11 @@ def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterato
             raise ServeError("route: names is empty; give one name (or None) per row of the batch")
         rows = torch.tensor([slot_of(n) for n in names_list], dtype=torch.int64, device=device)
     prev = (st.routing.rows, st.routing.names)
-    st.routing.rows, st.routing.names = rows, names
+    st.routing.set(rows, names)
     try:
         yield
     finally:
-        st.routing.rows, st.routing.names = prev
+        st.routing.set(*prev)
 
 
 class _AllRows:
