@@ -1,5 +1,9 @@
 // patch_add_ on CUDA: W[m, n] += B[m, r] . diag(scale) . A[r, n], in place.
 //
+// A 16-bit W (unit column stride) with both factors 16-bit, or both fp32, goes to the tensor-core
+// kernel (patch_add_mma.cuh). Everything else (an fp32 W, mixed factor dtypes, more than 16 scale
+// groups, other strides) takes the fp32 kernel below:
+//
 // One block owns a BM x BN tile of W. The factor tiles are staged in shared memory as fp32
 // (Bs = B * scale, As = A), in chunks of RK ranks; each thread keeps TM x TN fp32 accumulators,
 // then reads its W elements once, adds, rounds once (round-to-nearest-even) and writes them once.
@@ -19,6 +23,7 @@
 #include <torch/library.h>
 
 #include "cuda/convert.cuh"
+#include "cuda/patch_add_mma.cuh"
 #include "portllm.h"
 
 namespace portllm {
@@ -107,6 +112,71 @@ void launch(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Runs of equal scale (read on the host: one small copy), or false if there are more than
+// mma_path::kMaxGroups (then the fp32 kernel, which scales each rank, takes the merge).
+bool scale_groups(const at::Tensor& S, mma_path::Groups& g) {
+  const at::Tensor s = S.to(at::kCPU);
+  const float* p = s.data_ptr<float>();
+  const int64_t r = s.numel();
+  g.n = 0;
+  for (int64_t k = 0; k < r; ++k) {
+    if (k > 0 && p[k] == p[k - 1]) continue;
+    if (g.n == mma_path::kMaxGroups) return false;
+    g.k[g.n] = static_cast<int>(k);
+    g.s[g.n] = p[k];
+    ++g.n;
+  }
+  g.k[g.n] = static_cast<int>(r);
+  return true;
+}
+
+template <typename T, typename H, bool SPLIT>
+void launch_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& Bl,
+                const at::Tensor& Al, const mma_path::Groups& g) {
+  using namespace mma_path;
+  const int64_t m = W.size(0), n = W.size(1);
+  const dim3 grid(static_cast<unsigned>((n + BN - 1) / BN), static_cast<unsigned>((m + BM - 1) / BM));
+  TORCH_CHECK(grid.y <= 65535, "patch_add_ (cuda): W has too many rows (", m, ")");
+  // 16-byte accesses to W where its rows are 16-byte aligned
+  const bool vec = W.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(W.data_ptr()) % 16 == 0;
+  auto h = [](const at::Tensor& t) { return reinterpret_cast<const H*>(t.data_ptr()); };
+  patch_add_mma_kernel<T, H, SPLIT><<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      W.data_ptr<T>(), h(B), h(A), h(Bl), h(Al), m, n, W.stride(0), B.stride(0), B.stride(1),
+      A.stride(0), A.stride(1), g, vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The tensor-core path (patch_add_mma.cuh): a 16-bit W with unit column stride, and both factors
+// in one 16-bit dtype (group-scaled) or both fp32 (split into bf16 high and low parts of B*s and
+// A). Returns false where it does not apply.
+bool try_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& S) {
+  const auto wt = W.scalar_type(), bt = B.scalar_type(), at_ = A.scalar_type();
+  if ((wt != at::kBFloat16 && wt != at::kHalf) || W.stride(1) != 1 || bt != at_) return false;
+  mma_path::Groups g{};
+  if (bt == at::kFloat) {
+    const at::Tensor Bs = B * S.unsqueeze(0);
+    const at::Tensor Bh = Bs.to(at::kBFloat16), Ah = A.to(at::kBFloat16);
+    const at::Tensor Bl = (Bs - Bh.to(at::kFloat)).to(at::kBFloat16);
+    const at::Tensor Al = (A - Ah.to(at::kFloat)).to(at::kBFloat16);
+    g.n = 1;
+    g.k[0] = 0;
+    g.k[1] = static_cast<int>(B.size(1));
+    g.s[0] = 1.f;
+    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __nv_bfloat16, true>(W, Bh, Ah, Bl, Al, g);
+    else launch_mma<c10::Half, __nv_bfloat16, true>(W, Bh, Ah, Bl, Al, g);
+    return true;
+  }
+  if (!scale_groups(S, g)) return false;
+  if (bt == at::kBFloat16) {
+    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __nv_bfloat16, false>(W, B, A, B, A, g);
+    else launch_mma<c10::Half, __nv_bfloat16, false>(W, B, A, B, A, g);
+  } else {
+    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __half, false>(W, B, A, B, A, g);
+    else launch_mma<c10::Half, __half, false>(W, B, A, B, A, g);
+  }
+  return true;
+}
+
 void patch_add_cuda(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
                     const at::Tensor& scale) {
   check_patch_add_args(W, B, A, scale);
@@ -117,13 +187,14 @@ void patch_add_cuda(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
   at::Tensor Wk = transposed ? W.t() : W;
   at::Tensor Bk = transposed ? A.t() : B;
   at::Tensor Ak = transposed ? B.t() : A;
-  // Both factors in one dtype (they are read in the kernel as they are, without a copy);
-  // mixed factor dtypes are upcast to fp32 here, which is exact.
+  const at::Tensor S = scale.contiguous();
+  if (try_mma(Wk, Bk, Ak, S)) return;
+  // The fp32 kernel: both factors in one dtype (they are read in the kernel as they are, without a
+  // copy); mixed factor dtypes are upcast to fp32 here, which is exact.
   if (Bk.scalar_type() != Ak.scalar_type()) {
     Bk = Bk.to(at::kFloat);
     Ak = Ak.to(at::kFloat);
   }
-  const at::Tensor S = scale.contiguous();
   PORTLLM_DISPATCH_FLOATS(Wk.scalar_type(), "patch_add_cuda", [&] {
     using T = scalar_t;
     PORTLLM_DISPATCH_FLOATS(Bk.scalar_type(), "patch_add_cuda_f", [&] {

@@ -1,0 +1,171 @@
+// patch_add_ on CUDA tensor cores (WMMA, sm_80+): W[m, n] += B . diag(s) . A for a 16-bit W, on the
+// design that reached the copy bandwidth on an H100 (../shared/gpu/h100-2026-11-22.md), used by
+// csrc/cuda/patch_add.cu where it applies.
+//
+// One block of 8 warps owns a 64 x 128 tile of W; each warp a 32 x 32 part (2 x 2 fragments of
+// 16 x 16). Factor tiles are staged in shared memory in their 16-bit dtype, KC ranks at a time
+// (zero-padded past the rank and outside the current group), and multiplied on the tensor cores
+// with fp32 accumulation: bf16 x bf16 and fp16 x fp16 products are exact in fp32.
+//  * HALF factors (both bf16 or both fp16): ranks that share a scale form a group (runs of equal
+//    scale, up to kMaxGroups); each group's fp32 sum is scaled once: W + sum_g s_g (sum_k B A).
+//  * SPLIT (fp32 factors): the host splits B*s and A into bf16 high and low parts; the tile is
+//    Bh.Ah + Bh.Al + Bl.Ah (the dropped Bl.Al is 2^-16 of a product).
+// Then the accumulators go through shared memory (reusing the staging space) and each thread reads
+// W 8 elements (16 bytes) at a time where W's rows allow it, adds in fp32, rounds once to nearest
+// even (the hardware conversion) and writes 16 bytes. W is read once and written once.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "cuda/convert.cuh"
+
+namespace portllm {
+namespace mma_path {
+
+constexpr int BM = 64, BN = 128, KC = 32, THREADS = 256, kMaxGroups = 16;
+constexpr int LDB = KC + 8;   // halves per staged B row (a multiple of 8, as WMMA needs)
+constexpr int LDA = BN + 8;   // halves per staged A row
+constexpr int LDC = BN + 4;   // floats per row of the accumulator tile
+
+struct Groups {
+  int n;                    // number of groups
+  int k[kMaxGroups + 1];    // group g holds ranks [k[g], k[g + 1])
+  float s[kMaxGroups];      // its scale (1 for SPLIT, where the scale is folded into B)
+};
+
+template <typename H> __device__ __forceinline__ H hzero();
+template <> __device__ __forceinline__ __nv_bfloat16 hzero() { return __float2bfloat16_rn(0.f); }
+template <> __device__ __forceinline__ __half hzero() { return __float2half_rn(0.f); }
+
+template <typename H, bool SPLIT>
+struct Smem {
+  static constexpr int kStage = (SPLIT ? 2 : 1) * (BM * LDB + KC * LDA) * static_cast<int>(sizeof(H));
+  static constexpr int kAcc = BM * LDC * static_cast<int>(sizeof(float));
+  static constexpr int kBytes = kStage > kAcc ? kStage : kAcc;
+};
+
+template <typename T, typename H, bool SPLIT>
+__global__ void __launch_bounds__(THREADS)
+patch_add_mma_kernel(T* __restrict__ W,         // [m, n], unit column stride, row stride sw0
+                     const H* __restrict__ B,   // [m, r] (SPLIT: high part of B*s), strides sb0, sb1
+                     const H* __restrict__ A,   // [r, n] (SPLIT: high part of A), strides sa0, sa1
+                     const H* __restrict__ Bl,  // SPLIT: low part of B*s (same strides as B)
+                     const H* __restrict__ Al,  // SPLIT: low part of A (same strides as A)
+                     int64_t m, int64_t n, int64_t sw0, int64_t sb0, int64_t sb1, int64_t sa0,
+                     int64_t sa1, Groups groups, bool vec) {
+  using namespace nvcuda;
+  __shared__ __align__(128) unsigned char smem[Smem<H, SPLIT>::kBytes];
+  H* Bs = reinterpret_cast<H*>(smem);
+  H* As = Bs + BM * LDB;
+  H* Bls = As + KC * LDA;
+  H* Als = Bls + BM * LDB;
+  float* Cs = reinterpret_cast<float*>(smem);
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int wr = warp / 4, wc = warp % 4;  // the warp's 32 x 32 part: rows wr*32, columns wc*32
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * BM;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * BN;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2], part[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int g = 0; g < groups.n; ++g) {
+    const int64_t k_lo = groups.k[g], k_hi = groups.k[g + 1];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(part[i][j], 0.f);
+    for (int64_t k0 = k_lo; k0 < k_hi; k0 += KC) {
+      __syncthreads();  // the previous chunk's fragments are loaded
+      for (int e = tid; e < BM * KC; e += THREADS) {
+        const int i = e / KC, kk = e % KC;
+        const int64_t gi = row0 + i, gk = k0 + kk;
+        const bool in = gi < m && gk < k_hi;
+        Bs[i * LDB + kk] = in ? B[gi * sb0 + gk * sb1] : hzero<H>();
+        if constexpr (SPLIT) Bls[i * LDB + kk] = in ? Bl[gi * sb0 + gk * sb1] : hzero<H>();
+      }
+      for (int e = tid; e < KC * BN; e += THREADS) {
+        const int kk = e / BN, j = e % BN;
+        const int64_t gj = col0 + j, gk = k0 + kk;
+        const bool in = gj < n && gk < k_hi;
+        As[kk * LDA + j] = in ? A[gk * sa0 + gj * sa1] : hzero<H>();
+        if constexpr (SPLIT) Als[kk * LDA + j] = in ? Al[gk * sa0 + gj * sa1] : hzero<H>();
+      }
+      __syncthreads();
+#pragma unroll
+      for (int ks = 0; ks < KC; ks += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, H, wmma::row_major> a[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, H, wmma::row_major> b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], Bs + (wr * 32 + i * 16) * LDB + ks, LDB);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], As + ks * LDA + wc * 32 + j * 16, LDA);
+        if constexpr (SPLIT) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, H, wmma::row_major> al[2];
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, H, wmma::row_major> bl[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(al[i], Bls + (wr * 32 + i * 16) * LDB + ks, LDB);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bl[j], Als + ks * LDA + wc * 32 + j * 16, LDA);
+          // small terms first: Bh.Al + Bl.Ah, then Bh.Ah
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              wmma::mma_sync(part[i][j], a[i], bl[j], part[i][j]);
+              wmma::mma_sync(part[i][j], al[i], b[j], part[i][j]);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(part[i][j], a[i], b[j], part[i][j]);
+      }
+    }
+    const float s = groups.s[g];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] += s * part[i][j].x[t];
+  }
+
+  __syncthreads();  // the staging space becomes the accumulator tile
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(Cs + (wr * 32 + i * 16) * LDC + wc * 32 + j * 16, acc[i][j], LDC,
+                              wmma::mem_row_major);
+  __syncthreads();
+
+  for (int v = tid; v < BM * BN / 8; v += THREADS) {
+    const int i = v / (BN / 8), j = (v % (BN / 8)) * 8;
+    const int64_t gi = row0 + i, gj = col0 + j;
+    if (gi >= m || gj >= n) continue;
+    T* w = W + gi * sw0 + gj;
+    const float* c = Cs + i * LDC + j;
+    if (vec && gj + 8 <= n) {
+      uint4 raw = *reinterpret_cast<const uint4*>(w);
+      T vals[8];
+      memcpy(vals, &raw, sizeof(raw));
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vals[e] = from_f32<T>(to_f32(vals[e]) + c[e]);
+      memcpy(&raw, vals, sizeof(raw));
+      *reinterpret_cast<uint4*>(w) = raw;
+    } else {
+      for (int e = 0; e < 8 && gj + e < n; ++e) w[e] = from_f32<T>(to_f32(w[e]) + c[e]);
+    }
+  }
+}
+
+}  // namespace mma_path
+}  // namespace portllm
