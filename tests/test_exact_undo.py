@@ -214,3 +214,27 @@ def test_failure_midway_rolls_back(monkeypatch):
     with pytest.raises(portllm.BackendUnavailableError):
         portllm.apply_patch(net, patch, exact=True, backend="cuda")
     assert_same_bits(before, bits(net))
+
+
+def test_conv1d_weights_fan_in_fan_out():
+    """GPT-2's Conv1D weights are stored [in, out]: the update goes to W.t(), a strided view."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=48, n_layer=1, n_head=4, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    mods = {}
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"):
+        w = model.get_submodule(name).weight  # [in, out]
+        in_f, out_f = w.shape
+        mods[name] = PatchModule(torch.randn(out_f, 4, generator=g) * 0.05, torch.randn(4, in_f, generator=g) * 0.05,
+                                 1.0, fan_in_fan_out=True)
+    patch = Patch(mods)
+    before = {k: v.view(torch.int16).clone() for k, v in model.state_dict().items() if v.dtype == torch.bfloat16}
+    portllm.apply_patch(model, patch, exact=True)
+    changed = model.get_submodule("transformer.h.0.mlp.c_fc").weight.view(torch.int16)
+    assert not torch.equal(changed, before["transformer.h.0.mlp.c_fc.weight"])
+    portllm.remove_patch(model, patch)
+    for k, v in model.state_dict().items():
+        if v.dtype == torch.bfloat16:
+            assert torch.equal(v.view(torch.int16), before[k]), k
