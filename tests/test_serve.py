@@ -227,3 +227,59 @@ def test_grouping_is_computed_once_per_batch(adapters, monkeypatch):
             swapped = model(input_ids=ids).logits
         assert len(calls) == 3
     assert torch.equal(swapped[1], first[1]) and not torch.allclose(swapped[0], first[0])
+
+
+def test_pmss_patch_is_served():
+    """A PMSS result, as a patch (pmss.to_patch), served in a mixed batch: the same logits as the
+    PMSS model's for its rows, the base model's for the others."""
+    from portllm import pmss
+
+    tuned = pmss.inject(llama(seed=0), rank=8)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for m in pmss.pmss_modules(tuned).values():
+            m.U.copy_(torch.randn(m.U.shape, generator=g) * 0.2)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = tuned(input_ids=ids).logits
+    model = llama(seed=0)
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    serve.attach(model, {"pmss": pmss.to_patch(tuned)})
+    with torch.no_grad(), serve.route(model, ["pmss", None]):
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(got[1], base[1])
+    assert (expected[0] - base[0]).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_after_hot_swap(adapters):
+    """A routed forward captured in a CUDA graph (Triton kernels: no host synchronisation), then
+    patches swapped in place: the replay computes with the new patch, nothing is re-captured."""
+    model = llama(seed=0).cuda()
+    serve.attach(model, {"a": adapters["a"]}, max_patches=2, max_rank=8)
+    for m in model.modules():
+        if isinstance(m, serve.PatchedLinear):
+            m.backend = "triton"
+    ids = torch.randint(0, 128, (2, 5), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    out = {}
+    with torch.no_grad(), serve.route(model, ["a", None]):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            model(input_ids=ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out["logits"] = model(input_ids=ids, use_cache=False).logits
+        graph.replay()
+        first = out["logits"].clone()
+        eager_a = model(input_ids=ids, use_cache=False).logits
+        serve.load(model, "a", adapters["b"])  # replace in place
+        graph.replay()
+        swapped = out["logits"].clone()
+        eager_b = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(first, eager_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(swapped, eager_b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(swapped[1], first[1]) and not torch.allclose(swapped[0], first[0])
