@@ -207,7 +207,11 @@ def detach(model: nn.Module) -> nn.Module:
 def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterator[None]:
     """Inside the block, every forward of ``model`` (``model.generate`` included) sends the tokens of
     row i of the batch through patch ``names[i]`` (None: the base model). A single name (or None)
-    applies to every row. Blocks nest; the previous routing comes back on exit."""
+    applies to every row. Blocks nest; the previous routing comes back on exit.
+
+    A forward captured in a CUDA graph inside the block keeps that block's routing (which rows go
+    to which slot); what the slots hold can change under it (``load``/``unload``), the routing
+    cannot: capture one graph per routing."""
     st = _state(model)
     if names is None or isinstance(names, str):
         names_list = None
