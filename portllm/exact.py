@@ -134,8 +134,12 @@ def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.T
             w0 = w.clone(memory_format=torch.contiguous_format).view(int_dtype).view(-1)
             ops.patch_add_(w, b, A, s, backend=backend)
             merged = w.clone(memory_format=torch.contiguous_format)
-            ops.patch_add_(w, b, A, neg, backend=backend)  # what remove will compute, in the same call
-            back = w.contiguous().view(int_dtype).view(-1)  # (w itself where w is contiguous)
+            if w.is_contiguous():  # the copy is the same call's operand: undo it, w keeps the merge
+                ops.patch_add_(merged, b, A, neg, backend=backend)
+                back, merged = merged.view(int_dtype).view(-1), w
+            else:  # what remove will compute, on the very view it will compute on
+                ops.patch_add_(w, b, A, neg, backend=backend)
+                back = w.contiguous().view(int_dtype).view(-1)
             loc = (back != w0).nonzero().squeeze(1)
             # The difference of the bit patterns as integers: ±1 for a one-ulp miss of the same sign
             # (the undo adds it back with one scatter_add_); sign changes and signed zeros are far.
@@ -147,7 +151,8 @@ def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.T
             far_b.append(w0[loc[far]])
             s_off.append(s_off[-1] + streams[-1].numel())
             d_off.append(d_off[-1] + loc.numel())
-            w.copy_(merged)
+            if merged is not w:
+                w.copy_(merged)
             sum_original = (sum_original + _bit_sum(w0)) % 2**64
             sum_merged = (sum_merged + _bit_sum(merged)) % 2**64
     return WeightUndo((m, n), W.dtype, W.device.type, _fingerprint(W, backend), rows, torch.cat(streams), s_off,
