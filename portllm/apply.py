@@ -11,7 +11,7 @@ from portllm.checkpoint import ModelWeights, weight_key
 from portllm.compat import check_compatibility, resolve_fan_in_fan_out
 from portllm import ops
 from portllm.exact import ExactUndoError, WeightUndo, check_undo, merge_recorded, undo_recorded
-from portllm.merge import NonFiniteMergeError, _nonfinite, merge_factors, prepare_merge
+from portllm.merge import _nonfinite, check_factors, merge_factors, overflow_error, prepare_merge
 from portllm.patch import Patch
 
 
@@ -159,10 +159,7 @@ def _apply_exact(model, params, per_module, patches, scales, check_finite, backe
         target = W.t() if entries[0][0].fan_in_fan_out else W
         B, A, s = merge_factors(entries, W.device)
         if check_finite is not False:
-            try:
-                ops.check_factors_finite(B, A, s, f"module {name}")
-            except ValueError as e:
-                raise NonFiniteMergeError(str(e)) from None
+            check_factors(B, A, s, f"module {name}")
         factors[name] = (target, B, A, s)
     for _, (target, _, _, _) in factors.items():  # a backend that cannot run fails here, before any write
         ops.resolve_backend(backend, target.device, "patch_add_")
@@ -182,10 +179,7 @@ def _apply_exact(model, params, per_module, patches, scales, check_finite, backe
         added = _nonfinite(target) - before if check_finite is not False else 0
         if added > 0:
             roll_back()
-            raise NonFiniteMergeError(
-                f"module {name}: the merge would make {added} of {target.numel()} weights NaN or Inf ({target.dtype} "
-                f"holds at most {torch.finfo(target.dtype).max:.6g}); refusing. Lower the scale, merge in a wider "
-                "dtype, or pass check_finite=False to merge anyway")
+            raise overflow_error(f"module {name}", added, target)
     _records(model).append(ExactMerge(list(patches), list(scales), done,
                                       {k: [(m, w) for m, w in v] for k, v in per_module.items()}))
 

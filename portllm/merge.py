@@ -34,6 +34,22 @@ def merge_factors(entries: Sequence[tuple[PatchModule, float]], device) -> tuple
     return B, A, s
 
 
+def check_factors(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, what: str):
+    """NonFiniteMergeError naming ``what`` and the tensor if B, A or the scales hold NaN or Inf."""
+    try:
+        ops.check_factors_finite(B, A, s, what)
+    except ValueError as e:
+        raise NonFiniteMergeError(str(e)) from None
+
+
+def overflow_error(what: str, count: int, W: torch.Tensor) -> NonFiniteMergeError:
+    """The refusal of a merge that would turn ``count`` finite weights of W into NaN or Inf."""
+    return NonFiniteMergeError(
+        f"{what}: the merge would make {count} of {W.numel()} weights NaN or Inf ({W.dtype} "
+        f"holds at most {torch.finfo(W.dtype).max:.6g}); refusing. Lower the scale, merge in a wider dtype, "
+        "or pass check_finite=False to merge anyway")
+
+
 def _cannot_overflow(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor) -> bool:
     """True if every |W + B·diag(s)·A| is surely below W's dtype's largest finite value (so the merge
     cannot create Inf), judged from max|W| and Σ_k |s_k|·max|B[:, k]|·max|A[k, :]|. Reads W once,
@@ -64,16 +80,10 @@ def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]],
         check_finite = os.environ.get("PORTLLM_CHECK_FINITE") == "1"
     if not check_finite:
         return lambda: ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
-    try:
-        ops.check_factors_finite(B, A, s, what)
-    except ValueError as e:
-        raise NonFiniteMergeError(str(e)) from None
+    check_factors(B, A, s, what)
 
     def refuse(count: int):
-        raise NonFiniteMergeError(
-            f"{what}: the merge would make {count} of {W.numel()} weights NaN or Inf ({W.dtype} "
-            f"holds at most {torch.finfo(W.dtype).max:.6g}); refusing. Lower the scale, merge in a wider dtype, "
-            "or pass check_finite=False to merge anyway")
+        raise overflow_error(what, count, W)
 
     if scratch:
         def merge_and_check():

@@ -356,20 +356,27 @@ def skeleton_mm(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str, 
         if t.device != W.device:
             raise ValueError(f"skeleton_mm: {name} is on {t.device} but W is on {W.device}")
     idx = idx.to(torch.int64)
+    name = resolve_skeleton_backend(backend, A, W)
+    return IMPLEMENTATIONS["skeleton_mm"][name].run(A, W, idx, kind)
+
+
+def resolve_skeleton_backend(backend: str | None, A: torch.Tensor, W: torch.Tensor) -> str:
+    """The backend skeleton products of A and W run on: float64 (gradcheck) runs on the reference
+    unless a backend is named, and is refused by the GPU backends."""
     fp64 = torch.float64 in (A.dtype, W.dtype)
     if fp64 and backend is None and os.environ.get("PORTLLM_BACKEND") in (None, "", "auto"):
-        backend = "reference"  # float64 (gradcheck) runs on the reference unless a backend is named
+        backend = "reference"
     name = resolve_backend(backend, W.device, "skeleton_mm")
     if fp64 and name in ("triton", "cuda"):
         raise BackendUnavailableError(f"portllm backend {name!r} does not take float64 tensors")
-    return IMPLEMENTATIONS["skeleton_mm"][name].run(A, W, idx, kind)
+    return name
 
 
 # ---------------------------------------------------------------------------------------------
 # lora_shrink / lora_expand_ (serving: many patches in one batch, portllm.serve)
 
 
-def _check_slots(slots, T: int, P: int, device, op: str):
+def _check_slots(slots, T: int, device, op: str):
     if not isinstance(slots, torch.Tensor) or slots.dim() != 1 or slots.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{op}: slots must be a 1-D int64/int32 tensor, got "
                         f"{getattr(slots, 'dtype', type(slots).__name__)} {tuple(getattr(slots, 'shape', ()))}")
@@ -398,7 +405,7 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, *, backen
             raise TypeError(f"lora_shrink: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
     if A.device != x.device:
         raise ValueError(f"lora_shrink: A is on {A.device}, x on {x.device}")
-    _check_slots(slots, x.shape[0], A.shape[0], x.device, "lora_shrink")
+    _check_slots(slots, x.shape[0], x.device, "lora_shrink")
     name = resolve_backend(backend, x.device, "lora_shrink")
     if x.shape[0] == 0 or A.shape[1] == 0:
         return torch.zeros(x.shape[0], A.shape[1], dtype=torch.float32, device=x.device)
@@ -431,7 +438,7 @@ def lora_expand_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch
     for name, t in (("h", h), ("B", B), ("scale", scale)):
         if t.device != y.device:
             raise ValueError(f"lora_expand_: {name} is on {t.device}, y on {y.device}")
-    _check_slots(slots, T, P, y.device, "lora_expand_")
+    _check_slots(slots, T, y.device, "lora_expand_")
     name = resolve_backend(backend, y.device, "lora_expand_")
     if T == 0 or m == 0 or R == 0:
         return y

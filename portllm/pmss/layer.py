@@ -14,8 +14,6 @@ beta = 1); with the kernel backends ``portllm.ops.skeleton_mm`` reads them out o
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -79,10 +77,7 @@ class _PMSSFunction(torch.autograd.Function):
 
 def _fused(W: torch.Tensor, x2: torch.Tensor, backend: str | None) -> bool:
     """Whether the skeleton products go to the BLAS GEMM (the ``reference`` backend)."""
-    fp64 = torch.float64 in (W.dtype, x2.dtype)
-    if fp64 and backend is None and os.environ.get("PORTLLM_BACKEND") in (None, "", "auto"):
-        return True  # float64 (gradcheck) runs on the reference unless a backend is named
-    return ops.resolve_backend(backend, W.device, "skeleton_mm") == "reference"
+    return ops.resolve_skeleton_backend(backend, x2, W) == "reference"
 
 
 def pmss_linear(x, W, bias, I, J, U, scale: float = 1.0, backend: str | None = None):

@@ -32,11 +32,6 @@ def _targets(model: nn.Module, target_modules) -> list[str]:
     return names
 
 
-def _set(model: nn.Module, name: str, module: nn.Module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def pmss_modules(model: nn.Module) -> dict[str, PMSSLinear]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, PMSSLinear)}
 
@@ -77,7 +72,7 @@ def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim
             I, J = select_skeleton(Ws, rank, method, seed=seed)
             del Ws
             for k, name in enumerate(names_b):
-                _set(model, name, PMSSLinear(model.get_submodule(name), I[k], J[k], scale, backend))
+                model.set_submodule(name, PMSSLinear(model.get_submodule(name), I[k], J[k], scale, backend))
     return model
 
 
@@ -143,7 +138,7 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
         base = mod.base if isinstance(mod, PMSSLinear) else mod
         new = PMSSLinear(base, tensors[f"{name}.I"], tensors[f"{name}.J"], mi["scale"],
                          backend if backend is not None else getattr(mod, "backend", None), U=tensors[f"{name}.U"])
-        _set(model, name, new)
+        model.set_submodule(name, new)
     return model
 
 
@@ -161,7 +156,7 @@ def merge(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     for name, m in pmss_modules(model).items():
         B, A = _factors(m)
         merge_into(m.weight.data, [(PatchModule(B, A, m.scale), 1.0)], backend=backend, name=name)
-        _set(model, name, m.base)
+        model.set_submodule(name, m.base)
     return model
 
 

@@ -58,11 +58,6 @@ def _matches(name: str, targets) -> bool:
     return name in targets or name.rsplit(".", 1)[-1] in targets
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def _check_fits(st: _Served, name: str, patch: Patch, model: nn.Module):
     for module, m in patch.items():
         layer = st.layers.get(module)
@@ -141,7 +136,7 @@ def attach(model: nn.Module, patches: Mapping[str, Patch | str | os.PathLike], *
     for name, p in loaded.items():  # everything checked before the model changes
         _check_fits(st, name, p, model)
     for n, layer in st.layers.items():
-        _set_module(model, n, layer)
+        model.set_submodule(n, layer)
     model.__dict__[_STATE] = st
     for name, p in loaded.items():
         _fill(st, name, p, len(st.slots))
@@ -198,7 +193,7 @@ def detach(model: nn.Module) -> nn.Module:
     changed) and drops the slots; returns the model."""
     st = _state(model)
     for n, layer in st.layers.items():
-        _set_module(model, n, layer.base_layer)
+        model.set_submodule(n, layer.base_layer)
     del model.__dict__[_STATE]
     return model
 
