@@ -143,7 +143,8 @@ def _scale_groups(scale: torch.Tensor):
 def _split_bf16(x: torch.Tensor):
     """x (fp32) = hi + lo + (far below x's fp32 ulp · 2^8), hi and lo bf16."""
     hi = x.to(torch.bfloat16)
-    return hi, (x - hi.to(torch.float32)).to(torch.bfloat16)
+    # An Inf's low part is 0, not Inf - Inf: an Inf factor merges as Inf (as on every other path).
+    return hi, torch.where(hi.isinf(), 0.0, x - hi.to(torch.float32)).to(torch.bfloat16)
 
 
 def patch_add_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:

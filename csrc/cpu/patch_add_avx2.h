@@ -5,9 +5,10 @@
 //  the AVX-512 fp32 path and the reference: W + sum_k fp32(B[i,k]*s_k)*A[k,j], summed in k order
 //  in fp32, one rounding to W's dtype (nearest even).
 //
-// A 6-row x 16-column block of W lives in 12 ymm accumulators; per rank, two loads of Af and six
-// broadcasts of Bs feed twelve FMAs (the 16 registers hold 12 + 2 + 1 + a spare). Each W element is
-// read once, added, rounded once and written once. Columns are blocked so that the factor block
+// fp32 and fp16 W: a 6-row x 16-column block of W lives in 12 ymm accumulators; per rank, two loads
+// of Af and six broadcasts of Bs feed twelve FMAs (the 16 registers hold 12 + 2 + 1 + a spare).
+// bf16 W has a kernel of its own (csrc/cpu/patch_add_avx2_bf16.h). Each W element is read once,
+// added, rounded once and written once. Columns are blocked so that the factor block
 // Af[:, jb:je] (r x nb fp32) stays in L2 while the rows stream past it, and W is prefetched a few
 // blocks ahead so the memory traffic overlaps the FMAs.
 #pragma once
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #define PORTLLM_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -114,13 +116,18 @@ struct Micro {
   }
 };
 
-// Register blocks: 12 accumulators either way; 3 rows x 32 columns for 2-byte W (a whole 64-byte line
-// of each row per call, so no line is left half-done for the next call), 6 x 16 for fp32 W.
+}  // namespace avx2
+}  // namespace portllm
+#include "cpu/patch_add_avx2_bf16.h"
+namespace portllm {
+namespace avx2 {
+
+// Register blocks of the fp32 and fp16 W kernel: 6 rows x 16 columns, 12 accumulators.
 template <typename T>
 struct Block {
-  static constexpr int NV = sizeof(T) == 2 ? 4 : 2;
-  static constexpr int RB = 12 / NV;
-  static constexpr int COLS = 8 * NV;
+  static constexpr int NV = 2;
+  static constexpr int RB = 6;
+  static constexpr int COLS = 16;
 };
 
 template <typename T>
@@ -144,6 +151,9 @@ PORTLLM_AVX2 inline void micro_rows(int64_t rb, T* W, int64_t ldw, const float* 
 template <typename T>
 PORTLLM_AVX2 void rows_fp32(T* W, int64_t ldw, const float* Bs, const float* Af, int64_t r, int64_t n,
                             int64_t i0, int64_t i1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    bf16w::rows(W, ldw, Bs, Af, r, n, i0, i1);
+  } else {
   constexpr int RB = Block<T>::RB;
   constexpr int64_t CB = Block<T>::COLS;
   const int64_t nv = n / CB * CB;
@@ -162,6 +172,7 @@ PORTLLM_AVX2 void rows_fp32(T* W, int64_t ldw, const float* Bs, const float* Af,
       const int64_t rb = std::min<int64_t>(RB, i1 - i);
       for (int64_t j = jb; j < je; j += CB) micro_rows<T>(rb, W + i * ldw + j, ldw, Bs + i * r, r, panels + (j - jb) * r);
     }
+  }
   }
 }
 
