@@ -263,7 +263,8 @@ def main(argv=None) -> int:
         "versions": versions(),
         "commit": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "make bench" + (" (quick)" if a.quick else ""),
+        "command": ("make bench" if a.suite == "all" else f"python benchmarks/run.py --suite {a.suite}")
+        + (" (quick)" if a.quick else ""),
         "pytest_command": " ".join(["python", "-m", "pytest"] + [os.path.relpath(c, ROOT) if c.startswith(HERE) else c
                                                                  for c in cmd[3:] if "json" not in c]),
         "results": rows,

@@ -3,11 +3,12 @@
 // The numerics are those of every CPU path: W + sum_k fp32(B[i,k]*s_k)*A[k,j], summed in k order in
 // fp32, one rounding to bf16 (nearest even).
 //
-// Why a kernel of its own: measured on a Zen 5 core (PORTLLM_CPU_ISA=avx2), ymm FMAs issue on two
-// of the four vector pipes, and shifts and fp32 adds only on the other two. At r = 8 a block
-// spends 16 FMAs per 16 elements of W; the old bf16 epilogue (widen, add, round with a NaN blend,
-// pack, permute: 22 operations, two of them on the FMA pipes) did not fit beside them and ran at
-// 65% of the FMA rate. This one needs 13 operations, none on the FMA pipes:
+// Why a kernel of its own: at small r the epilogue (W to fp32, add, round to bf16, store) costs
+// about as much as the FMAs. Measured on a Zen 5 core running this path (PORTLLM_CPU_ISA=avx2),
+// ymm FMAs issue on two of the four vector pipes, shifts and fp32 adds only on the other two, and
+// logic, blend, average and 16-bit adds on any. The old epilogue (widen, add, round with a NaN
+// blend, pack, permute: 22 vector operations per 16 elements, the blend on the FMA pipes) left a
+// 3 x 32 block at r = 8 at 65% of the FMA rate with W in L1; this one needs 13 and reaches 77%:
 //  * the factor panel holds each 16 columns as [8 even columns, 8 odd columns], so one 32-byte load
 //    of W becomes the even columns' fp32 (shift left 16) and the odd ones' (AND the high halves);
 //  * the rounding runs on 16-bit lanes of the packed pair: the truncated bf16 (one shift, one
@@ -16,6 +17,10 @@
 //  * no NaN test: a NaN's low 16 bits are zero wherever it comes from (a bf16 W; the factors,
 //    whose NaNs the caller makes canonical; 0 * inf), and x86 arithmetic carries a NaN operand's
 //    payload through, so the rounding increment never reaches a NaN's exponent.
+// What is left at r = 8 is the epilogue's operations taking FMA slots: with W in L1, a block that
+// only stores its sums runs at 93%, and each rounding operation costs about as much as it would
+// with nothing else running. Tried without gain: the accumulators starting from W (two adds
+// fewer), and the epilogue of one block run from an L1 buffer inside the next block's rank loop.
 // Blocks of 16 columns, 4 or 6 rows (see rows below).
 // Whole-matrix speed (4096 x 14336, 2 threads, bf16 factors): benchmarks/bench_patch_add.py.
 #pragma once
