@@ -67,8 +67,11 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor) -> torch.
     use, not over tokens.
     """
     T, R = x.shape[0], A.shape[1]
+    used = torch.unique(slots).tolist()
+    if len(used) == 1 and used[0] >= 0:  # one patch for every row: no gather, no scatter
+        return x.to(torch.float32) @ A[used[0]].to(torch.float32).t()
     h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
-    for p in torch.unique(slots[slots >= 0]).tolist():
+    for p in (q for q in used if q >= 0):
         rows = (slots == p).nonzero().squeeze(1)
         h.index_copy_(0, rows, x.index_select(0, rows).to(torch.float32) @ A[p].to(torch.float32).t())
     return h
@@ -78,9 +81,16 @@ def lora_expand_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch
                  slots: torch.Tensor) -> torch.Tensor:
     """y[t] ← round(fp32(y[t]) + scale[p] · (h[t] · B[p]ᵀ)) for p = slots[t] >= 0, in place; rows with
     slots[t] < 0 are not touched (bit for bit). y [T, m], h [T, R] fp32, B [P, m, R], scale [P] fp32.
-    One rounding per element, to nearest even."""
-    for p in torch.unique(slots[slots >= 0]).tolist():
+    One rounding per element, to nearest even. (The sum runs in one addmm_ per patch: scale times
+    the fp32 product, added to fp32 y.)"""
+    used = torch.unique(slots).tolist()
+    scales = scale.to(torch.float32).tolist()
+    if len(used) == 1 and used[0] >= 0:  # one patch for every row: no gather, no scatter
+        p = used[0]
+        return y.copy_(y.to(torch.float32).addmm_(h, B[p].to(torch.float32).t(), alpha=scales[p]))
+    for p in (q for q in used if q >= 0):
         rows = (slots == p).nonzero().squeeze(1)
-        delta = (h.index_select(0, rows) @ B[p].to(torch.float32).t()) * scale[p].to(torch.float32)
-        y.index_copy_(0, rows, (y.index_select(0, rows).to(torch.float32) + delta).to(y.dtype))
+        yp = y.index_select(0, rows).to(torch.float32).addmm_(h.index_select(0, rows), B[p].to(torch.float32).t(),
+                                                              alpha=scales[p])
+        y.index_copy_(0, rows, yp.to(y.dtype))
     return y
