@@ -109,9 +109,10 @@ template <typename T>
 void run_fp32(const at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& scale,
               Isa isa) {
   at::Tensor Bs = (B.to(at::kFloat) * scale.unsqueeze(0)).contiguous();
-  // The avx2 bf16 kernel needs NaNs with zero low 16 bits (csrc/cpu/patch_add_avx2_bf16.h). Bs is
-  // our own copy; a NaN in it becomes the canonical quiet NaN (any NaN is the same NaN in bf16).
-  if (isa == Isa::Avx2 && W.scalar_type() == at::kBFloat16) Bs.masked_fill_(Bs.isnan(), std::numeric_limits<float>::quiet_NaN());
+  // The avx2 and avx512 bf16-W kernels need NaNs with zero low 16 bits (csrc/cpu/
+  // patch_add_avx2_bf16.h). Bs is our own copy; a NaN in it becomes the canonical quiet NaN (any NaN
+  // is the same NaN in bf16).
+  if (isa != Isa::Generic && W.scalar_type() == at::kBFloat16) Bs.masked_fill_(Bs.isnan(), std::numeric_limits<float>::quiet_NaN());
   // (Factors that alias W arrive as copies: portllm.ops.patch_add_ keeps that promise.)
   const at::Tensor Af = A.to(at::kFloat).contiguous();
   const int64_t m = W.size(0), n = W.size(1), r = Bs.size(1);
