@@ -19,6 +19,9 @@ TORCH_LIBRARY(portllm, m) {
   m.def("lora_shrink(Tensor x, Tensor A, Tensor slots) -> Tensor");
   // y[t] <- round(y[t] + scale[p] * (h[t] . B[p]^T)), p = slots[t] >= 0, in place.
   m.def("lora_expand_(Tensor(a!) y, Tensor h, Tensor B, Tensor scale, Tensor slots) -> ()");
+  // Exact undo (portllm/exact.py): the positions where a and b (1-D, int16 or int32) differ, in
+  // order, and a - b there, both int64.
+  m.def("bit_misses(Tensor a, Tensor b) -> (Tensor, Tensor)");
   // Human-readable description of what this build contains (ISA paths, CUDA, OpenMP).
   m.def("build_info() -> str", [] { return portllm::build_info(); });
   // The vector path the CPU kernels take now: the machine's best, or lower if PORTLLM_CPU_ISA says so.

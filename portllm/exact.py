@@ -88,6 +88,15 @@ def _decode_positions(stream: torch.Tensor) -> torch.Tensor:
     return pos[marks]
 
 
+def bit_misses(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions where a and b (1-D, same integer dtype) differ, in order, and a - b there, both
+    int64: one parallel pass on a CPU (csrc/cpu/bit_misses.cpp), else ``(b != a).nonzero()``."""
+    if a.device.type == "cpu" and _ext.has_kernel("bit_misses", "CPU"):
+        return torch.ops.portllm.bit_misses(a, b)
+    loc = (b != a).nonzero().squeeze(1)
+    return loc, a[loc].to(torch.int64) - b[loc].to(torch.int64)
+
+
 def _chunks(m: int, n: int):
     rows = max(1, _CHUNK_ELEMS // max(n, 1))
     return rows, range(0, m, rows)
@@ -140,10 +149,10 @@ def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.T
             else:  # what remove will compute, on the very view it will compute on
                 ops.patch_add_(w, b, A, neg, backend=backend)
                 back = w.contiguous().view(int_dtype).view(-1)
-            loc = (back != w0).nonzero().squeeze(1)
-            # The difference of the bit patterns as integers: ±1 for a one-ulp miss of the same sign
-            # (the undo adds it back with one scatter_add_); sign changes and signed zeros are far.
-            d = w0[loc].to(torch.int64) - back[loc].to(torch.int64)
+            # Where the undo misses, and the difference of the bit patterns as integers: ±1 for a
+            # one-ulp miss of the same sign (the undo adds it back with one scatter_add_); sign
+            # changes and signed zeros are far.
+            loc, d = bit_misses(w0, back)
             far = d.abs() > 127
             streams.append(_encode_positions(loc))
             diffs.append(torch.where(far, 0, d).to(torch.int8))

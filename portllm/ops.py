@@ -481,6 +481,13 @@ if _ext.available():
         def _lora_expand_fake(y, h, B, scale, slots) -> None:
             return None
 
+    if _ext.has_kernel("bit_misses", "CPU"):
+
+        @torch.library.register_fake("portllm::bit_misses")
+        def _bit_misses_fake(a, b):
+            k = torch.library.get_ctx().new_dynamic_size()
+            return a.new_empty(k, dtype=torch.int64), a.new_empty(k, dtype=torch.int64)
+
     if _ext.has_kernel("skeleton_mm", "CPU"):
 
         @torch.library.register_fake("portllm::skeleton_mm")

@@ -238,3 +238,30 @@ def test_conv1d_weights_fan_in_fan_out():
     for k, v in model.state_dict().items():
         if v.dtype == torch.bfloat16:
             assert torch.equal(v.view(torch.int16), before[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32], ids=str)
+@pytest.mark.parametrize("n,density", [(0, 0.5), (1, 1.0), (5, 0.5), (65536 * 3 + 7, 0.0),
+                                       (65536 * 3 + 7, 0.03), (65536 + 3, 1.0)], ids=str)
+def test_bit_misses_op(dtype, n, density):
+    """The C++ op finds exactly the positions and differences of the PyTorch expression, in order,
+    across block and 64-bit-word boundaries (sizes not a multiple of either), none or all differing."""
+    from portllm import _ext
+
+    if not _ext.has_kernel("bit_misses", "CPU"):
+        pytest.skip("the extension has no bit_misses")
+    gen = torch.Generator().manual_seed(n)
+    info = torch.iinfo(dtype)
+    a = torch.randint(info.min, info.max, (n,), generator=gen, dtype=torch.int64).to(dtype)
+    b = a.clone()
+    hit = torch.rand(n, generator=gen) < density
+    b[hit] = torch.randint(info.min, info.max, (int(hit.sum()),), generator=gen, dtype=torch.int64).to(dtype)
+    loc, d = torch.ops.portllm.bit_misses(a, b)
+    want = (b != a).nonzero().squeeze(1)
+    assert torch.equal(loc, want)
+    assert torch.equal(d, a[want].to(torch.int64) - b[want].to(torch.int64))
+    torch.library.opcheck(torch.ops.portllm.bit_misses, (a, b), test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="int16 or both int32"):
+        torch.ops.portllm.bit_misses(a, b.to(torch.int64))
+    with pytest.raises(RuntimeError, match="1-D of the same length"):
+        torch.ops.portllm.bit_misses(a, b[:-1] if n else b.view(1, 0))
