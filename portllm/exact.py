@@ -88,7 +88,7 @@ def _decode_positions(stream: torch.Tensor) -> torch.Tensor:
     return pos[marks]
 
 
-def bit_misses(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bit_misses(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The positions where a and b (1-D, same integer dtype) differ, in order, and a - b there, both
     int64: one parallel pass on a CPU (csrc/cpu/bit_misses.cpp), else ``(b != a).nonzero()``."""
     if a.device.type == "cpu" and _ext.has_kernel("bit_misses", "CPU"):
@@ -156,7 +156,7 @@ def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.T
             # Where the undo misses, and the difference of the bit patterns as integers: ±1 for a
             # one-ulp miss of the same sign (the undo adds it back with one scatter_add_); sign
             # changes and signed zeros are far.
-            loc, d = bit_misses(w0, back)
+            loc, d = _bit_misses(w0, back)
             far = d.abs() > 127
             streams.append(_encode_positions(loc))
             diffs.append(torch.where(far, 0, d).to(torch.int8))

@@ -122,64 +122,63 @@ struct Micro {
 namespace portllm {
 namespace avx2 {
 
-// Register blocks of the fp32 and fp16 W kernel: 6 rows x 16 columns, 12 accumulators.
-template <typename T>
-struct Block {
-  static constexpr int NV = 2;
-  static constexpr int RB = 6;
-  static constexpr int COLS = 16;
-};
+// Register blocks of the fp32 and fp16 W kernel: 6 rows x 16 columns (two vectors), 12 accumulators.
+// (bf16 W: csrc/cpu/patch_add_avx2_bf16.h, also 16 columns per block.)
+constexpr int kRows = 6;
+constexpr int64_t kCols = 16;
 
 template <typename T>
 PORTLLM_AVX2 inline void micro_rows(int64_t rb, T* W, int64_t ldw, const float* Bs, int64_t r, const float* P) {
-  using M = Micro<T, Block<T>::NV>;
+  using M = Micro<T, kCols / 8>;
   switch (rb) {
-    case 6: if constexpr (Block<T>::RB >= 6) return M::template run<6>(W, ldw, Bs, r, P); [[fallthrough]];
-    case 5: if constexpr (Block<T>::RB >= 5) return M::template run<5>(W, ldw, Bs, r, P); [[fallthrough]];
-    case 4: if constexpr (Block<T>::RB >= 4) return M::template run<4>(W, ldw, Bs, r, P); [[fallthrough]];
+    case 6: return M::template run<6>(W, ldw, Bs, r, P);
+    case 5: return M::template run<5>(W, ldw, Bs, r, P);
+    case 4: return M::template run<4>(W, ldw, Bs, r, P);
     case 3: return M::template run<3>(W, ldw, Bs, r, P);
     case 2: return M::template run<2>(W, ldw, Bs, r, P);
     default: return M::template run<1>(W, ldw, Bs, r, P);
   }
 }
 
-// Rows [i0, i1) of W (unit column stride, row stride ldw). Columns past the last multiple of 16
-// are left to the caller (the portable path), which computes them with the same fp32 sums.
+// fp32 and fp16 W, rows [i0, i1) (unit column stride, row stride ldw), columns [0, n / 16 * 16).
 // For each column block, Af[:, jb:je] is first copied into 16-column panels, each r x 16 contiguous
 // floats: a micro-kernel then reads its factor rows sequentially (one page, prefetched by the
 // hardware) instead of r rows n floats apart (r pages, r TLB entries), which halved its FMA rate.
 template <typename T>
-PORTLLM_AVX2 void rows_fp32(T* W, int64_t ldw, const float* Bs, const float* Af, int64_t r, int64_t n,
-                            int64_t i0, int64_t i1) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    bf16w::rows(W, ldw, Bs, Af, r, n, i0, i1);
-  } else {
-  constexpr int RB = Block<T>::RB;
-  constexpr int64_t CB = Block<T>::COLS;
-  const int64_t nv = n / CB * CB;
+PORTLLM_AVX2 void rows_blocks(T* W, int64_t ldw, const float* Bs, const float* Af, int64_t r, int64_t n,
+                              int64_t i0, int64_t i1) {
+  const int64_t nv = n / kCols * kCols;
   if (nv == 0 || i1 <= i0) return;
-  const int64_t nb = std::max<int64_t>(CB, std::min<int64_t>(nv, (192 * 1024) / (4 * std::max<int64_t>(r, 1))) / CB * CB);
-  std::vector<float> panel_buf(static_cast<size_t>(r * nb) + CB);
+  const int64_t nb = std::max<int64_t>(kCols, std::min<int64_t>(nv, (192 * 1024) / (4 * std::max<int64_t>(r, 1))) / kCols * kCols);
+  std::vector<float> panel_buf(static_cast<size_t>(r * nb) + kCols);
   float* panels = panel_buf.data();
   for (int64_t jb = 0; jb < nv; jb += nb) {
     const int64_t je = std::min(nv, jb + nb);
-    for (int64_t j = jb; j < je; j += CB) {
+    for (int64_t j = jb; j < je; j += kCols) {
       float* dst = panels + (j - jb) * r;
       for (int64_t k = 0; k < r; ++k)
-        for (int64_t v = 0; v < CB; v += 8) _mm256_storeu_ps(dst + CB * k + v, _mm256_loadu_ps(Af + k * n + j + v));
+        for (int64_t v = 0; v < kCols; v += 8) _mm256_storeu_ps(dst + kCols * k + v, _mm256_loadu_ps(Af + k * n + j + v));
     }
-    for (int64_t i = i0; i < i1; i += RB) {
-      const int64_t rb = std::min<int64_t>(RB, i1 - i);
-      for (int64_t j = jb; j < je; j += CB) micro_rows<T>(rb, W + i * ldw + j, ldw, Bs + i * r, r, panels + (j - jb) * r);
+    for (int64_t i = i0; i < i1; i += kRows) {
+      const int64_t rb = std::min<int64_t>(kRows, i1 - i);
+      for (int64_t j = jb; j < je; j += kCols) micro_rows<T>(rb, W + i * ldw + j, ldw, Bs + i * r, r, panels + (j - jb) * r);
     }
   }
-  }
+}
+
+// Rows [i0, i1) of W. Columns past the last multiple of 16 are left to the caller (the portable
+// path), which computes them with the same fp32 sums.
+template <typename T>
+PORTLLM_AVX2 void rows_fp32(T* W, int64_t ldw, const float* Bs, const float* Af, int64_t r, int64_t n,
+                            int64_t i0, int64_t i1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) bf16w::rows(W, ldw, Bs, Af, r, n, i0, i1);
+  else rows_blocks<T>(W, ldw, Bs, Af, r, n, i0, i1);
 }
 
 // The columns rows_fp32 leaves to the portable path: those from this one on.
 template <typename T>
 constexpr int64_t vector_columns(int64_t n) {
-  return n / Block<T>::COLS * Block<T>::COLS;
+  return n / kCols * kCols;
 }
 
 }  // namespace avx2

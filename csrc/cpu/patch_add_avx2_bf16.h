@@ -8,7 +8,8 @@
 // ymm FMAs issue on two of the four vector pipes, shifts and fp32 adds only on the other two, and
 // logic, blend, average and 16-bit adds on any. The old epilogue (widen, add, round with a NaN
 // blend, pack, permute: 22 vector operations per 16 elements, the blend on the FMA pipes) left a
-// 3 x 32 block at r = 8 at 65% of the FMA rate with W in L1; this one needs 13 and reaches 77%:
+// 3 x 32 block at r = 8 at 65% of the FMA rate with W in L1; this one needs 13 and reaches 77% (a
+// one-off harness):
 //  * the factor panel holds each 16 columns as [8 even columns, 8 odd columns], so one 32-byte load
 //    of W becomes the even columns' fp32 (shift left 16) and the odd ones' (AND the high halves);
 //  * the rounding runs on 16-bit lanes of the packed pair: the truncated bf16 (one shift, one

@@ -8,8 +8,9 @@
 // 16-bit lanes of the packed pair (one vpternlogd makes 0x7ffe + lsb); NaNs need no blend because
 // their low 16 bits are zero (the caller makes Bs's NaNs canonical, pack_panel Af's). The sums, and
 // so the results, are bit for bit those of the masked kernel it replaces (Fp32<T>::Micro reading
-// Af in place, which still does the last n % 32 columns); measured on 4096 x 14336, 2 threads, it
-// took r=8 from 4.8 to 3.6 ms, r=16 from 7.7 to 4.9 ms and r=64 from 22.6 to 16.6 ms.
+// Af in place, which still does the last n % 32 columns); measured on 4096 x 14336, 2 threads (a
+// one-off harness; the benchmark suite's figures are in the README), it took r=8 from 4.8 to
+// 3.6 ms, r=16 from 7.7 to 4.9 ms and r=64 from 22.6 to 16.6 ms.
 #pragma once
 
 namespace portllm {
