@@ -1,15 +1,17 @@
-# Everything a user runs. `make demo` and `make test` set up .venv on a fresh machine first.
+# Everything a user runs. `make demo` and `make test` set up .venv on a fresh machine first, with the
+# tested versions pinned in requirements-lock.txt (LOCK= : none, the newest releases instead).
 PYTHON ?= python3
 VENV ?= .venv
+LOCK ?= requirements-lock.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.portllm-built
-SOURCES := setup.py pyproject.toml requirements-dev.txt tools/setup_venv.sh \
+SOURCES := setup.py pyproject.toml requirements-dev.txt $(LOCK) tools/setup_venv.sh \
 	$(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo test bench check-cuda clean
+.PHONY: install demo test test-latest lock bench check-cuda clean
 
 $(STAMP): $(SOURCES)
-	bash tools/setup_venv.sh "$(PYTHON)" "$(VENV)"
+	bash tools/setup_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
 	touch $@
 
 install: $(STAMP)
@@ -23,6 +25,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# The whole suite against the newest releases (a fresh .venv-latest, no lock; torch stays 2.13.0,
+# the CPU wheel), so that the next upstream breakage shows here before a user meets it.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LOCK=
+
+# Bump the lock to what .venv-latest holds; run after `make test-latest` and
+# `make demo VENV=.venv-latest LOCK=` pass, then commit requirements-lock.txt.
+lock:
+	$(PYTHON) tools/write_lock.py .venv-latest requirements-lock.txt
+
 # Benchmarks: one run, all providers side by side; JSON under benchmarks/results/<device>.json.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
@@ -32,4 +45,4 @@ check-cuda: $(STAMP)
 	$(BIN)/python tools/check_cuda.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info portllm/_C*.so
+	rm -rf $(VENV) .venv-latest build *.egg-info portllm/_C*.so

@@ -5,7 +5,10 @@
 * A failed or impossible extension build is a warning, never an install failure: the library then
   runs on its reference backend and says so once at import.
 
-Triton kernels live in ``kernels/`` and are installed as ``portllm.kernels``.
+Triton kernels live in the top-level ``kernels/`` folder and are the package ``portllm.kernels``:
+``portllm/kernels`` is a relative link to that folder, so a source tree, an editable install and a
+wheel all lay it out the same way. ``kernels/`` has no ``__init__.py`` and is never a top-level import
+name: Hugging Face's ``kernels`` distribution, which transformers imports, owns that name.
 Set ``PORTLLM_NO_EXTENSION=1`` to skip the extension, ``PORTLLM_NO_CUDA=1`` to build it CPU-only.
 """
 
@@ -18,8 +21,7 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = ["portllm", "portllm.pmss", "portllm.serve", "portllm.experiment", "portllm.kernels"]
-PACKAGE_DIR = {"portllm": "portllm", "portllm.pmss": "portllm/pmss", "portllm.experiment": "portllm/experiment",
-               "portllm.kernels": "kernels"}
+PACKAGE_DIR = {"portllm": "portllm"}
 
 
 def _warn(msg):
