@@ -16,6 +16,8 @@ Parameters, never copies), and its slot buffers are not persistent, so the model
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -23,21 +25,35 @@ from portllm import ops
 
 
 class Routing:
-    """Which patch slot each row of the batch uses: shared by every PatchedLinear of one model
-    (set by ``portllm.serve.route``). ``rows`` is None outside a route block (base model).
+    """Which patch slot each row of the batch uses, per thread: shared by every PatchedLinear of one
+    model (set by ``portllm.serve.route``), but each thread sees only the routing its own ``route``
+    blocks set. ``rows`` is None outside a route block (base model).
 
     Every layer of a forward routes the same tokens, so the per-token slots and the kernels' token
-    grouping are computed once per batch shape and kept until the routing changes (``cache``): a
-    decode step pays for them once, not once per layer. (Not under ``torch.compile``, which traces
-    the computation into each layer's graph instead.)"""
+    grouping are computed once per batch shape and kept until the routing changes (``cache``, per
+    thread too): a decode step pays for them once, not once per layer. (Not under ``torch.compile``,
+    which traces the computation into each layer's graph instead.)"""
 
     def __init__(self):
-        self.rows: torch.Tensor | None = None  # [batch] int64, -1 = no patch
-        self.names: list | None = None
-        self.cache: dict = {}
+        self._local = threading.local()
+
+    @property
+    def rows(self) -> torch.Tensor | None:  # [batch] int64, -1 = no patch
+        return getattr(self._local, "rows", None)
+
+    @property
+    def names(self) -> list | None:
+        return getattr(self._local, "names", None)
+
+    @property
+    def cache(self) -> dict:
+        c = getattr(self._local, "cache", None)
+        if c is None:
+            c = self._local.cache = {}
+        return c
 
     def set(self, rows, names):
-        self.rows, self.names, self.cache = rows, names, {}
+        self._local.rows, self._local.names, self._local.cache = rows, names, {}
 
 
 class PatchedLinear(torch.nn.Linear):
@@ -61,6 +77,15 @@ class PatchedLinear(torch.nn.Linear):
                              persistent=False)
         self.routing = routing if routing is not None else Routing()
         self.backend: str | None = None
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(dtype) cast every floating buffer; the slot scales stay float32 (the
+        # kernels take fp32 scales, and a scale rounded to fp16 would change the patch).
+        scale = self.lora_scale
+        out = super()._apply(fn, recurse)
+        if self.lora_scale.dtype != torch.float32:
+            self.lora_scale = scale.to(device=self.lora_scale.device)
+        return out
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

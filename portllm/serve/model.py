@@ -7,11 +7,25 @@
     portllm.serve.load(model, "carol", "adapters/carol")   # into a free slot, no allocation
     portllm.serve.unload(model, "bob")
     model = portllm.serve.detach(model)                    # plain nn.Linear layers again
+
+Threads. ``route`` is per thread: each thread's forwards use the routing of its own innermost route
+block, never another thread's. A route block pins the patches it names until it ends: while any
+thread is inside a block that names ``alice``, ``unload(model, "alice")`` raises ``ServeError``, and
+so does a replacement ``load(model, "alice", ...)`` from any other thread, so no forward ever sees
+a patch change under it. The thread that routes to ``alice`` may replace it in place between its
+own forwards (the hot swap; a captured CUDA graph replays with the new patch). Loading into a free
+slot and unloading an unrouted patch are safe at any time, from any thread: no forward uses those
+slots. To swap a patch other threads are serving, load the new one under a new name, route new
+requests to it, and unload the old name when their blocks end. ``load``, ``unload``, ``route`` and
+``detach`` are serialised by one lock per model.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import threading
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +51,28 @@ class _Served:
     max_rank: int
     routing: Routing
     slots: dict[str, int] = field(default_factory=dict)  # patch name -> slot
+    # patch name -> {thread id: route blocks of that thread naming it}
+    pins: dict[str, Counter] = field(default_factory=dict)
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def pin(self, names, delta: int):
+        me = threading.get_ident()
+        for n in names:
+            c = self.pins.setdefault(n, Counter())
+            c[me] += delta
+            if c[me] <= 0:
+                del c[me]
+            if not c:
+                del self.pins[n]
+
+    def check_unpinned(self, name: str, doing: str, *, other_threads_only: bool = False):
+        me = threading.get_ident()
+        users = {t: c for t, c in self.pins.get(name, {}).items() if not (other_threads_only and t == me)}
+        if users:
+            where = "another thread" if other_threads_only else "this thread or another"
+            raise ServeError(f"cannot {doing} patch {name!r}: {sum(users.values())} active route block(s) in "
+                             f"{where} use it; load the new version under a new name and route to it, or wait "
+                             "for those blocks to end")
 
 
 def _state(model: nn.Module) -> _Served:
@@ -60,6 +96,11 @@ def _matches(name: str, targets) -> bool:
 
 def _check_fits(st: _Served, name: str, patch: Patch, model: nn.Module):
     for module, m in patch.items():
+        if not math.isfinite(m.scale):
+            raise ServeError(f"patch {name!r}: module {module}: scale {m.scale} is not finite")
+        for which, t in (("lora_B", m.B), ("lora_A", m.A)):
+            if not bool(torch.isfinite(t).all()):
+                raise ServeError(f"patch {name!r}: module {module}: {which} holds NaN or Inf values")
         layer = st.layers.get(module)
         if layer is None:
             try:
@@ -158,43 +199,57 @@ def load(model: nn.Module, name: str, patch: Patch | str | os.PathLike) -> nn.Mo
     into a free slot. Copies into the preallocated buffers, so compiled models and CUDA graphs keep
     running. Raises ``ServeError`` (before any change) if the patch does not fit or no slot is free."""
     st = _state(model)
+    if not isinstance(name, str) or not name:
+        raise ServeError(f"patch names must be non-empty strings, got {name!r}")
     p = resolve_fan_in_fan_out(model, _as_patch(name, patch))
     _check_fits(st, name, p, model)
-    if name in st.slots:
-        slot = st.slots[name]
-    else:
-        free = sorted(set(range(st.max_patches)) - set(st.slots.values()))
-        if not free:
-            raise ServeError(f"cannot load patch {name!r}: all max_patches={st.max_patches} slots hold patches "
-                             f"({', '.join(st.slots)}); unload one first")
-        slot = free[0]
-    _fill(st, name, p, slot)
+    with st.lock:
+        if name in st.slots:
+            # Replacing in place while this thread's own blocks route to it is the hot swap (between two
+            # of its forwards; CUDA graphs replay it); while another thread's forward may run, refused.
+            st.check_unpinned(name, "replace", other_threads_only=True)
+            slot = st.slots[name]
+        else:
+            free = sorted(set(range(st.max_patches)) - set(st.slots.values()))
+            if not free:
+                raise ServeError(f"cannot load patch {name!r}: all max_patches={st.max_patches} slots hold patches "
+                                 f"({', '.join(st.slots)}); unload one first")
+            slot = free[0]
+        _fill(st, name, p, slot)
     return model
 
 
 def unload(model: nn.Module, name: str) -> nn.Module:
     """Frees the slot of patch ``name`` (zeroes it)."""
     st = _state(model)
-    if name not in st.slots:
-        raise ServeError(f"no patch named {name!r} is loaded (loaded: {', '.join(st.slots) or 'none'})")
-    slot = st.slots.pop(name)
-    for layer in st.layers.values():
-        layer.set_slot(slot, None, None)
+    with st.lock:
+        if name not in st.slots:
+            raise ServeError(f"no patch named {name!r} is loaded (loaded: {', '.join(st.slots) or 'none'})")
+        st.check_unpinned(name, "unload")
+        slot = st.slots.pop(name)
+        for layer in st.layers.values():
+            layer.set_slot(slot, None, None)
     return model
 
 
 def loaded(model: nn.Module) -> dict[str, int]:
     """Loaded patch names and their slots."""
-    return dict(_state(model).slots)
+    st = _state(model)
+    with st.lock:
+        return dict(st.slots)
 
 
 def detach(model: nn.Module) -> nn.Module:
     """Puts the original ``nn.Linear`` layers back (the same objects, whose weights were never
     changed) and drops the slots; returns the model."""
     st = _state(model)
-    for n, layer in st.layers.items():
-        model.set_submodule(n, layer.base_layer)
-    del model.__dict__[_STATE]
+    with st.lock:
+        busy = sorted(st.pins)
+        if busy:
+            raise ServeError(f"cannot detach: active route blocks use {', '.join(busy)}")
+        for n, layer in st.layers.items():
+            model.set_submodule(n, layer.base_layer)
+        del model.__dict__[_STATE]
     return model
 
 
@@ -202,7 +257,9 @@ def detach(model: nn.Module) -> nn.Module:
 def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterator[None]:
     """Inside the block, every forward of ``model`` (``model.generate`` included) sends the tokens of
     row i of the batch through patch ``names[i]`` (None: the base model). A single name (or None)
-    applies to every row. Blocks nest; the previous routing comes back on exit.
+    applies to every row. Blocks nest; the previous routing comes back on exit. The routing is this
+    thread's only, and the patches named are pinned until the block ends (see the module's notes
+    on threads).
 
     A forward captured in a CUDA graph inside the block keeps that block's routing (which rows go
     to which slot); what the slots hold can change under it (``load``/``unload``), the routing
@@ -223,19 +280,27 @@ def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterato
             raise ServeError(f"route: no patch named {n!r} is loaded (loaded: {', '.join(st.slots) or 'none'})")
         return st.slots[n]
 
-    if names_list is None:
-        slot = slot_of(single)
-        rows = _AllRows(slot, device)
-    else:
-        if not names_list:
-            raise ServeError("route: names is empty; give one name (or None) per row of the batch")
-        rows = torch.tensor([slot_of(n) for n in names_list], dtype=torch.int64, device=device)
-    prev = (st.routing.rows, st.routing.names)
-    st.routing.set(rows, names)
+    with st.lock:  # names resolved and pinned together: no unload can come between
+        if names_list is None:
+            slot = slot_of(single)
+            rows = _AllRows(slot, device)
+            used = [single] if single is not None else []
+        else:
+            if not names_list:
+                raise ServeError("route: names is empty; give one name (or None) per row of the batch")
+            rows = torch.tensor([slot_of(n) for n in names_list], dtype=torch.int64, device=device)
+            used = sorted({n for n in names_list if n is not None})
+        st.pin(used, +1)
     try:
-        yield
+        prev = (st.routing.rows, st.routing.names)
+        st.routing.set(rows, names)
+        try:
+            yield
+        finally:
+            st.routing.set(*prev)
     finally:
-        st.routing.set(*prev)
+        with st.lock:
+            st.pin(used, -1)
 
 
 class _AllRows:
