@@ -11,7 +11,7 @@ from portllm.checkpoint import ModelWeights, weight_key
 from portllm.compat import check_compatibility, resolve_fan_in_fan_out
 from portllm import ops
 from portllm.exact import ExactUndoError, WeightUndo, check_undo, merge_recorded, undo_recorded
-from portllm.merge import _nonfinite, check_factors, merge_factors, overflow_error, prepare_merge
+from portllm.merge import _nonfinite, check_factors, check_weight_dtype, merge_factors, overflow_error, prepare_merge
 from portllm.patch import Patch
 
 
@@ -55,6 +55,7 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
         for name, m in p.items():
             per_module.setdefault(name, []).append((m, w))
     params = dict(model.named_parameters(remove_duplicate=False))
+    per_module = _merge_tied(per_module, params)
     if exact:
         _apply_exact(model, params, per_module, patches, scales, check_finite, backend)
         return model
@@ -63,6 +64,26 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     for merge in merges:
         merge()
     return model
+
+
+def _merge_tied(per_module: dict[str, list], params: dict) -> dict[str, list]:
+    """Modules whose weights are one tensor (tied, e.g. an output head and its embedding) become one
+    merge of all their entries, under the first module's name: the tensor is read and written once
+    and gets every module's delta (as PEFT's merge, which adds each module's delta to the shared
+    weight), and an exact merge records one undo for it, which can be removed."""
+    by_tensor: dict[int, str] = {}
+    out: dict[str, list] = {}
+    for name, entries in per_module.items():
+        key = id(params[weight_key(name)])
+        first = by_tensor.setdefault(key, name)
+        if first == name:
+            out[name] = list(entries)
+            continue
+        if entries[0][0].fan_in_fan_out != out[first][0][0].fan_in_fan_out:
+            raise ValueError(f"modules {first} and {name} share one weight (tied) but the patch marks only one "
+                             "of them fan_in_fan_out")
+        out[first].extend(entries)
+    return out
 
 
 def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: float | Sequence[float] = 1.0, *,
@@ -77,18 +98,23 @@ def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: 
     """
     patches, scales = _as_lists(patch, scale)
     records = _records(model)
-    if exact is not False and records and records[-1].matches(patches, scales):
-        _remove_exact(model, records[-1])
+    if records and records[-1].matches(patches, scales):
+        if exact is not False:
+            _remove_exact(model, records[-1])
+            records.pop()
+            return model
+        # exact=False on the top record: the negated merge below; the record is spent.
         records.pop()
-        return model
-    if exact:
-        held = any(r.matches(patches, scales) for r in records)
-        raise ExactUndoError("this patch's exact merge is not the latest one on the model; remove the later exact "
-                             "merges first" if held else
-                             "no exact merge of this patch (with these scales) is recorded on the model; apply it "
-                             "with apply_patch(..., exact=True) first, or pass exact=False")
+        return apply_patch(model, patches, [-s for s in scales], **kwargs)
     if any(r.matches(patches, scales) for r in records):
-        records[:] = [r for r in records if not r.matches(patches, scales)]
+        # The records are a stack: removing one below the top would change the weights the later
+        # exact merges' undos were recorded on, and none of them could be undone bit for bit again.
+        later = len(records) - 1 - max(i for i, r in enumerate(records) if r.matches(patches, scales))
+        raise ExactUndoError(f"this patch's exact merge is not the latest one on the model ({later} exact merge(s) "
+                             "were applied after it); remove those first, in reverse order. Nothing was changed")
+    if exact:
+        raise ExactUndoError("no exact merge of this patch (with these scales) is recorded on the model; apply it "
+                             "with apply_patch(..., exact=True) first, or pass exact=False")
     return apply_patch(model, patches, [-s for s in scales], **kwargs)
 
 
@@ -156,8 +182,9 @@ def _apply_exact(model, params, per_module, patches, scales, check_finite, backe
     factors = {}
     for name, entries in per_module.items():
         W = params[weight_key(name)].data
+        check_weight_dtype(W, f"module {name}")
         target = W.t() if entries[0][0].fan_in_fan_out else W
-        B, A, s = merge_factors(entries, W.device)
+        B, A, s = merge_factors(entries, W.device, f"module {name}")
         if check_finite is not False:
             check_factors(B, A, s, f"module {name}")
         factors[name] = (target, B, A, s)

@@ -13,6 +13,7 @@ import torch
 
 from portllm import fingerprint as fp
 from portllm.atomic import UnsafePathError, safe_join
+from portllm.files import InputChangedError, InputWatch, NotARegularFileError, open_regular
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader
 
 INDEX = "model.safetensors.index.json"
@@ -35,11 +36,15 @@ class Checkpoint:
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{self.path}: no such checkpoint directory")
         index = os.path.join(self.path, INDEX)
-        if os.path.exists(index):
+        self.watch = InputWatch()  # every file read, to prove at the end that none changed meanwhile
+        if os.path.lexists(index):
             try:
-                with open(index) as f:
+                with open_regular(index, "shard index") as f:
+                    self.watch.add_fd(index, f)
                     self.index = json.load(f)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            except NotARegularFileError as e:
+                raise CheckpointError(str(e)) from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise CheckpointError(f"{index}: cannot read the shard index ({e})") from None
             weight_map = self.index.get("weight_map") if isinstance(self.index, dict) else None
             if not isinstance(weight_map, dict) or not all(
@@ -70,6 +75,7 @@ class Checkpoint:
                 self.close()
                 raise CheckpointError(str(e)) from None
             self._readers[fname] = rd
+            self.watch.add(full, rd.stat)
             for k in rd.keys():
                 if k in self.key_file:
                     self.close()
@@ -86,6 +92,15 @@ class Checkpoint:
     def close(self):
         for rd in self._readers.values():
             rd.close()
+
+    def check_unchanged(self):
+        """InputChangedError if any file of the checkpoint read so far was replaced, rewritten or
+        resized since it was opened, or a shard's header no longer reads the same."""
+        self.watch.check()
+        for fname, rd in self._readers.items():
+            if not rd.header_unchanged():
+                raise InputChangedError(f"input {rd.path} was rewritten while it was being read (its header "
+                                        "changed); nothing was written: run again once it is stable")
 
     def __enter__(self):
         return self

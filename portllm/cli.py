@@ -170,10 +170,22 @@ def main(argv=None) -> int:
     try:
         require(args.command)
         return args.fn(args)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        # port and extract stage their output and rename it at the end: interrupted, they leave none.
+        staged = f"; nothing was written to {args.out}" if args.command in ("port", "extract") else ""
+        print(f"portllm {args.command}: interrupted{staged}", file=sys.stderr)
+        return 130
     except Exception as e:  # one line for the user, the traceback on request
         if args.verbose:
             raise
-        print(f"portllm {args.command}: error: {e}", file=sys.stderr)
+        msg = str(e)
+        out = getattr(args, "out", None)
+        if isinstance(e, OSError) and e.filename is None and out is not None:
+            # ENOSPC, EFBIG, EIO from a write carry no path: name the output being written.
+            msg = f"{msg} (while writing {out}; nothing was written there)"
+        print(f"portllm {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 1
 
 

@@ -10,6 +10,7 @@ import os
 from torch import nn
 
 from portllm import fingerprint as fp
+from portllm.files import open_regular
 from portllm.checkpoint import Checkpoint, ModelWeights, weight_key, weights
 from portllm.patch import Patch, PatchModule
 
@@ -112,7 +113,7 @@ def resolve_fan_in_fan_out(source, patch: Patch) -> Patch:
     model_type = None
     if isinstance(source, Checkpoint):
         try:
-            with open(os.path.join(source.path, "config.json")) as f:
+            with open_regular(os.path.join(source.path, "config.json"), "config", binary=False) as f:
                 cfg = json.load(f)
             model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
         except (OSError, ValueError):

@@ -8,6 +8,7 @@ It is written here once.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -21,10 +22,31 @@ class NonFiniteMergeError(ValueError):
     """A merge would write NaN or Inf into weights that were finite (or its factors hold them)."""
 
 
-def merge_factors(entries: Sequence[tuple[PatchModule, float]], device) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
+_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+def check_weight_dtype(W: torch.Tensor, what: str):
+    """TypeError naming ``what`` for a weight dtype the merge kernels do not take."""
+    if W.dtype in _WEIGHT_DTYPES:
+        return
+    hint = ("an FP8 weight: dequantize the checkpoint to bfloat16 first" if W.dtype.is_floating_point
+            and W.dtype.itemsize == 1 else
+            "convert the model to float32 first" if W.dtype == torch.float64 else
+            "a quantized or integer weight: portllm cannot merge into it")
+    raise TypeError(f"{what}: the weight is {str(W.dtype).removeprefix('torch.')}; portllm merges into bfloat16, "
+                    f"float16 or float32 weights ({hint})")
+
+
+def merge_factors(entries: Sequence[tuple[PatchModule, float]], device, what: str = "merge") -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenated factors and per-rank scales of several patch modules of one weight:
     Σ_i w_i·s_i·B_i·A_i = [B_1 … B_k] · diag(w_1·s_1…, …, w_k·s_k…) · [A_1; …; A_k]."""
+    for m, w in entries:
+        v = m.scale * w
+        if math.isfinite(v) and abs(v) > _FP32_MAX:  # (NaN and Inf are the finiteness check's to name)
+            raise ValueError(f"{what}: scale {m.scale:g} × {w:g} = {v:g} does not fit the merge's float32 scales "
+                             f"(largest {_FP32_MAX:.4g})")
     dtype = entries[0][0].B.dtype
     for m, _ in entries[1:]:
         dtype = torch.promote_types(dtype, m.B.dtype)
@@ -74,8 +96,9 @@ def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]],
     what = f"module {name}" if name else "merge"
     if len({m.fan_in_fan_out for m, _ in entries}) > 1:
         raise ValueError(f"{what}: the patches disagree on fan_in_fan_out")
+    check_weight_dtype(W, what)
     target = W.t() if entries[0][0].fan_in_fan_out else W
-    B, A, s = merge_factors(entries, W.device)
+    B, A, s = merge_factors(entries, W.device, what)
     if check_finite is None:
         check_finite = os.environ.get("PORTLLM_CHECK_FINITE") == "1"
     if not check_finite:

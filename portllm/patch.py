@@ -25,6 +25,7 @@ import torch
 from portllm import fingerprint as fp
 from portllm._version import __version__
 from portllm.atomic import check_disjoint, staging_dir, write_json
+from portllm.files import NotARegularFileError, open_regular
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
 
 CONFIG = "adapter_config.json"
@@ -134,9 +135,11 @@ class Patch:
         if not os.path.exists(cfg_path):
             raise PatchFormatError(f"{path}: no {CONFIG} (is this a PEFT adapter directory?)")
         try:
-            with open(cfg_path) as f:
+            with open_regular(cfg_path, "adapter config", binary=False) as f:
                 cfg = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except NotARegularFileError as e:
+            raise PatchFormatError(str(e)) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise PatchFormatError(f"{cfg_path}: cannot read ({e})") from None
         if not isinstance(cfg, dict):
             raise PatchFormatError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
@@ -260,15 +263,45 @@ def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str, cfg_path: str =
                         f"alpha_pattern value for {name}", cfg_path)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules[name] = PatchModule(B, A, scale, fifo)
-    info = {}
-    if "portllm" in meta:
-        try:
-            info = json.loads(meta["portllm"])
-        except json.JSONDecodeError:
-            raise PatchFormatError(f"{where}: corrupt portllm metadata") from None
+    info = _portllm_metadata(meta, where)
     return Patch(modules, base_model=info.get("base_model") or cfg.get("base_model_name_or_path"),
                  base_sketches=info.get("base_sketches") or {}, source=info.get("source") or "peft",
                  extra=info.get("extra") or {}, version=info.get("version") or "")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _portllm_metadata(meta: dict, where: str) -> dict:
+    """The ``portllm`` metadata entry of a patch file, validated field by field: {} if absent."""
+    if "portllm" not in meta:
+        return {}
+    try:
+        info = json.loads(meta["portllm"])
+    except (json.JSONDecodeError, RecursionError):
+        raise PatchFormatError(f"{where}: corrupt portllm metadata (not JSON)") from None
+    if not isinstance(info, dict):
+        raise PatchFormatError(f"{where}: the portllm metadata is a JSON {type(info).__name__}, not an object")
+    for key in ("base_model", "source", "version"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            raise PatchFormatError(f"{where}: portllm metadata field {key!r} must be a string")
+    if info.get("extra") is not None and not isinstance(info["extra"], dict):
+        raise PatchFormatError(f"{where}: portllm metadata field 'extra' must be an object")
+    sketches = info.get("base_sketches")
+    if sketches is not None:
+        if not isinstance(sketches, dict):
+            raise PatchFormatError(f"{where}: portllm metadata field 'base_sketches' must be an object of module "
+                                   "-> sketch")
+        for name, sk in sketches.items():
+            ok = (isinstance(sk, dict) and isinstance(sk.get("shape"), list)
+                  and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sk["shape"])
+                  and isinstance(sk.get("sample"), list) and all(_is_number(v) for v in sk["sample"])
+                  and _is_number(sk.get("norm")))
+            if not ok:
+                raise PatchFormatError(f"{where}: base_sketches[{name!r}] is malformed (expected "
+                                       "{\"shape\": [ints], \"norm\": number, \"sample\": [numbers]})")
+    return info
 
 
 def _to_peft(patch: Patch) -> tuple[dict, dict]:

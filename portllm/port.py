@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +21,8 @@ import torch
 from portllm.atomic import check_disjoint, safe_join, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, weight_key
 from portllm.compat import CompatReport, check_compatibility, resolve_fan_in_fan_out
-from portllm.merge import merge_into
+from portllm.files import InputWatch, NotARegularFileError, copy_file, copy_tree, kind, open_regular
+from portllm.merge import check_weight_dtype, merge_into
 from portllm.patch import Patch
 from portllm.safetensors_io import SafetensorsWriter
 
@@ -39,6 +40,7 @@ class PortResult:
     seconds: float
     device: str
     peak_device_bytes: int | None  # CUDA: peak allocated during the port; None on CPU
+    skipped_links: list[str] | None = None  # links in the model directory that were not followed (not copied)
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -99,6 +101,11 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     device = _resolve_device(device)
     inputs = {"--model": model_dir, "--patch": patch_path}
     _check_out_dir(out_dir, inputs, force)
+    copies, skipped = _plan_copy(model_dir)  # refuses FIFOs, devices and sockets before any work
+    if log:
+        for link in skipped:
+            log(f"portllm port: not copied: {link} is a symbolic link (links are not followed)")
+    watch = InputWatch()
     with Checkpoint(model_dir) as ckpt:
         patch = resolve_fan_in_fan_out(ckpt, patch)
         report = check_compatibility(ckpt, patch)
@@ -106,6 +113,10 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             for line in report.lines():
                 log(f"portllm port: {line}")
         report.raise_for_errors()
+        for name in patch:  # a weight the kernels cannot merge into: refused before any write
+            info = ckpt.info(weight_key(name))
+            dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+            check_weight_dtype(torch.empty(0, dtype=dt), f"module {name} (tensor {weight_key(name)})")
         # Validate every factor before writing anything (a NaN found half-way would waste the work).
         if check_finite:
             for name, m in patch.items():
@@ -114,11 +125,16 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 for which, t in (("B", m.B), ("A", m.A)):
                     if not torch.isfinite(t).all():
                         raise ValueError(f"patch module {name}: lora_{which} has NaN or Inf values")
-        with staging_dir(out_dir, log=log, before_replace=lambda: _check_out_dir(out_dir, inputs, force)) as tmp:
+        def last_checks():
+            _check_out_dir(out_dir, inputs, force)
+            ckpt.check_unchanged()  # a shard rewritten during the port: no output
+            watch.check()
+
+        with staging_dir(out_dir, log=log, before_replace=last_checks) as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite)
-            _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"])
+            _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"], copies, watch)
             write_json(os.path.join(tmp, "portllm_port.json"), {
                 "source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
                 "patch_modules": len(patch), "scale": scale,
@@ -126,7 +142,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 "report": report.lines()}, indent=2)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PortResult(out_dir, report, stats["tensors"], stats["merged"], stats["total_size"],
-                      time.perf_counter() - t0, str(device), peak)
+                      time.perf_counter() - t0, str(device), peak, skipped)
 
 
 def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress,
@@ -170,7 +186,7 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
                 t = nxt.result()
                 nxt = reads.submit(ckpt.tensor, jobs[i + 1][1]) if i + 1 < len(jobs) else None
                 if out_dtype is not None and t.dtype.is_floating_point and t.dtype != out_dtype:
-                    t = t.to(out_dtype)
+                    t = _cast(t, out_dtype, k)
                 if k in targets:
                     # t is this port's own buffer (scratch): merged in place, checked after.
                     W = t.to(device)
@@ -194,33 +210,92 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
     return stats
 
 
-def _copy_other_files(ckpt: Checkpoint, tmp: str, out_dtype, total_size: int):
-    """Everything but the weights: config (dtype updated if converted), tokenizer, index, ...
-    Symlinks are not followed out of the model directory: a link is copied as the file it names only
-    if that file lies inside the model directory."""
-    model_dir = ckpt.path
+def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """``t.to(dtype)``, refused (naming the tensor) where a finite value becomes Inf."""
+    out = t.to(dtype)
+    if torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        # Non-finite after, finite before: an overflow. (Compared as counts: one pass each.)
+        if int(torch.isinf(out).sum()) != int(torch.isinf(t).sum()):
+            big = float(t.float().abs().nan_to_num(0, 0, 0).max())
+            raise ValueError(f"tensor {key}: converting {str(t.dtype).removeprefix('torch.')} to "
+                             f"{str(dtype).removeprefix('torch.')} overflows (|value| up to {big:.6g}, above "
+                             f"{torch.finfo(dtype).max:.6g}); choose a wider --dtype or none")
+    return out
+
+
+def _plan_copy(model_dir: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """What ``_copy_other_files`` will copy: (entry, "file" | "dir" | "link-file") for the model
+    directory's non-weight entries, and the links it will not follow. A top-level link is copied as
+    the file it names only if that is a regular file inside the model directory; links below the top
+    are never followed. Any FIFO, device or socket is refused here, by name, before any work."""
     real_model = os.path.realpath(model_dir)
-    for entry in os.listdir(model_dir):
+    copies, skipped = [], []
+    for entry in sorted(os.listdir(model_dir)):
         src = os.path.join(model_dir, entry)
         if entry.endswith(".safetensors") or entry.startswith(".") or entry == "portllm_port.json":
             continue
-        real = os.path.realpath(src)
-        if not (real == real_model or real.startswith(real_model + os.sep)):
-            continue  # a link to outside the model: not part of it
+        st = os.lstat(src)
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(src)
+            try:
+                target = os.stat(src)
+            except OSError:
+                target = None
+            if (target is not None and stat.S_ISREG(target.st_mode)
+                    and real.startswith(real_model + os.sep)):
+                copies.append((entry, "link-file"))
+            else:
+                skipped.append(entry)
+        elif stat.S_ISDIR(st.st_mode):
+            _refuse_special(src, model_dir, skipped, entry)
+            copies.append((entry, "dir"))
+        elif stat.S_ISREG(st.st_mode):
+            copies.append((entry, "file"))
+        else:
+            raise NotARegularFileError(f"model file {src} is {kind(st.st_mode)}, not a regular file: "
+                                       "refusing to copy it")
+    return copies, skipped
+
+
+def _refuse_special(directory: str, model_dir: str, skipped: list[str], rel: str):
+    for root, dirs, files in os.walk(directory):
+        for name in sorted(dirs + files):
+            full = os.path.join(root, name)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                skipped.append(os.path.relpath(full, model_dir))
+            elif not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                raise NotARegularFileError(f"model file {full} is {kind(st.st_mode)}, not a regular file: "
+                                           "refusing to copy it")
+
+
+def _copy_other_files(ckpt: Checkpoint, tmp: str, out_dtype, total_size: int,
+                      copies: list[tuple[str, str]] | None = None, watch: InputWatch | None = None):
+    """Everything but the weights: config (dtype updated if converted), tokenizer, index, ...
+    (``copies``: from ``_plan_copy``). Only regular files are read; symbolic links are not followed
+    out of the model directory, nor at all below its top level. Every file copied is added to
+    ``watch``, so that one modified during the port is noticed before the output is put in place."""
+    model_dir = ckpt.path
+    if copies is None:
+        copies, _ = _plan_copy(model_dir)
+    watch = watch if watch is not None else InputWatch()
+    for entry, how in copies:
+        src = os.path.join(model_dir, entry)
         dst = os.path.join(tmp, entry)
         if entry == INDEX:
             index = dict(ckpt.index)
             index["metadata"] = dict(index.get("metadata") or {}, total_size=total_size)
             write_json(dst, index, indent=2)
         elif entry == "config.json" and out_dtype is not None:
-            with open(src) as f:
+            with open_regular(src, "model file", binary=False) as f:
+                watch.add_fd(src, f)
                 cfg = json.load(f)
             name = str(out_dtype).removeprefix("torch.")
             for key in ("torch_dtype", "dtype"):
                 if key in cfg:
                     cfg[key] = name
             write_json(dst, cfg, indent=2)
-        elif os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=False)
+        elif how == "dir":
+            copy_tree(src, dst, what="model file", watch=watch)
         else:
-            shutil.copy2(src, dst)
+            copy_file(src, dst, what="model file", watch=watch)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from portllm.files import NotARegularFileError, open_regular
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -59,19 +61,23 @@ class SafetensorsReader:
     def __init__(self, path: str):
         self.path = path
         try:
-            self._f = open(path, "rb")
+            self._f = open_regular(path, "safetensors file")
+        except NotARegularFileError as e:
+            raise SafetensorsError(str(e)) from None
         except OSError as e:
             raise SafetensorsError(f"{path}: cannot open ({e.strerror})") from None
-        size = os.fstat(self._f.fileno()).st_size
+        self.stat = os.fstat(self._f.fileno())  # as opened: InputWatch compares against it
+        size = self.stat.st_size
         head = self._f.read(8)
         if len(head) < 8:
             raise SafetensorsError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > _MAX_HEADER or 8 + n > size:
             raise SafetensorsError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file of {size})")
+        self._header = self._f.read(n)
         try:
-            header = json.loads(self._f.read(n), object_pairs_hook=_no_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+            header = json.loads(self._header, object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
             self._f.close()
             raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
         try:
@@ -130,6 +136,12 @@ class SafetensorsReader:
 
     def keys(self):
         return self.tensors.keys()
+
+    def header_unchanged(self) -> bool:
+        """Whether the file still starts with the header read when it was opened."""
+        self._f.seek(0)
+        head = self._f.read(8 + len(self._header))
+        return head[8:] == self._header and struct.unpack("<Q", head[:8])[0] == len(self._header)
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -228,8 +240,15 @@ class SafetensorsWriter:
 
 def write_tensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     """A whole small file (a patch), written to a temporary name and renamed into place."""
-    tmp = path + ".tmp"
-    with SafetensorsWriter(tmp, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}-{id(tensors):x}"
+    try:
+        with SafetensorsWriter(tmp, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], metadata) as w:
+            for k, v in tensors.items():
+                w.write(k, v)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

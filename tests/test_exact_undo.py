@@ -265,3 +265,47 @@ def test_bit_misses_op(dtype, n, density):
         torch.ops.portllm.bit_misses(a, b.to(torch.int64))
     with pytest.raises(RuntimeError, match="1-D of the same length"):
         torch.ops.portllm.bit_misses(a, b[:-1] if n else b.view(1, 0))
+
+
+@pytest.mark.parametrize("exact_arg", [None, False])
+def test_removing_below_the_top_is_refused_before_any_change(exact_arg):
+    """Exact merges are a stack: removing A while B (merged after it) is on the model would change the
+    weights B's undo was recorded on. Refused, whatever ``exact=``, with every bit unchanged; then
+    B, A in reverse order restore the original bits."""
+    net = Net(SHAPES[:3], torch.bfloat16)
+    before = bits(net)
+    a, b = make_patch(net, seed=1), make_patch(net, seed=2)
+    portllm.apply_patch(net, a, exact=True)
+    portllm.apply_patch(net, b, exact=True)
+    merged = bits(net)
+    with pytest.raises(portllm.ExactUndoError, match=r"not the latest one .*1 exact merge\(s\) were applied after it"):
+        portllm.remove_patch(net, a, exact=exact_arg)
+    assert_same_bits(merged, bits(net))
+    assert len(portllm.exact_merges(net)) == 2
+    portllm.remove_patch(net, b)
+    portllm.remove_patch(net, a)
+    assert_same_bits(before, bits(net))
+
+
+@pytest.mark.parametrize("exact_flag", [True, False])
+def test_tied_weights_are_merged_once_and_removable(exact_flag):
+    """A patch naming two modules that share one weight: the weight gets both deltas (PEFT adds each
+    module's delta to the shared tensor), in one merge, and the exact merge comes off bit for bit."""
+    net = Net([(40, 40), (40, 40), (40, 40)], torch.bfloat16)
+    net.layers[1].weight = net.layers[0].weight
+    before = bits(net)
+    p = make_patch(net, rel=0.05)
+    W0 = net.layers[0].weight.detach().float()
+    want = W0.clone()
+    for name in ("layers.0", "layers.1"):
+        m = p[name]
+        want += m.scale * (m.B @ m.A)
+    portllm.apply_patch(net, p, exact=exact_flag)
+    got = net.layers[0].weight.detach().float()
+    ulp = torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(1e-30)
+    assert bool(((got - want).abs() <= ulp).all()), "both deltas, rounded once"
+    assert net.layers[1].weight is net.layers[0].weight
+    if exact_flag:
+        assert len(portllm.exact_merges(net)[0].weights) == 2  # the shared tensor once, plus layers.2
+        portllm.remove_patch(net, p)
+        assert_same_bits(before, bits(net))

@@ -110,7 +110,10 @@ class PMSSLinear(nn.Module):
             base.bias.requires_grad_(False)
         self.register_buffer("I", I.to(device=base.weight.device, dtype=torch.int64))
         self.register_buffer("J", J.to(device=base.weight.device, dtype=torch.int64))
-        u = torch.zeros(r, r, dtype=torch.float32, device=base.weight.device) if U is None else U.detach().float()
+        # U is at least fp32 and at least as wide as W (fp64 for a float64 model: gradcheck-exact).
+        udtype = torch.promote_types(base.weight.dtype, torch.float32)
+        u = (torch.zeros(r, r, dtype=udtype, device=base.weight.device) if U is None
+             else U.detach().to(udtype))
         if u.shape != (r, r):
             raise ValueError(f"PMSSLinear: U must be [{r}, {r}], got {tuple(u.shape)}")
         self.U = nn.Parameter(u.to(base.weight.device))

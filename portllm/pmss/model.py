@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from portllm import fingerprint as fp
 from portllm._version import __version__
-from portllm.merge import merge_into
+from portllm.merge import prepare_merge
 from portllm.patch import Patch, PatchModule
 from portllm.pmss.layer import PMSSLinear
 from portllm.pmss.select import select_skeleton
@@ -76,9 +77,17 @@ def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim
     return model
 
 
-def save(model: nn.Module, path: str) -> str:
+def save(model: nn.Module, path: str, *, overwrite: bool = False) -> str:
     """Writes only what PMSS trained and needs: per module I, J, U, and rank, scale, a sketch and the
-    SHA-256 of the base weight (safetensors; written to a temporary name, then renamed)."""
+    SHA-256 of the base weight, as one safetensors file at ``path``. Written whole to a temporary
+    name beside it and renamed into place, so an interrupted save leaves nothing (or the previous
+    file) under ``path``. An existing file is replaced only with ``overwrite=True``; a directory never."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory: pmss.save writes one file; give a file name such as "
+                                f"{os.path.join(path, 'pmss.safetensors')}")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     mods = pmss_modules(model)
     if not mods:
         raise ValueError("the model has no PMSSLinear modules (call portllm.pmss.inject first)")
@@ -89,7 +98,6 @@ def save(model: nn.Module, path: str) -> str:
         tensors[f"{name}.U"] = m.U.detach().cpu()
         info[name] = {"rank": m.rank, "scale": m.scale, "sketch": fp.sketch(m.weight),
                       "sha256": fp.content_hash(m.weight)}
-    path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_tensors(path, tensors, {"format": "pt", "portllm_pmss": json.dumps({"version": __version__, "modules": info})})
     return path
@@ -123,6 +131,18 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
         if not isinstance(bases[name], nn.Linear):
             raise PMSSLoadError(f"{path}: {name} is a {type(bases[name]).__name__}, not a Linear layer")
     for name, mi in info.items():
+        if not isinstance(mi, dict):
+            raise PMSSLoadError(f"{path}: module {name}: corrupt portllm_pmss metadata")
+        scale = mi.get("scale")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise PMSSLoadError(f"{path}: module {name}: scale {scale!r} is not a finite number")
+        for part in ("I", "J", "U"):
+            if f"{name}.{part}" not in tensors:
+                raise PMSSLoadError(f"{path}: module {name}: tensor {name}.{part} is missing")
+        U = tensors[f"{name}.U"]
+        if not U.is_floating_point() or not bool(torch.isfinite(U).all()):
+            raise PMSSLoadError(f"{path}: module {name}: U holds NaN or Inf values (or is not floating point)")
+    for name, mi in info.items():
         W = bases[name].weight
         # Files since 0.1.0 carry the weights' SHA-256: any changed element is caught. Older files only
         # a 64-element sample, which misses changes elsewhere.
@@ -153,9 +173,16 @@ def _factors(m: PMSSLinear) -> tuple[torch.Tensor, torch.Tensor]:
 def merge(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     """W += s·C·U·R in place for every PMSSLinear (C and R gathered before W is written), then puts
     the plain Linear layers back. Returns the model."""
-    for name, m in pmss_modules(model).items():
+    # All or nothing: every module's factors are gathered and its merge checked (NaN/Inf, overflow)
+    # before any weight is written.
+    mods = pmss_modules(model)
+    merges = []
+    for name, m in mods.items():
         B, A = _factors(m)
-        merge_into(m.weight.data, [(PatchModule(B, A, m.scale), 1.0)], backend=backend, name=name)
+        merges.append(prepare_merge(m.weight.data, [(PatchModule(B, A, m.scale), 1.0)], backend=backend, name=name))
+    for run in merges:
+        run()
+    for name, m in mods.items():
         model.set_submodule(name, m.base)
     return model
 
