@@ -94,7 +94,8 @@ def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: 
     patches and scales, compared by value), every weight comes back bit for bit; if a weight changed
     since, ``ExactUndoError`` names it and nothing is written. ``exact=True`` insists on that;
     ``exact=False`` (or no recorded merge) merges the negated update instead: in fp32 within a few
-    ulp, in bf16/fp16 an ulp or so off per element.
+    ulp, in bf16/fp16 an ulp or so off per element. Exact merges are a stack: removing one that is
+    not the latest is refused (``ExactUndoError``, nothing written), whatever ``exact`` says.
     """
     patches, scales = _as_lists(patch, scale)
     records = _records(model)
@@ -103,9 +104,10 @@ def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: 
             _remove_exact(model, records[-1])
             records.pop()
             return model
-        # exact=False on the top record: the negated merge below; the record is spent.
+        # exact=False on the top record: the negated merge; the record is spent once it succeeded.
+        apply_patch(model, patches, [-s for s in scales], **kwargs)
         records.pop()
-        return apply_patch(model, patches, [-s for s in scales], **kwargs)
+        return model
     if any(r.matches(patches, scales) for r in records):
         # The records are a stack: removing one below the top would change the weights the later
         # exact merges' undos were recorded on, and none of them could be undone bit for bit again.
@@ -137,6 +139,10 @@ class ExactMerge:
         if len(patches) != len(self.patches) or [_f32(x) for x in scales] != [_f32(x) for x in self.scales]:
             return False
         return all(p is q or _same_patch(p, q) for p, q in zip(patches, self.patches))
+
+    def __repr__(self) -> str:
+        return (f"ExactMerge({len(self.patches)} patch(es), scales {self.scales}, {len(self.weights)} weights, "
+                f"{self.nbytes / 2**20:.2f} MiB of undo, {self.bits_per_weight:.2f} bits per weight)")
 
     @property
     def nbytes(self) -> int:

@@ -49,13 +49,15 @@ def _is_within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def safe_join(directory: str, name: str, *, what: str = "file name") -> str:
-    """``directory/name`` for a plain file ``name`` read from a file; UnsafePathError otherwise."""
+def safe_join(directory: str, name: str, *, what: str = "file name", scope: str | None = None) -> str:
+    """``directory/name`` for a plain file ``name`` read from a file; UnsafePathError otherwise.
+    The result must resolve inside ``scope`` (default ``directory``; for a hub cache snapshot, the
+    cached repository, whose blobs its links point to)."""
     if (not isinstance(name, str) or not name or name in (".", "..") or "\0" in name or "/" in name
             or (os.sep in name) or (os.altsep and os.altsep in name)):
         raise UnsafePathError(f"{what} {name!r} is not a plain file name (no directories, no '..'): refusing it")
     path = os.path.join(directory, name)
-    if not _is_within(_real(path), _real(directory)):
+    if not _is_within(_real(path), _real(scope if scope is not None else directory)):
         raise UnsafePathError(f"{what} {name!r} resolves outside {directory} (a symlink?): refusing it")
     return path
 
@@ -170,7 +172,11 @@ def replace_dir(new: str, dest: str):
         old = tempfile.mkdtemp(prefix=f".{_stem(os.path.basename(dest))}.portllm-old-{os.getpid()}-", dir=parent)
         os.rmdir(old)  # a name no one else holds; the rename below takes it
         os.rename(dest, old)
-        os.rename(new, dest)
+        try:
+            os.rename(new, dest)
+        except BaseException:
+            os.rename(old, dest)  # the previous output back under its name
+            raise
         _fsync_dir(parent)
         _remove(old)
         return
@@ -188,7 +194,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-_OWNER = ".portllm-staging"  # inside a staging directory while portllm writes it: "pid token"
+_OWNER = ".portllm-staging"  # inside a staging directory while portllm writes it: "pid name host"
+
+
+def _host() -> str:
+    return os.uname().nodename or "?"
 
 
 def _owned_by(path: str, pid: int) -> bool:
@@ -206,7 +216,9 @@ def _owned_by(path: str, pid: int) -> bool:
         words = os.read(fd, 256).split()
     finally:
         os.close(fd)
-    return len(words) == 2 and words[0] == str(pid).encode() and words[1] == os.path.basename(path).encode()
+    # The pid was checked on this host: a directory another host made (NFS) is not this one's to judge.
+    return (len(words) == 3 and words[0] == str(pid).encode() and words[1] == os.path.basename(path).encode()
+            and words[2] == _host().encode())
 
 
 def _clean_stale(parent: str, base: str, log) -> None:
@@ -300,15 +312,15 @@ def staging_dir(dest: str, *, log=None, before_replace=None) -> Iterator[str]:
         owner = os.path.join(tmp, _OWNER)
         try:
             with open(owner, "x") as f:
-                f.write(f"{os.getpid()} {os.path.basename(tmp)}\n")
+                f.write(f"{os.getpid()} {os.path.basename(tmp)} {_host()}\n")
             yield tmp
-            os.unlink(owner)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)
             fsync_tree(tmp)
             if before_replace is not None:
                 before_replace()
+            os.unlink(owner)  # last: a kill before here leaves a marked directory, which the next run removes
             replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

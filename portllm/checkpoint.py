@@ -13,7 +13,7 @@ import torch
 
 from portllm import fingerprint as fp
 from portllm.atomic import UnsafePathError, safe_join
-from portllm.files import InputChangedError, InputWatch, NotARegularFileError, open_regular
+from portllm.files import InputChangedError, InputWatch, NotARegularFileError, link_scope, open_regular
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader
 
 INDEX = "model.safetensors.index.json"
@@ -31,7 +31,7 @@ def weight_key(module: str) -> str:
 class Checkpoint:
     """A safetensors checkpoint directory: shapes, sampled elements and whole tensors by key."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, allow_pmss: bool = False):
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{self.path}: no such checkpoint directory")
@@ -63,7 +63,8 @@ class Checkpoint:
         self.key_file: dict[str, str] = {}
         for fname in self.files:
             try:
-                full = safe_join(self.path, fname, what=f"{INDEX if self.index is not None else 'shard'}: shard name")
+                full = safe_join(self.path, fname, what=f"{INDEX if self.index is not None else 'shard'}: shard name",
+                                 scope=link_scope(self.path))
             except UnsafePathError as e:
                 raise CheckpointError(f"{self.path}: {e}") from None
             if not os.path.exists(full):
@@ -82,6 +83,15 @@ class Checkpoint:
                     raise CheckpointError(f"{self.path}: tensor {k!r} is in two shards, {self.key_file[k]} and "
                                           f"{fname}; refusing to guess which one is meant")
                 self.key_file[k] = fname
+        pmss = [k for k in self.key_file if k.endswith(".U") and k[:-2] + ".I" in self.key_file
+                and k[:-2] + ".J" in self.key_file]
+        if pmss and not allow_pmss:
+            self.close()
+            raise CheckpointError(
+                f"{self.path}: holds PMSS fine-tuning keys ({pmss[0]}, ...: {len(pmss)} modules), a PMSS model as "
+                "the HF Trainer or save_pretrained writes it; its weights are the base's. Load it with "
+                "from_pretrained, then portllm.pmss.load(model, this directory); or merge it "
+                "(portllm.pmss.merge) and save_pretrained the result")
         if self.index is not None:
             missing = [k for k, f in weight_map.items() if k not in self.key_file]
             if missing:

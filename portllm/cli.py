@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import os
 import sys
 
 # What each command imports beyond portllm's own dependencies, and the extra that installs it.
@@ -55,7 +57,7 @@ def _port(args) -> int:
 
     res = port(args.model, args.patch, args.out, scale=args.scale, device=args.device, dtype=args.dtype,
                force=args.force, backend=args.backend, progress=not args.quiet,
-               log=None if args.quiet else print)
+               log=None if args.quiet else print, base=args.base)
     gpu = f", peak GPU memory {res.peak_device_bytes / 2**20:.1f} MiB" if res.peak_device_bytes is not None else ""
     print(f"portllm port: merged {res.merged} modules of {res.tensors} tensors into {res.out_dir} "
           f"({res.bytes_written / 1e9:.2f} GB) on {res.device} in {res.seconds:.1f} s{gpu}")
@@ -68,7 +70,8 @@ def _extract(args) -> int:
 
     inputs = {"--base": args.base, "--finetuned": args.finetuned}
     check_disjoint(args.out, inputs)  # before the work, not after it
-    patch = extract_patch(args.base, args.finetuned, rank=args.rank, energy=args.energy, device=args.device)
+    patch = extract_patch(args.base, args.finetuned, rank=args.rank, energy=args.energy, device=args.device,
+                          progress=not args.quiet)
     patch.save(args.out, overwrite=args.force, inputs=inputs)
     kept = list(patch.extra["energy_kept"].values())
     print(f"portllm extract: {len(patch)} modules, rank {min(m.rank for m in patch.modules.values())}"
@@ -82,6 +85,7 @@ def _inspect(args) -> int:
 
     patch = Patch.load(args.path)
     rows = patch.summary()
+    summary = args.summary if args.summary is not None else len(rows) > SUMMARY_ABOVE
     print(f"patch: {args.path}")
     print(f"  source: {patch.source or '?'}; made with portllm {patch.version}; base model: {patch.base_model or '?'}"
           f" (fingerprint {patch.base_fingerprint or 'none'})")
@@ -89,6 +93,12 @@ def _inspect(args) -> int:
     ranks = sorted({r["rank"] for r in rows})
     print(f"  {len(rows)} modules, ranks {ranks}, {total / 2**20:.2f} MiB of factors")
     kept = patch.extra.get("energy_kept", {})
+    if summary:
+        _inspect_summary(rows, kept)
+        for k, v in patch.extra.items():
+            if k != "energy_kept":
+                print(f"  {k}: {v}")
+        return 0
     width = max([len(r["module"]) for r in rows] + [6])
     print(f"  {'module':<{width}}  {'shape':>14} {'rank':>5} {'scale':>8} {'|dW|_F':>10} {'dtype':>9} {'KiB':>8}"
           + ("  energy kept" if kept else ""))
@@ -103,6 +113,30 @@ def _inspect(args) -> int:
     return 0
 
 
+SUMMARY_ABOVE = 50  # inspect shows one line per kind of module above this many modules
+
+
+def _inspect_summary(rows, kept):
+    """One line per kind of module (the name's last part: q_proj, down_proj, ...)."""
+    kinds: dict[str, list] = {}
+    for r in rows:
+        kinds.setdefault(r["module"].rsplit(".", 1)[-1], []).append(r)
+    print(f"  summary by kind (--full for every module):")
+    width = max([len(k) for k in kinds] + [4])
+    print(f"  {'kind':<{width}}  {'modules':>7} {'shapes':>22} {'ranks':>9} {'|dW|_F max':>10} {'MiB':>8}"
+          + ("  energy kept" if kept else ""))
+    for kind, rs in kinds.items():
+        shapes = sorted({"x".join(map(str, r["shape"])) for r in rs})
+        ranks = sorted({r["rank"] for r in rs})
+        energy = ""
+        if kept:
+            ks = [kept[r["module"]] for r in rs if r["module"] in kept]
+            energy = f"  {min(ks):.1%}..{max(ks):.1%}" if ks else ""
+        print(f"  {kind:<{width}}  {len(rs):>7} {', '.join(shapes)[:22]:>22} "
+              f"{(str(ranks[0]) if len(ranks) == 1 else f'{ranks[0]}..{ranks[-1]}'):>9} "
+              f"{max(r['delta_norm'] for r in rs):>10.4g} {sum(r['bytes'] for r in rs) / 2**20:>8.2f}{energy}")
+
+
 def _info(args) -> int:
     import torch
 
@@ -110,6 +144,8 @@ def _info(args) -> int:
 
     print(f"portllm {__version__}, torch {torch.__version__}")
     print(f"extension: {_ext.build_info()}; CPU path in use: {_ext.cpu_isa()}")
+    for line in _ext.kernels_built():
+        print(f"  {line}")
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         print(f"backends on {dev}: {', '.join(ops.available_backends(dev))} (device class {defaults.device_class(dev)})")
         for op, impls in ops.IMPLEMENTATIONS.items():
@@ -121,10 +157,23 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="portllm", description="Portable LoRA patches and PMSS fine-tuning.")
+    from portllm._version import __version__
+
+    ap = argparse.ArgumentParser(prog="portllm", description="Portable LoRA patches and PMSS fine-tuning.",
+                                 epilog="Run `portllm COMMAND -h` for a command's options and an example.")
+    ap.add_argument("--version", action="version", version=f"portllm {__version__}")
     ap.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
-    sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the portability experiment end to end (or on your own checkpoints)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, description, example):
+        return sub.add_parser(name, help=help, description=f"{description}\n\nexample:\n  {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    d = command("demo", "the portability experiment end to end (or on your own checkpoints)",
+                "Pretrains a small Llama, evolves it into three releases, fine-tunes patches on three tasks, ports\n"
+                "every patch onto every release and evaluates them (about 2-3 minutes on a 2-core CPU). With\n"
+                "--base/--evolved/--patch/--tasks: the same evaluation on your own checkpoints.",
+                "portllm demo --out demo-out --seed 0")
     d.add_argument("--out", default="demo-out", help="directory for results.json, table.md, accuracy.png")
     d.add_argument("--quick", action="store_true", help="a shorter run (for tests)")
     d.add_argument("--seed", type=int, default=0)
@@ -133,10 +182,15 @@ def main(argv=None) -> int:
     d.add_argument("--patch", help="a patch (PEFT adapter directory) made on θ")
     d.add_argument("--tasks", help="JSON lines of {\"task\", \"prompt\", \"answer\"} to evaluate on")
     d.set_defaults(fn=_demo)
-    i = sub.add_parser("info", help="show the build and the available backends")
+    i = command("info", "show the build and the available backends",
+                "The version, the compiled extension (CPU path, CUDA kernels) and, per op and device, the\n"
+                "backends that can run and the default.", "portllm info")
     i.set_defaults(fn=_info)
 
-    p = sub.add_parser("port", help="merge a patch into a checkpoint directory, streamed, into a new one")
+    p = command("port", "merge a patch into a checkpoint directory, streamed, into a new one",
+                "Writes --model with the patch merged into every module it names (W += s*B*A), tensor by\n"
+                "tensor, to --out; --model and --patch are only read. A compatibility report comes first.",
+                "portllm port --model Llama-3.1-8B-v2 --patch my-lora --out Llama-3.1-8B-v2-mine")
     p.add_argument("--model", required=True, help="checkpoint directory (safetensors) to patch; only read")
     p.add_argument("--patch", required=True, help="PEFT LoRA adapter directory, or a patch portllm saved")
     p.add_argument("--out", required=True, help="directory to write (must be empty or absent unless --force)")
@@ -146,10 +200,16 @@ def main(argv=None) -> int:
                    help="convert the weights to this dtype")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--backend", default=None, help="portllm backend for the merges (default: fastest)")
+    p.add_argument("--base", default=None, help="the model the patch was trained on (only read): the report "
+                   "measures how far --model moved from it (default: the adapter's base_model_name_or_path, "
+                   "if that is a local directory)")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.set_defaults(fn=_port)
 
-    e = sub.add_parser("extract", help="a low-rank patch from a full fine-tune (truncated SVD of each dW)")
+    e = command("extract", "a low-rank patch from a full fine-tune (truncated SVD of each dW)",
+                "A PEFT-format patch whose modules approximate finetuned - base (rank r, or the smallest\n"
+                "rank that keeps a fraction of each dW's energy).",
+                "portllm extract --base base-model --finetuned tuned-model --rank 16 --out tuned-patch")
     e.add_argument("--base", required=True, help="the base checkpoint directory")
     e.add_argument("--finetuned", required=True, help="the fine-tuned checkpoint directory")
     g = e.add_mutually_exclusive_group(required=True)
@@ -158,10 +218,16 @@ def main(argv=None) -> int:
     e.add_argument("--out", required=True, help="patch directory to write (PEFT adapter format)")
     e.add_argument("--device", default=None)
     e.add_argument("--force", action="store_true", help="replace an existing --out")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(fn=_extract)
 
-    n = sub.add_parser("inspect", help="modules, ranks, norms, sizes and metadata of a patch")
-    n.add_argument("path")
+    n = command("inspect", "modules, ranks, norms, sizes and metadata of a patch",
+                f"One line per module, or, above {SUMMARY_ABOVE} modules, one per kind of module (q_proj, ...).",
+                "portllm inspect my-lora --summary")
+    n.add_argument("path", help="a patch: PEFT adapter directory, or its adapter_model.safetensors")
+    mode = n.add_mutually_exclusive_group()
+    mode.add_argument("--summary", action="store_true", default=None, help="one line per kind of module")
+    mode.add_argument("--full", dest="summary", action="store_false", default=None, help="one line per module")
     n.set_defaults(fn=_inspect)
     for sp in (d, i, p, e, n):
         sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
@@ -170,11 +236,19 @@ def main(argv=None) -> int:
     try:
         require(args.command)
         return args.fn(args)
+    except BrokenPipeError:
+        # The reader went away (`portllm inspect ... | head`): stop quietly, as Unix tools do.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
     except KeyboardInterrupt:
         if args.verbose:
             raise
         # port and extract stage their output and rename it at the end: interrupted, they leave none.
-        staged = f"; nothing was written to {args.out}" if args.command in ("port", "extract") else ""
+        staged = f"; no partial output was left at {args.out}" if args.command in ("port", "extract") else ""
         print(f"portllm {args.command}: interrupted{staged}", file=sys.stderr)
         return 130
     except Exception as e:  # one line for the user, the traceback on request
@@ -182,9 +256,10 @@ def main(argv=None) -> int:
             raise
         msg = str(e)
         out = getattr(args, "out", None)
-        if isinstance(e, OSError) and e.filename is None and out is not None:
-            # ENOSPC, EFBIG, EIO from a write carry no path: name the output being written.
-            msg = f"{msg} (while writing {out}; nothing was written there)"
+        if (isinstance(e, OSError) and e.filename is None and out is not None and args.command in ("port", "extract")
+                and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)):
+            # Write errors carry no path: name the output being written (staged, so left untouched).
+            msg = f"{msg} (while writing {out}; no partial output was left there)"
         print(f"portllm {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 1
 

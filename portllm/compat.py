@@ -28,8 +28,10 @@ class CompatReport:
     matched: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # patch modules the model lacks
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # (module, patch wants, model has)
-    is_base: bool | None = None  # None: the patch carries no sketch of its base
+    is_base: bool | None = None  # None: the patch carries no sketch of its base, and no base was given
     relative_change: dict[str, float] = field(default_factory=dict)  # estimated ‖W − W_base‖/‖W_base‖
+    base_source: str | None = None  # where the base's weights came from: "patch" (its sketches) or a path
+    base_hint: str | None = None  # without a base: the patch's base_model_name_or_path, if any
 
     @property
     def ok(self) -> bool:
@@ -47,13 +49,20 @@ class CompatReport:
         if self.missing:
             shown = ", ".join(self.missing[:5]) + (f", ... ({len(self.missing)} in all)" if len(self.missing) > 5 else "")
             out.append(f"the model lacks {len(self.missing)} patch modules: {shown}")
+        against = (f" (measured against the base at {self.base_source})"
+                   if self.base_source not in (None, "patch") else "")
         if self.is_base is None:
-            out.append("base: unknown (the patch holds no fingerprint of the model it was made from)")
+            named = (f"; its base_model_name_or_path, {self.base_hint!r}, is not a local checkpoint directory"
+                     if self.base_hint else "")
+            out.append("base: unknown: the patch holds no fingerprint of the model it was made from" + named +
+                       ". Whether this model is that base or an evolved one, and how far it moved, cannot be "
+                       "told: pass --base DIR (base= in Python), the model the patch was trained on")
         elif self.is_base:
-            out.append("base: this model is the patch's own base")
+            out.append("base: this model is the patch's own base" + against)
         else:
             out.append(f"base: another model (evolved): weights moved by {self.mean_relative_change:.2%} on average "
-                       f"(relative Frobenius norm, estimated), at most {max(self.relative_change.values()):.2%}")
+                       f"(relative Frobenius norm, estimated), at most {max(self.relative_change.values()):.2%}"
+                       + against)
         return out
 
     def __str__(self) -> str:
@@ -72,10 +81,36 @@ class CompatReport:
                 ": is this patch for another architecture?")
 
 
-def check_compatibility(source, patch: Patch) -> CompatReport:
+def _local_checkpoint(path) -> bool:
+    return (isinstance(path, str) and os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+            and any(f.endswith(".safetensors") for f in os.listdir(path)))
+
+
+def _base_sketches(base, names: list[str]) -> dict[str, dict]:
+    """Sketches (shape and sampled elements) of ``base``'s weights for ``names``, read as a patch's
+    own base sketches are: a few elements per weight."""
+    src = base if hasattr(base, "shape") else weights(base)
+    try:
+        out = {}
+        for name in names:
+            shape = src.shape(weight_key(name))
+            if shape is None:
+                continue
+            sample = src.sample(weight_key(name))
+            out[name] = {"shape": list(shape), "sample": sample, "norm": float(sum(v * v for v in sample) ** 0.5)}
+        return out
+    finally:
+        if src is not base and hasattr(src, "close"):
+            src.close()
+
+
+def check_compatibility(source, patch: Patch, base=None) -> CompatReport:
     """Which patch modules the model (an nn.Module, a checkpoint directory, or a
     checkpoint.Checkpoint / ModelWeights) holds with matching shapes, which it lacks, and whether
-    it is the patch's base. Reads only shapes and a few sampled elements per weight."""
+    it is the patch's base, and how far it moved from it. The base is known from the patch's own
+    sketches (patches portllm made), else from ``base`` (the model the patch was trained on: a
+    directory or an nn.Module), else from the patch's ``base_model_name_or_path`` where that is a
+    local checkpoint directory. Reads only shapes and a few sampled elements per weight."""
     if not hasattr(source, "shape"):
         source = weights(source)
     rep = CompatReport()
@@ -87,12 +122,25 @@ def check_compatibility(source, patch: Patch) -> CompatReport:
             rep.mismatched.append((name, m.weight_shape, tuple(shape)))
         else:
             rep.matched.append(name)
-    sketched = [n for n in rep.matched if n in patch.base_sketches]
+    sketches = patch.base_sketches
+    rep.base_source = "patch" if sketches else None
+    if base is None and not sketches and _local_checkpoint(patch.base_model):
+        try:  # the patch's own base_model_name_or_path: used if readable, else reported unknown
+            sketches = _base_sketches(patch.base_model, rep.matched)
+            rep.base_source = patch.base_model
+        except (OSError, ValueError):
+            sketches = {}
+    elif base is not None and (not sketches or not any(n in sketches for n in rep.matched)):
+        sketches = _base_sketches(base, rep.matched)
+        rep.base_source = os.fspath(base) if isinstance(base, (str, os.PathLike)) else type(base).__name__
+    if rep.base_source is None:
+        rep.base_hint = patch.base_model
+    sketched = [n for n in rep.matched if n in sketches]
     if sketched:
         same = True
         for name in sketched:
             sample = source.sample(weight_key(name))
-            sk = patch.base_sketches[name]
+            sk = sketches[name]
             same &= fp.same_weights(sk, sample)
             rep.relative_change[name] = fp.relative_change(sk, sample)
         rep.is_base = same

@@ -64,6 +64,10 @@ class WeightUndo:
     def exceptions(self) -> int:
         return int(self.diff.numel())
 
+    def __repr__(self) -> str:
+        return (f"WeightUndo({'x'.join(map(str, self.shape))} {str(self.dtype).removeprefix('torch.')}, "
+                f"{self.exceptions} misses, {self.nbytes} bytes, path {self.path})")
+
     @property
     def nbytes(self) -> int:
         return (self.stream.numel() + self.diff.numel() + self.far_index.numel() * 8

@@ -39,7 +39,7 @@ def _candidates(base, ft, target_modules) -> list[str]:
 
 def extract_patch(base, finetuned, rank: int | None = None, energy: float | None = None, *,
                   target_modules=None, device=None, niter: int = 4, seed: int = 0,
-                  dtype: torch.dtype = torch.float32, min_change: float = 0.0) -> Patch:
+                  dtype: torch.dtype = torch.float32, min_change: float = 0.0, progress: bool = False) -> Patch:
     """Patch ΔW_i ≈ B_i·A_i for every 2-D weight that differs between ``base`` and ``finetuned``
     (models or checkpoint directories; embeddings and the output head are skipped unless named in
     ``target_modules``).
@@ -48,6 +48,7 @@ def extract_patch(base, finetuned, rank: int | None = None, energy: float | None
     top r singular triplets. ``energy=e``: exact SVD, and the smallest rank that keeps a fraction e of
     ‖ΔW‖_F² per module. Runs on ``device`` (default: cuda if available). ``patch.extra["energy_kept"]``
     reports, per module, the fraction of ‖ΔW‖_F² the patch keeps; B = U·diag(σ), A = Vᵀ, scale 1.
+    ``progress``: a progress bar over the modules (stderr).
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank= or energy=")
@@ -58,8 +59,16 @@ def extract_patch(base, finetuned, rank: int | None = None, energy: float | None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     b_src, f_src = weights(base), weights(finetuned)
     modules, sketches, kept = {}, {}, {}
+    bar = None
     try:
-        for name in _candidates(b_src, f_src, target_modules):
+        names = _candidates(b_src, f_src, target_modules)
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(names), unit="module", desc="portllm extract", leave=False)
+        for name in names:
+            if bar is not None:
+                bar.update(1)
             key = name + ".weight"
             Wb = b_src.tensor(key)
             dW = f_src.tensor(key).to(device, torch.float32) - Wb.to(device, torch.float32)
@@ -82,6 +91,8 @@ def extract_patch(base, finetuned, rank: int | None = None, energy: float | None
             modules[name] = PatchModule((U * S).to("cpu", dtype).contiguous(), Vh.to("cpu", dtype).contiguous(), 1.0)
             sketches[name] = fp.sketch(Wb)
     finally:
+        if bar is not None:
+            bar.close()
         for src in (b_src, f_src):
             if hasattr(src, "close"):
                 src.close()

@@ -54,6 +54,25 @@ def open_regular(path: str, what: str = "file", *, binary: bool = True):
         raise
 
 
+def link_scope(model_dir: str) -> str:
+    """The directory a model directory's symbolic links may point into: the model directory itself,
+    or, for a Hugging Face hub cache snapshot (``.../models--ORG--NAME/snapshots/REV``, whose files
+    are links to ``../../blobs/HASH``), the cached repository ``.../models--ORG--NAME``."""
+    real = os.path.realpath(model_dir)
+    snapshots = os.path.dirname(real)
+    repo = os.path.dirname(snapshots)
+    if (os.path.basename(snapshots) == "snapshots" and os.path.basename(repo).startswith(("models--", "datasets--"))
+            and os.path.isdir(os.path.join(repo, "blobs"))):
+        return repo
+    return real
+
+
+def within(path: str, scope: str) -> bool:
+    """Whether ``path``, resolved, lies inside the directory ``scope`` (resolved)."""
+    p, d = os.path.realpath(path), os.path.realpath(scope)
+    return p == d or p.startswith(d.rstrip(os.sep) + os.sep)
+
+
 def identity(path: str, *, follow: bool = True) -> tuple[int, int] | None:
     """(st_dev, st_ino) of ``path``, None if it does not exist."""
     try:

@@ -65,8 +65,8 @@ def _ext_reason(op: str, key: str, backend: str, device: torch.device) -> str | 
         return f"the extension portllm._C is not loaded ({_ext.ERROR})"
     if not _ext.has_kernel(op, key):
         if key == "CUDA":
-            return (f"portllm._C was built without CUDA kernels for {op} (torch without CUDA or no nvcc at "
-                    "build time)")
+            why = _ext.cuda_kernels_missing() or "torch without CUDA or no CUDA toolkit at build time"
+            return f"portllm._C was built without CUDA kernels for {op} ({why}; `portllm info` says more)"
         return f"this build of portllm._C has no {op} kernel; rebuild with `pip install --no-build-isolation -e .`"
     return None
 

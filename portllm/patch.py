@@ -59,6 +59,11 @@ class PatchModule:
         d = self.scale * (self.B.float() @ self.A.float())
         return d.t() if self.fan_in_fan_out else d
 
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.weight_shape))
+        return (f"PatchModule(weight {shape}, rank {self.rank}, scale {self.scale:g}, "
+                f"{str(self.B.dtype).removeprefix('torch.')}{', fan_in_fan_out' if self.fan_in_fan_out else ''})")
+
 
 @dataclass
 class Patch:
@@ -72,6 +77,12 @@ class Patch:
     def __post_init__(self):
         if not self.version:
             self.version = __version__
+
+    def __repr__(self) -> str:
+        ranks = sorted({m.rank for m in self.modules.values()})
+        nbytes = sum(m.B.numel() * m.B.element_size() + m.A.numel() * m.A.element_size() for m in self.modules.values())
+        return (f"Patch({len(self.modules)} modules, ranks {ranks}, {nbytes / 2**20:.2f} MiB of factors, "
+                f"base_model={self.base_model!r}, source={self.source!r})")
 
     # -- views -----------------------------------------------------------------------------------
     def __len__(self):

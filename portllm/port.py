@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from portllm.atomic import check_disjoint, safe_join, staging_dir, write_json
+from portllm.atomic import UnsafePathError, check_disjoint, safe_join, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, weight_key
 from portllm.compat import CompatReport, check_compatibility, resolve_fan_in_fan_out
-from portllm.files import InputWatch, NotARegularFileError, copy_file, copy_tree, kind, open_regular
+from portllm.files import (InputWatch, NotARegularFileError, copy_file, copy_tree, kind, link_scope, open_regular,
+                           within)
 from portllm.merge import check_weight_dtype, merge_into
 from portllm.patch import Patch
 from portllm.safetensors_io import SafetensorsWriter
@@ -77,7 +78,7 @@ def _resolve_device(device) -> torch.device:
 
 def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, device: str | None = None,
          dtype=None, *, force: bool = False, backend: str | None = None, check_finite: bool = True,
-         progress: bool = True, log=print) -> PortResult:
+         progress: bool = True, log=print, base: str | None = None) -> PortResult:
     """Writes ``model_dir`` with ``W += scale · ΔW`` merged into every patch module, to ``out_dir``.
 
     * ``patch``: a Patch or a path to one (PEFT adapter directory).
@@ -85,6 +86,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     * ``dtype``: convert every floating-point tensor (and config.json's dtype) to this dtype.
     * ``force``: replace a non-empty ``out_dir``.
     * ``check_finite``: refuse factors with NaN/Inf (on by default here: a checkpoint is written once).
+    * ``base``: the checkpoint directory the patch was trained on, for the report's measure of how far
+      ``model_dir`` moved from it (patches portllm made carry that themselves; for a PEFT adapter the
+      patch's ``base_model_name_or_path`` is used where it is a local checkpoint directory).
     Config, generation config, tokenizer and other non-weight files are copied. The compatibility
     report is checked (and logged) before anything is written.
     """
@@ -99,7 +103,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     patch = patch.scaled(scale) if scale != 1.0 else patch
     out_dtype = _dtype(dtype)
     device = _resolve_device(device)
-    inputs = {"--model": model_dir, "--patch": patch_path}
+    inputs = {"--model": model_dir, "--patch": patch_path, "--base": os.fspath(base) if base is not None else None}
     _check_out_dir(out_dir, inputs, force)
     copies, skipped = _plan_copy(model_dir)  # refuses FIFOs, devices and sockets before any work
     if log:
@@ -108,7 +112,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     watch = InputWatch()
     with Checkpoint(model_dir) as ckpt:
         patch = resolve_fan_in_fan_out(ckpt, patch)
-        report = check_compatibility(ckpt, patch)
+        report = check_compatibility(ckpt, patch, base=base)
         if log:
             for line in report.lines():
                 log(f"portllm port: {line}")
@@ -227,8 +231,11 @@ def _plan_copy(model_dir: str) -> tuple[list[tuple[str, str]], list[str]]:
     """What ``_copy_other_files`` will copy: (entry, "file" | "dir" | "link-file") for the model
     directory's non-weight entries, and the links it will not follow. A top-level link is copied as
     the file it names only if that is a regular file inside the model directory; links below the top
-    are never followed. Any FIFO, device or socket is refused here, by name, before any work."""
-    real_model = os.path.realpath(model_dir)
+    are never followed. Any FIFO, device or socket is refused here, by name, before any work. In a
+    Hugging Face hub cache snapshot, whose files are links to the repository's blobs, links into
+    that repository count as inside. A config.json that is a link out is refused: without it the
+    output would be no model."""
+    scope = link_scope(model_dir)
     copies, skipped = [], []
     for entry in sorted(os.listdir(model_dir)):
         src = os.path.join(model_dir, entry)
@@ -236,14 +243,15 @@ def _plan_copy(model_dir: str) -> tuple[list[tuple[str, str]], list[str]]:
             continue
         st = os.lstat(src)
         if stat.S_ISLNK(st.st_mode):
-            real = os.path.realpath(src)
             try:
                 target = os.stat(src)
             except OSError:
                 target = None
-            if (target is not None and stat.S_ISREG(target.st_mode)
-                    and real.startswith(real_model + os.sep)):
+            if target is not None and stat.S_ISREG(target.st_mode) and within(src, scope):
                 copies.append((entry, "link-file"))
+            elif entry == "config.json":
+                raise UnsafePathError(f"{src} is a symbolic link to {os.path.realpath(src)}, outside the model "
+                                      "directory: refusing to follow it (copy the file into the model directory)")
             else:
                 skipped.append(entry)
         elif stat.S_ISDIR(st.st_mode):

@@ -141,6 +141,6 @@ def test_sigint_ends_with_one_line_and_130(world):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip() == f"portllm port: interrupted; nothing was written to {out}", err
+    assert err.strip() == f"portllm port: interrupted; no partial output was left at {out}", err
     assert not os.path.exists(out)
     assert [e for e in os.listdir(root) if e.startswith(".o.")] == []

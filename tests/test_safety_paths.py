@@ -279,3 +279,53 @@ def test_a_nan_in_the_source_is_not_called_an_overflow(world, capsys):
     write_tensors(path, tensors, {"format": "pt"})
     code, err, _ = port(capsys, model, patch, root / "o", "--dtype", "float16")
     assert code == 0, err
+
+
+# -- a Hugging Face hub cache snapshot -----------------------------------------------------------
+
+def _hub_snapshot(root, model):
+    """model laid out as huggingface_hub caches it: blobs/HASH files, snapshots/REV/NAME links."""
+    import hashlib
+
+    repo = root / "hub" / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    for name in sorted(os.listdir(model)):
+        data = open(os.path.join(model, name), "rb").read()
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        os.symlink(os.path.join("..", "..", "blobs", blob), snap / name)
+    return str(snap)
+
+
+def test_a_hub_cache_snapshot_ports(world, capsys):
+    """Its files are links to ../../blobs: they are the model, followed; the output holds files."""
+    root, model, patch = world
+    snap = _hub_snapshot(root, model)
+    secret = root / "secret.txt"
+    secret.write_text("not part of the model")
+    os.symlink(secret, os.path.join(snap, "tokenizer.json"))  # a link out of the cached repo
+    before = snapshot(str(root / "hub"), patch)
+    code, err, _ = port(capsys, snap, patch, root / "o")
+    assert code == 0, err
+    out = root / "o"
+    assert sorted(os.listdir(out)) == sorted(["config.json", "model-00001-of-00002.safetensors",
+                                              "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                                              "portllm_port.json"])
+    assert not any(os.path.islink(out / n) for n in os.listdir(out))
+    assert snapshot(str(root / "hub"), patch) == before
+    direct = root / "o2"
+    assert port(capsys, model, patch, direct)[0] == 0
+    for n in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert open(out / n, "rb").read() == open(direct / n, "rb").read()
+
+
+def test_a_config_link_out_of_the_model_is_refused(world, capsys):
+    root, model, patch = world
+    elsewhere = root / "elsewhere.json"
+    os.replace(os.path.join(model, "config.json"), elsewhere)
+    os.symlink(elsewhere, os.path.join(model, "config.json"))
+    code, err, _ = port(capsys, model, patch, root / "o")
+    assert code == 1 and "config.json is a symbolic link" in err and "\n" not in err, err
+    assert not os.path.exists(root / "o")

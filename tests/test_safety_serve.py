@@ -164,3 +164,53 @@ def test_non_finite_patches_are_refused_on_every_entry(what, entry):
         with pytest.raises(serve.ServeError, match=r"patch 'bad': module 0: .*(NaN|not finite)"):
             serve.load(net, "bad", p)
         assert torch.equal(net[0].lora_A, before) and serve.loaded(net) == {"a": 0}
+
+
+def test_a_thread_started_in_a_block_routes_with_the_decorator():
+    """route is per thread: a worker started inside a block (a streamer's generate thread) runs the
+    base model, unless it runs inside route itself; route is a decorator for that."""
+    pa = _patch(1)
+    net, lin = _net({"a": pa})
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(6))
+    got = {}
+
+    def forward(key):
+        with torch.no_grad():
+            got[key] = net(x)
+
+    with serve.route(net, "a"):
+        plain = threading.Thread(target=forward, args=("plain",))
+        routed = threading.Thread(target=serve.route(net, "a")(forward), args=("routed",))
+        for t in (plain, routed):
+            t.start()
+            t.join()
+    with torch.no_grad():
+        assert torch.equal(got["plain"], lin(x))
+    torch.testing.assert_close(got["routed"], _expected(lin, x, pa), atol=1e-5, rtol=1e-5)
+    serve.unload(net, "a")  # every pin released
+
+
+def test_a_block_left_from_another_thread_releases_its_pins():
+    net, _ = _net({"a": _patch(1)})
+    cm = serve.route(net, "a")
+    t = threading.Thread(target=cm.__enter__)
+    t.start()
+    t.join()
+    cm.__exit__(None, None, None)  # (a generator holding the block, finalised elsewhere)
+    serve.unload(net, "a")
+
+
+def test_an_attached_model_can_be_copied():
+    import copy
+
+    pa = _patch(1)
+    net, lin = _net({"a": pa})
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(7))
+    with serve.route(net, "a"):
+        twin = copy.deepcopy(net)  # made inside a block: the copy has no routing of its own
+        with torch.no_grad():
+            assert torch.equal(twin(x), lin(x))
+    with torch.no_grad(), serve.route(twin, "a"):
+        torch.testing.assert_close(twin(x), _expected(lin, x, pa), atol=1e-5, rtol=1e-5)
+    serve.unload(twin, "a")
+    assert serve.loaded(net) == {"a": 0}

@@ -283,3 +283,39 @@ def test_cuda_graph_replays_after_hot_swap(adapters):
     torch.testing.assert_close(first, eager_a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(swapped, eager_b, atol=1e-4, rtol=1e-4)
     assert torch.equal(swapped[1], first[1]) and not torch.allclose(swapped[0], first[0])
+
+
+def test_beam_search_matches_peft(adapters):
+    """generate(num_beams=k) repeats each request k times: the names per request route every beam,
+    as PEFT's adapter_names do for beams (greedy beam search: the same tokens)."""
+    from peft import PeftModel
+
+    names = ["a", None, "b"]
+    ids = torch.randint(1, 128, (3, 5), generator=torch.Generator().manual_seed(11))
+    kw = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, early_stopping=True)
+    ref = PeftModel.from_pretrained(llama(seed=0), adapters["a"], adapter_name="a")
+    ref.load_adapter(adapters["b"], adapter_name="b")
+    ref.eval()
+    with torch.no_grad():
+        expected = ref.generate(input_ids=ids, adapter_names=[n or "__base__" for n in names], **kw)
+    model = serve.attach(llama(seed=0), adapters)
+    with torch.no_grad(), serve.route(model, names):
+        got = model.generate(input_ids=ids, **kw)
+    assert torch.equal(got, expected)
+    with torch.no_grad(), serve.route(model, names):  # several returned sequences per request
+        many = model.generate(input_ids=ids, num_return_sequences=2, **kw)
+    assert many.shape[0] == 6 and torch.equal(many[::2], expected)
+
+
+def test_a_batch_that_is_no_multiple_of_the_names_is_refused(adapters):
+    model = serve.attach(llama(seed=0), adapters)
+    ids = torch.randint(0, 128, (5, 4), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad(), serve.route(model, ["a", "b"]), pytest.raises(ValueError, match="5 rows but names has 2"):
+        model(input_ids=ids)
+
+
+def test_attach_backend_is_passed_down(adapters):
+    model = serve.attach(llama(seed=0), adapters, backend="reference")
+    assert {m.backend for m in model.modules() if isinstance(m, serve.PatchedLinear)} == {"reference"}
+    with pytest.raises(portllm.ops.BackendUnavailableError, match="'cuda' is not available"):
+        serve.attach(llama(seed=0), adapters, backend="cuda")

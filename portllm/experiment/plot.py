@@ -4,30 +4,41 @@ from __future__ import annotations
 
 
 def release_curves(results, path):
-    """Accuracy of θ′, θ′ + Δ (ported) and θ′ re-fine-tuned against the vendor's continued pretraining."""
+    """Accuracy of θ′, θ′ + Δ (ported) and θ′ re-fine-tuned against how far the vendor's release
+    moved from θ (relative Frobenius norm of the weight change, the drift the README talks of), with
+    θ + Δ (the patch on its own base) as horizontal reference lines. Series that coincide (1.0 is
+    common) stay visible: each is drawn a little to the side of the others, with open markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rels = results["releases"]
-    xs = [r["continued_steps"] for r in rels]
+    xs = [100 * r["relative_weight_change"] for r in rels]
+    span = (max(xs) - min(xs)) if len(xs) > 1 else 1.0
     tasks = list(results["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), sharey=True)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), sharey=True, squeeze=False)
+    axes = axes[0]
+    series = [("θ′ alone", "evolved", "k", "x", "--"), ("θ′ + Δ LoRA (ported)", "ported_lora", "C0", "o", "-"),
+              ("θ′ + Δ PMSS (ported)", "ported_pmss", "C2", "s", "-"),
+              ("θ′ re-fine-tuned (LoRA)", "refit", "C3", "^", ":")]
     for ax, task in zip(axes, tasks):
         row = results["tasks"][task]
-        series = [("θ′ alone", "evolved", "k--"), ("θ′ + Δ LoRA (ported)", "ported_lora", "C0o-"),
-                  ("θ′ + Δ PMSS (ported)", "ported_pmss", "C2s-"), ("θ′ re-fine-tuned (LoRA)", "refit", "C3^:")]
-        for label, key, style in series:
-            ax.plot(xs, [e[key] for e in row["releases"]], style, label=label)
-        ax.axhline(row["theta+lora"], color="C0", alpha=0.3, lw=1)
+        for i, (label, key, color, marker, ls) in enumerate(series):
+            dx = (i - (len(series) - 1) / 2) * 0.012 * span  # side by side where values coincide
+            ax.plot([x + dx for x in xs], [e[key] for e in row["releases"]], color=color, marker=marker, ls=ls,
+                    mfc="none", ms=6, lw=1.2, label=label)
+        ax.axhline(row["theta+lora"], color="C0", alpha=0.35, lw=1, label="θ + Δ LoRA (on its own base)")
+        if "theta+pmss" in row:
+            ax.axhline(row["theta+pmss"], color="C2", alpha=0.35, lw=1, ls="-.", label="θ + Δ PMSS (on its own base)")
         ax.set_title(task)
-        ax.set_xlabel("vendor's continued pretraining (steps)")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("release's drift from θ (% relative weight change)")
+        ax.set_ylim(-0.04, 1.04)
     axes[0].set_ylabel("held-out accuracy")
-    axes[-1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=3, frameon=False)
     fig.suptitle("Porting patches made on θ onto its evolved releases θ′")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

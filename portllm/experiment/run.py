@@ -81,6 +81,27 @@ def _measure(job: list[str]) -> dict:
 
 
 def run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
+    """The experiment (see ``_run``), with the libraries quiet: the demo's log is one line per stage,
+    and transformers' per-load progress bars ("Loading weights", "Writing model shards") and its
+    deprecation notices for calls PEFT makes are noise there. Both are put back on return."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+            warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*",
+                                    category=FutureWarning)
+            return _run(out, quick, seed, log)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
     cfg = QUICK if quick else FULL
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -51,7 +51,14 @@ def run_user(base: str, evolved: str, patch_path: str, tasks_file: str, out: str
     from portllm.experiment.plot import task_bars
 
     tasks = read_tasks(tasks_file)
-    tok = AutoTokenizer.from_pretrained(base)
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+    if not any(os.path.isfile(os.path.join(base, f)) for f in tok_files):
+        raise ValueError(f"--base {base}: no tokenizer files ({', '.join(tok_files[:3])}, ...): the evaluation "
+                         "needs the base's tokenizer; save it there (tokenizer.save_pretrained(DIR))")
+    try:
+        tok = AutoTokenizer.from_pretrained(base)
+    except Exception as e:  # noqa: BLE001 (transformers' messages name the wrong thing here)
+        raise ValueError(f"--base {base}: its tokenizer does not load ({type(e).__name__}: {e})") from None
     patch = portllm.Patch.load(patch_path)
     os.makedirs(out, exist_ok=True)
     ported_dir = os.path.join(out, "ported")

@@ -87,7 +87,14 @@ def pmss_linear(x, W, bias, I, J, U, scale: float = 1.0, backend: str | None = N
 
 class PMSSLinear(nn.Module):
     """Wraps an ``nn.Linear`` whose weight (and bias) stay frozen; U [r, r] is the only Parameter,
-    I and J are int64 buffers. U starts at zero: the layer starts as the base layer."""
+    I and J are int64 buffers. U starts at zero: the layer starts as the base layer.
+
+    Its state dict is the base layer's under the base layer's own keys (``weight``, ``bias``: the
+    same Parameters, never copies) plus ``I``, ``J``, ``U`` and ``s`` (the scale). So what the HF
+    Trainer saves (``save_model``, checkpoints) loads back into a plain model with
+    ``from_pretrained`` as the base weights, never as missing ones, with the fine-tune recovered
+    by ``portllm.pmss.load(model, directory)``; and ``resume_from_checkpoint`` into an injected
+    model restores U exactly."""
 
     def __init__(self, base: nn.Linear, I: torch.Tensor, J: torch.Tensor, scale: float = 1.0,
                  backend: str | None = None, U: torch.Tensor | None = None):
@@ -104,10 +111,12 @@ class PMSSLinear(nn.Module):
         if I.numel() != J.numel():
             raise ValueError(f"PMSSLinear: I has {I.numel()} indices, J {J.numel()}: both must have r")
         r = I.numel()
-        self.base = base
+        self.__dict__["base"] = base  # the original module, given back by merge (not a submodule)
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
+        self.weight = base.weight
+        self.bias = base.bias
         self.register_buffer("I", I.to(device=base.weight.device, dtype=torch.int64))
         self.register_buffer("J", J.to(device=base.weight.device, dtype=torch.int64))
         # U is at least fp32 and at least as wide as W (fp64 for a float64 model: gradcheck-exact).
@@ -117,12 +126,19 @@ class PMSSLinear(nn.Module):
         if u.shape != (r, r):
             raise ValueError(f"PMSSLinear: U must be [{r}, {r}], got {tuple(u.shape)}")
         self.U = nn.Parameter(u.to(base.weight.device))
+        self.register_buffer("s", torch.tensor(float(scale), dtype=torch.float64, device=base.weight.device))
         self.scale = float(scale)
         self.backend = backend
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.scale = float(self.s)  # the loaded scale is the one forward uses
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.s.dtype != torch.float64:  # model.half() must not round the scale
+            self.s = torch.tensor(self.scale, dtype=torch.float64, device=self.s.device)
+        return out
 
     @property
     def in_features(self) -> int:
@@ -133,21 +149,17 @@ class PMSSLinear(nn.Module):
         return self.base.out_features
 
     @property
-    def bias(self):
-        return self.base.bias
-
-    @property
     def rank(self) -> int:
         return self.I.numel()
 
     def forward(self, x):
-        return pmss_linear(x, self.base.weight, self.base.bias, self.I, self.J, self.U, self.scale, self.backend)
+        return pmss_linear(x, self.weight, self.bias, self.I, self.J, self.U, self.scale, self.backend)
 
     def delta(self) -> torch.Tensor:
         """ΔW = s·W[:, J]·U·W[I, :] in fp32 (dense: for checks, not for training)."""
-        W = self.base.weight.detach().float()
+        W = self.weight.detach().float()
         return self.scale * W[:, self.J] @ self.U.detach().float() @ W[self.I, :]
 
     def extra_repr(self) -> str:
-        m, n = self.base.weight.shape
+        m, n = self.weight.shape
         return f"in_features={n}, out_features={m}, rank={self.rank}, scale={self.scale}"

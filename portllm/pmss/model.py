@@ -103,10 +103,54 @@ def save(model: nn.Module, path: str, *, overwrite: bool = False) -> str:
     return path
 
 
+def _load_trainer_dir(model: nn.Module, path: str, backend: str | None) -> nn.Module:
+    """A directory the HF Trainer (``save_model``, checkpoints) or ``save_pretrained`` wrote from a
+    PMSS model: its state dict holds each PMSSLinear's base ``weight`` and its ``I``, ``J``, ``U``,
+    ``s``. The model's weights must equal those base weights."""
+    from portllm.checkpoint import Checkpoint, CheckpointError
+
+    try:
+        ckpt = Checkpoint(path, allow_pmss=True)
+    except CheckpointError as e:
+        raise PMSSLoadError(str(e)) from None
+    with ckpt:
+        keys = set(ckpt.keys())
+        names = sorted(k[:-2] for k in keys if k.endswith(".U") and {k[:-2] + ".I", k[:-2] + ".J"} <= keys)
+        if not names:
+            raise PMSSLoadError(f"{path}: no PMSS keys (MODULE.U, .I, .J) in this checkpoint and no PMSS file: "
+                                "not a PMSS fine-tune")
+        found = {}
+        for name in names:
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise PMSSLoadError(f"{path}: the model has no module {name}") from None
+            base = mod.base if isinstance(mod, PMSSLinear) else mod
+            if not isinstance(base, nn.Linear):
+                raise PMSSLoadError(f"{path}: {name} is a {type(base).__name__}, not a Linear layer")
+            if f"{name}.weight" in keys and not torch.equal(ckpt.tensor(f"{name}.weight").to(base.weight.device),
+                                                            base.weight.detach()):
+                raise PMSSLoadError(f"{path}: the weights of {name} are not the base weights this PMSS fine-tune "
+                                    "was trained on (load the model from this same directory with from_pretrained)")
+            U = ckpt.tensor(f"{name}.U")
+            s = float(ckpt.tensor(f"{name}.s")) if f"{name}.s" in keys else 1.0
+            if not math.isfinite(s) or not U.is_floating_point() or not bool(torch.isfinite(U).all()):
+                raise PMSSLoadError(f"{path}: module {name}: the scale or U holds NaN or Inf values")
+            found[name] = (base, ckpt.tensor(f"{name}.I"), ckpt.tensor(f"{name}.J"), U, s, mod)
+    for name, (base, I, J, U, s, mod) in found.items():
+        model.set_submodule(name, PMSSLinear(base, I, J, s, backend if backend is not None else
+                                             getattr(mod, "backend", None), U=U))
+    return model
+
+
 def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Module:
-    """Puts a saved PMSS fine-tune onto ``model`` (plain or already injected). The base weights must
-    be those the skeleton was selected from; otherwise ``PMSSLoadError`` (use ``to_patch`` to carry a
-    PMSS fine-tune to other weights)."""
+    """Puts a saved PMSS fine-tune onto ``model`` (plain or already injected): a file ``pmss.save``
+    wrote, or a directory the HF Trainer or ``save_pretrained`` wrote from a PMSS model (load the
+    model from that directory with ``from_pretrained`` first: it holds the base weights). The base
+    weights must be those the skeleton was selected from; otherwise ``PMSSLoadError`` (use
+    ``to_patch`` to carry a PMSS fine-tune to other weights)."""
+    if os.path.isdir(os.fspath(path)):
+        return _load_trainer_dir(model, os.fspath(path), backend)
     try:
         with SafetensorsReader(os.fspath(path)) as rd:
             meta = rd.metadata.get("portllm_pmss")

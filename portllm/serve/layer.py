@@ -27,7 +27,8 @@ from portllm import ops
 class Routing:
     """Which patch slot each row of the batch uses, per thread: shared by every PatchedLinear of one
     model (set by ``portllm.serve.route``), but each thread sees only the routing its own ``route``
-    blocks set. ``rows`` is None outside a route block (base model).
+    blocks set. ``rows`` is None outside a route block (base model). (A ``threading.local``:
+    ``torch.compile`` reads it without a graph break; a ``ContextVar`` makes Dynamo skip the frame.)
 
     Every layer of a forward routes the same tokens, so the per-token slots and the kernels' token
     grouping are computed once per batch shape and kept until the routing changes (``cache``, per
@@ -54,6 +55,19 @@ class Routing:
 
     def set(self, rows, names):
         self._local.rows, self._local.names, self._local.cache = rows, names, {}
+
+    # A copy of a served model (copy.deepcopy, pickle) starts with no routing: route blocks belong
+    # to the threads that entered them, on the original.
+    def __deepcopy__(self, memo):
+        new = Routing()
+        memo[id(self)] = new
+        return new
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._local = threading.local()
 
 
 class PatchedLinear(torch.nn.Linear):
@@ -126,9 +140,14 @@ class PatchedLinear(torch.nn.Linear):
     def _token_slots(self, x, rows, batch):
         if not isinstance(rows, torch.Tensor):  # one patch for every row
             rows = rows.for_batch(batch)
-        if rows.shape[0] != batch:
-            raise ValueError(f"portllm.serve.route: the batch has {batch} rows but names has {rows.shape[0]} "
-                             "entries (one per row)")
+        n = rows.shape[0]
+        if n != batch:
+            # generate(num_beams=k) and num_return_sequences=k repeat each request k times in a row
+            # (repeat_interleave, as PEFT expands adapter_names for beams): row j is request j // k.
+            if n == 0 or batch % n:
+                raise ValueError(f"portllm.serve.route: the batch has {batch} rows but names has {n} entries "
+                                 "(one per row, or one per request when generate expands each request to k rows)")
+            rows = rows.repeat_interleave(batch // n)
         per_row = x.numel() // (batch * self.in_features) if batch else 0
         rows = rows.to(x.device)
         return rows if per_row == 1 else rows.repeat_interleave(per_row)  # (decode: one token per row)

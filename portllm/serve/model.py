@@ -18,6 +18,12 @@ slot and unloading an unrouted patch are safe at any time, from any thread: no f
 slots. To swap a patch other threads are serving, load the new one under a new name, route new
 requests to it, and unload the old name when their blocks end. ``load``, ``unload``, ``route`` and
 ``detach`` are serialised by one lock per model.
+
+A forward sees only its own thread's routing: a thread started inside a route block (a streamer's
+``Thread(target=model.generate)``, a worker pool) runs the base model unless it enters ``route``
+itself. ``route`` is also a decorator for that: ``Thread(target=serve.route(model, names)(model.generate),
+kwargs=...)``. Under asyncio, run each request's forwards in a worker thread (``asyncio.to_thread``)
+with its own route block: tasks of one thread share the thread's routing.
 """
 
 from __future__ import annotations
@@ -55,8 +61,13 @@ class _Served:
     pins: dict[str, Counter] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
-    def pin(self, names, delta: int):
-        me = threading.get_ident()
+    def __deepcopy__(self, memo):
+        import copy
+
+        return _Served(copy.deepcopy(self.layers, memo), self.max_patches, self.max_rank,
+                       copy.deepcopy(self.routing, memo), dict(self.slots))
+
+    def pin(self, names, delta: int, me: int):
         for n in names:
             c = self.pins.setdefault(n, Counter())
             c[me] += delta
@@ -80,6 +91,11 @@ def _state(model: nn.Module) -> _Served:
     if st is None:
         raise ServeError("this model has no patched layers: call portllm.serve.attach(model, patches) first")
     return st
+
+
+def _check_attached(model: nn.Module, st: _Served):
+    if model.__dict__.get(_STATE) is not st:
+        raise ServeError("this model was detached (by another thread?) while the call waited")
 
 
 def _as_patch(name: str, patch) -> Patch:
@@ -123,14 +139,17 @@ def _check_fits(st: _Served, name: str, patch: Patch, model: nn.Module):
 
 
 def attach(model: nn.Module, patches: Mapping[str, Patch | str | os.PathLike], *, max_patches: int | None = None,
-           max_rank: int | None = None, target_modules: Sequence[str] | None = None) -> nn.Module:
+           max_rank: int | None = None, target_modules: Sequence[str] | None = None,
+           backend: str | None = None) -> nn.Module:
     """Replaces the target ``nn.Linear`` layers of ``model`` by ``PatchedLinear`` layers (in place;
     returns the model) and loads ``patches`` (name -> ``Patch`` or patch directory) into slots.
 
     Targets: ``target_modules`` (full module names or their last part, as PEFT's), else every module
     some patch names. ``max_patches`` (default: the number of patches, at least 1) and ``max_rank``
     (default: the largest rank of the patches) size the preallocated slots; patches of lower rank
-    are zero-padded. Slot factors are kept in each layer's weight dtype.
+    are zero-padded. Slot factors are kept in each layer's weight dtype. ``backend`` (``reference``,
+    ``cpp``, ``triton``, ``cuda``; default: ``PORTLLM_BACKEND``, else the fastest measured on the
+    device) runs the serving ops of every patched layer; one that cannot run there is refused here.
     """
     if _STATE in model.__dict__:
         raise ServeError("this model already has patched layers; use portllm.serve.load to add patches, or "
@@ -172,8 +191,16 @@ def attach(model: nn.Module, patches: Mapping[str, Patch | str | os.PathLike], *
             raise ServeError(f"{'patch ' + repr(owner) + ': ' if owner else ''}module {n}: it is a "
                              f"{type(mod).__name__}; PatchedLinear serves nn.Linear layers")
         layers[n] = mod
+    if backend is not None:
+        from portllm import ops
+
+        for dev in sorted({str(mod.weight.device) for mod in layers.values()}):
+            for op in ("lora_shrink", "lora_expand_"):
+                ops.resolve_backend(backend, torch.device(dev), op)  # a clear error before any change
     st = _Served({}, int(max_patches), int(max_rank), routing)
     st.layers = {n: PatchedLinear(mod, max_patches, max_rank, routing) for n, mod in layers.items()}
+    for layer in st.layers.values():
+        layer.backend = backend
     for name, p in loaded.items():  # everything checked before the model changes
         _check_fits(st, name, p, model)
     for n, layer in st.layers.items():
@@ -204,6 +231,7 @@ def load(model: nn.Module, name: str, patch: Patch | str | os.PathLike) -> nn.Mo
     p = resolve_fan_in_fan_out(model, _as_patch(name, patch))
     _check_fits(st, name, p, model)
     with st.lock:
+        _check_attached(model, st)
         if name in st.slots:
             # Replacing in place while this thread's own blocks route to it is the hot swap (between two
             # of its forwards; CUDA graphs replay it); while another thread's forward may run, refused.
@@ -223,6 +251,7 @@ def unload(model: nn.Module, name: str) -> nn.Module:
     """Frees the slot of patch ``name`` (zeroes it)."""
     st = _state(model)
     with st.lock:
+        _check_attached(model, st)
         if name not in st.slots:
             raise ServeError(f"no patch named {name!r} is loaded (loaded: {', '.join(st.slots) or 'none'})")
         st.check_unpinned(name, "unload")
@@ -244,6 +273,7 @@ def detach(model: nn.Module) -> nn.Module:
     changed) and drops the slots; returns the model."""
     st = _state(model)
     with st.lock:
+        _check_attached(model, st)
         busy = sorted(st.pins)
         if busy:
             raise ServeError(f"cannot detach: active route blocks use {', '.join(busy)}")
@@ -281,6 +311,7 @@ def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterato
         return st.slots[n]
 
     with st.lock:  # names resolved and pinned together: no unload can come between
+        _check_attached(model, st)
         if names_list is None:
             slot = slot_of(single)
             rows = _AllRows(slot, device)
@@ -290,7 +321,8 @@ def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterato
                 raise ServeError("route: names is empty; give one name (or None) per row of the batch")
             rows = torch.tensor([slot_of(n) for n in names_list], dtype=torch.int64, device=device)
             used = sorted({n for n in names_list if n is not None})
-        st.pin(used, +1)
+        me = threading.get_ident()  # the block's thread, also if it is left from another one
+        st.pin(used, +1, me)
     try:
         prev = (st.routing.rows, st.routing.names)
         st.routing.set(rows, names)
@@ -300,7 +332,7 @@ def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterato
             st.routing.set(*prev)
     finally:
         with st.lock:
-            st.pin(used, -1)
+            st.pin(used, -1, me)
 
 
 class _AllRows:
