@@ -46,10 +46,13 @@ def _warn(msg):
 
 def _toolkit_problem(home):
     """None if ``home`` is a CUDA toolkit that can build and link the kernels, else what it lacks."""
+    # The layouts torch's builder accepts: NVIDIA's (lib64), Debian's (/usr, lib/<triplet>), conda's (targets/*).
     need = {"bin/nvcc": [os.path.join(home, "bin", "nvcc")],
-            "include/cuda_runtime.h": [os.path.join(home, "include", "cuda_runtime.h")],
+            "include/cuda_runtime.h": ([os.path.join(home, "include", "cuda_runtime.h")]
+                                       + glob.glob(os.path.join(home, "targets", "*", "include", "cuda_runtime.h"))),
             "libcudart": (glob.glob(os.path.join(home, "lib64", "libcudart.so*"))
                           + glob.glob(os.path.join(home, "lib", "libcudart.so*"))
+                          + glob.glob(os.path.join(home, "lib", "*", "libcudart.so*"))
                           + glob.glob(os.path.join(home, "targets", "*", "lib", "libcudart.so*")))}
     missing = [what for what, paths in need.items() if not any(os.path.exists(p) for p in paths)]
     return f"{home} has no {', '.join(missing)}" if missing else None
@@ -142,7 +145,9 @@ def _extensions():
         ``_build.json`` says what happened."""
 
         def run(self):
-            compiler_option = self.compiler  # run() replaces it by the compiler object; a retry needs the option
+            # run() replaces the compiler option by the compiler object, and sets inplace False while it
+            # builds (restoring it only on success): a retry needs both as they were.
+            compiler_option, inplace = self.compiler, self.inplace
             try:
                 super().run()
                 report["extension"] = "built"
@@ -159,14 +164,16 @@ def _extensions():
                         if not key.startswith("_"):
                             setattr(self.extensions[0], key, value)
                     report["CPU fallback"] = True
-                    self.compiler = compiler_option
+                    self.compiler, self.inplace = compiler_option, inplace
                     try:
                         super().run()
                         report["extension"] = "built"
                     except Exception as e2:  # noqa: BLE001
                         self._failed(e2)
+                        self.inplace = inplace
                 else:
                     self._failed(e)
+            self.inplace = inplace  # (left False by a failed run: the record goes beside the package)
             self._write_report()
 
         def _failed(self, e):

@@ -29,7 +29,8 @@ def _as_lists(patch, scale) -> tuple[list[Patch], list[float]]:
 
 
 def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: float | Sequence[float] = 1.0, *,
-                backend: str | None = None, check_finite: bool | None = True, exact: bool = False) -> torch.nn.Module:
+                backend: str | None = None, check_finite: bool | None = True, exact: bool = False,
+                _record: bool = True) -> torch.nn.Module:
     """Merges ``W += Σ_i scale_i · patch_i`` into the model's weights, in place; returns the model.
 
     Several patches (task arithmetic) are merged per module in one pass of ``patch_add_``, with
@@ -44,6 +45,9 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     subtracting the delta again does not give the old bits back, about 0.4 bits per weight at a 2%
     relative delta). The weights it gives are the plain merge's, bit for bit; it costs about three
     merges. Exact merges stack: remove them in the reverse order.
+
+    Every merge is remembered with the model (a digest of the patches and scales; the exact ones with
+    their undo), so that ``remove_patch`` can refuse what would corrupt the weights: see there.
     """
     patches, scales = _as_lists(patch, scale)
     source = ModelWeights(model)
@@ -56,13 +60,19 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
             per_module.setdefault(name, []).append((m, w))
     params = dict(model.named_parameters(remove_duplicate=False))
     per_module = _merge_tied(per_module, params)
+    digest = _digest(patches, scales)
     if exact:
-        _apply_exact(model, params, per_module, patches, scales, check_finite, backend)
-        return model
-    merges = [prepare_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
-                            name=name) for name, entries in per_module.items()]
-    for merge in merges:
-        merge()
+        _apply_exact(model, params, per_module, patches, scales, check_finite, backend, digest)
+    else:
+        merges = [prepare_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
+                                name=name) for name, entries in per_module.items()]
+        for merge in merges:
+            merge()
+        if _record:
+            _records(model).append(_Merged(digest))
+    if _record:
+        removed = _removed(model)
+        removed[:] = [d for d in removed if d != digest]  # merged again: removable again
     return model
 
 
@@ -90,34 +100,88 @@ def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: 
                  exact: bool | None = None, **kwargs) -> torch.nn.Module:
     """Undoes ``apply_patch(model, patch, scale)``.
 
-    If that merge was ``exact=True`` (the latest exact merge still on the model, with the same
-    patches and scales, compared by value), every weight comes back bit for bit; if a weight changed
-    since, ``ExactUndoError`` names it and nothing is written. ``exact=True`` insists on that;
-    ``exact=False`` (or no recorded merge) merges the negated update instead: in fp32 within a few
-    ulp, in bf16/fp16 an ulp or so off per element. Exact merges are a stack: removing one that is
-    not the latest is refused (``ExactUndoError``, nothing written), whatever ``exact`` says.
+    If that merge was ``exact=True`` (the latest merge on the model, with the same patches and
+    scales, compared by value), every weight comes back bit for bit; if a weight changed since,
+    ``ExactUndoError`` names it and nothing is written. ``exact=True`` insists on that;
+    ``exact=False`` (or a plain merge) merges the negated update instead: in fp32 within a few ulp,
+    in bf16/fp16 an ulp or so off per element. Refused before anything is written
+    (``ExactUndoError``):
+
+    * removing an exact merge that is not the latest merge, or any merge with an exact merge after
+      it: merges are a stack, and an exact undo needs the weights its merge left;
+    * removing again what was already removed (and not merged again since): it would subtract the
+      patch twice. (A patch merged before this process knew the model, e.g. saved merged, has no
+      record: it is removed by subtraction.)
     """
     patches, scales = _as_lists(patch, scale)
     records = _records(model)
-    if records and records[-1].matches(patches, scales):
-        if exact is not False:
-            _remove_exact(model, records[-1])
-            records.pop()
-            return model
-        # exact=False on the top record: the negated merge; the record is spent once it succeeded.
-        apply_patch(model, patches, [-s for s in scales], **kwargs)
-        records.pop()
+    digest = _digest(patches, scales)
+    hits = [i for i, r in enumerate(records) if r.digest == digest]
+    if not hits:
+        if exact:
+            raise ExactUndoError("no exact merge of this patch (with these scales) is recorded on the model; apply it "
+                                 "with apply_patch(..., exact=True) first, or pass exact=False")
+        if digest in _removed(model):
+            raise ExactUndoError("this patch (with these scales) was already removed from the model, and not merged "
+                                 "again since: removing it again would subtract it twice. Nothing was changed")
+        apply_patch(model, patches, [-s for s in scales], _record=False, **kwargs)
+        _note_removed(model, digest)
         return model
-    if any(r.matches(patches, scales) for r in records):
-        # The records are a stack: removing one below the top would change the weights the later
-        # exact merges' undos were recorded on, and none of them could be undone bit for bit again.
-        later = len(records) - 1 - max(i for i, r in enumerate(records) if r.matches(patches, scales))
-        raise ExactUndoError(f"this patch's exact merge is not the latest one on the model ({later} exact merge(s) "
-                             "were applied after it); remove those first, in reverse order. Nothing was changed")
-    if exact:
-        raise ExactUndoError("no exact merge of this patch (with these scales) is recorded on the model; apply it "
-                             "with apply_patch(..., exact=True) first, or pass exact=False")
-    return apply_patch(model, patches, [-s for s in scales], **kwargs)
+    i = hits[-1]
+    rec, later = records[i], records[i + 1:]
+    if (isinstance(rec, ExactMerge) and later) or any(isinstance(r, ExactMerge) for r in later):
+        what = "exact merge" if isinstance(rec, ExactMerge) else "merge"
+        raise ExactUndoError(f"this patch's {what} is not the latest one on the model ({len(later)} merge(s) were "
+                             "applied after it, exact ones among them); remove those first, in reverse order. "
+                             "Nothing was changed")
+    if exact and not isinstance(rec, ExactMerge):
+        raise ExactUndoError("this patch's merge was not exact (apply_patch(..., exact=True)): it can be removed "
+                             "only by subtraction; pass exact=False")
+    if isinstance(rec, ExactMerge) and exact is not False:
+        _remove_exact(model, rec)
+    else:
+        apply_patch(model, patches, [-s for s in scales], _record=False, **kwargs)
+    records.pop(i)
+    _note_removed(model, digest)
+    return model
+
+
+_REMOVED = "_portllm_removed_merges"
+_REMOVED_KEPT = 64  # digests of removed merges remembered per model (oldest forgotten)
+
+
+def _removed(model) -> list[str]:
+    return model.__dict__.setdefault(_REMOVED, [])
+
+
+def _note_removed(model, digest: str):
+    removed = _removed(model)
+    removed.append(digest)
+    del removed[:-_REMOVED_KEPT]
+
+
+def _digest(patches: list[Patch], scales: list[float]) -> str:
+    """Identity of a merge by value: module names, shapes, scales (as the merge uses them, fp32) and
+    factor values. A patch saved and reloaded gives the same digest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p, w in zip(patches, scales):
+        h.update(f"patch|{_f32(w)!r}|{len(p.modules)}".encode())
+        for name in sorted(p.modules):
+            m = p.modules[name]
+            h.update(f"|{name}|{_f32(m.scale)!r}|{m.fan_in_fan_out}|{tuple(m.B.shape)}|{tuple(m.A.shape)}|"
+                     f"{m.B.dtype}|{m.A.dtype}".encode())
+            for t in (m.B, m.A):
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class _Merged:
+    """A plain merge on the model: only what identifies it."""
+
+    digest: str
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +198,7 @@ class ExactMerge:
     scales: list[float]
     weights: dict[str, tuple[WeightUndo, bool]]  # module -> (undo, fan_in_fan_out)
     entries: dict[str, list] = field(repr=False, default_factory=dict)
+    digest: str = ""
 
     def matches(self, patches: list[Patch], scales: list[float]) -> bool:
         if len(patches) != len(self.patches) or [_f32(x) for x in scales] != [_f32(x) for x in self.scales]:
@@ -156,10 +221,11 @@ class ExactMerge:
 
 def exact_merges(model: torch.nn.Module) -> list[ExactMerge]:
     """The exact merges recorded on ``model``, oldest first (``nbytes``, ``bits_per_weight``)."""
-    return list(_records(model))
+    return [r for r in _records(model) if isinstance(r, ExactMerge)]
 
 
-def _records(model) -> list[ExactMerge]:
+def _records(model) -> list:
+    """Every merge on the model this process made, oldest first: ExactMerge or _Merged."""
     recs = model.__dict__.get(_RECORDS)
     if recs is None:
         recs = []
@@ -183,7 +249,7 @@ def _same_patch(p: Patch, q: Patch) -> bool:
     return True
 
 
-def _apply_exact(model, params, per_module, patches, scales, check_finite, backend):
+def _apply_exact(model, params, per_module, patches, scales, check_finite, backend, digest):
     done: dict[str, tuple[WeightUndo, bool]] = {}
     factors = {}
     for name, entries in per_module.items():
@@ -214,7 +280,7 @@ def _apply_exact(model, params, per_module, patches, scales, check_finite, backe
             roll_back()
             raise overflow_error(f"module {name}", added, target)
     _records(model).append(ExactMerge(list(patches), list(scales), done,
-                                      {k: [(m, w) for m, w in v] for k, v in per_module.items()}))
+                                      {k: [(m, w) for m, w in v] for k, v in per_module.items()}, digest))
 
 
 def _remove_exact(model, rec: ExactMerge):

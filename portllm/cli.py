@@ -113,6 +113,18 @@ def _inspect(args) -> int:
     return 0
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 SUMMARY_ABOVE = 50  # inspect shows one line per kind of module above this many modules
 
 
@@ -236,8 +248,13 @@ def main(argv=None) -> int:
     try:
         require(args.command)
         return args.fn(args)
-    except BrokenPipeError:
-        # The reader went away (`portllm inspect ... | head`): stop quietly, as Unix tools do.
+    except BrokenPipeError as e:
+        if args.verbose or not _stdout_closed():
+            if args.verbose:
+                raise
+            print(f"portllm {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        # The reader of stdout went away (`portllm inspect ... | head`): stop quietly, as Unix tools do.
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())

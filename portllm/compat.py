@@ -130,7 +130,7 @@ def check_compatibility(source, patch: Patch, base=None) -> CompatReport:
             rep.base_source = patch.base_model
         except (OSError, ValueError):
             sketches = {}
-    elif base is not None and (not sketches or not any(n in sketches for n in rep.matched)):
+    elif base is not None:  # given explicitly: it is what the user asks to be measured against
         sketches = _base_sketches(base, rep.matched)
         rep.base_source = os.fspath(base) if isinstance(base, (str, os.PathLike)) else type(base).__name__
     if rep.base_source is None:

@@ -278,7 +278,7 @@ def test_removing_below_the_top_is_refused_before_any_change(exact_arg):
     portllm.apply_patch(net, a, exact=True)
     portllm.apply_patch(net, b, exact=True)
     merged = bits(net)
-    with pytest.raises(portllm.ExactUndoError, match=r"not the latest one .*1 exact merge\(s\) were applied after it"):
+    with pytest.raises(portllm.ExactUndoError, match=r"not the latest one .*1 merge\(s\) were applied after it"):
         portllm.remove_patch(net, a, exact=exact_arg)
     assert_same_bits(merged, bits(net))
     assert len(portllm.exact_merges(net)) == 2
@@ -309,3 +309,38 @@ def test_tied_weights_are_merged_once_and_removable(exact_flag):
         assert len(portllm.exact_merges(net)[0].weights) == 2  # the shared tensor once, plus layers.2
         portllm.remove_patch(net, p)
         assert_same_bits(before, bits(net))
+
+
+@pytest.mark.parametrize("exact_flag", [True, False])
+def test_a_second_removal_is_refused(exact_flag):
+    """After a patch is removed, removing it again would subtract it a second time: refused, with
+    every bit unchanged, until it is merged again."""
+    net = Net(SHAPES[:2], torch.bfloat16)
+    before = bits(net)
+    p = make_patch(net, rel=0.05)
+    portllm.apply_patch(net, p, exact=exact_flag)
+    portllm.remove_patch(net, p)
+    after = bits(net)
+    if exact_flag:
+        assert_same_bits(before, after)
+    with pytest.raises(portllm.ExactUndoError, match="already removed .* subtract it twice"):
+        portllm.remove_patch(net, p)
+    assert_same_bits(after, bits(net))
+    portllm.apply_patch(net, p)  # merged again: removable again
+    portllm.remove_patch(net, p)
+
+
+def test_a_plain_merge_under_an_exact_one_is_not_removed_first():
+    net = Net(SHAPES[:2], torch.float16)
+    a, b = make_patch(net, seed=1), make_patch(net, seed=2)
+    portllm.apply_patch(net, a)
+    portllm.apply_patch(net, b, exact=True)
+    merged = bits(net)
+    with pytest.raises(portllm.ExactUndoError, match="exact ones among them"):
+        portllm.remove_patch(net, a)
+    assert_same_bits(merged, bits(net))
+    portllm.remove_patch(net, b)
+    with pytest.raises(portllm.ExactUndoError, match="was not exact"):
+        portllm.remove_patch(net, a, exact=True)
+    portllm.remove_patch(net, a)
+    assert portllm.exact_merges(net) == []

@@ -3,6 +3,7 @@
 installed non-editable in a fresh venv either has its kernels or says, at import and in
 ``portllm info``, why not."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -141,21 +142,34 @@ def test_wheel_without_the_extension_says_why(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_cuda_part_that_fails_falls_back_to_the_cpu_kernels(tmp_path):
+@pytest.mark.parametrize("how", ["wheel", "inplace"])
+def test_a_cuda_part_that_fails_falls_back_to_the_cpu_kernels(tmp_path, how):
     """PORTLLM_FORCE_CUDA=1 with this torch (no CUDA) makes the CUDA part fail, as a failed CUDA
-    link does: the install warns, builds the CPU kernels alone, and the installed wheel has them
-    and says why it has no CUDA kernels."""
+    link does: the install warns, builds the CPU kernels alone, and the installed wheel (or the
+    in-place build an editable install makes) has them and says why it has no CUDA kernels."""
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("no CUDA toolkit here to attempt the CUDA part with")
     import torch
 
     if torch.version.cuda is not None:
         pytest.skip("torch has CUDA: the CUDA part would build")
-    wheel, build = _build_wheel(tmp_path, PORTLLM_FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST="8.0")
-    py = _fresh_venv_with(tmp_path, wheel)
-    got = json.loads(_in_venv(py, tmp_path, _PROBE).stdout.strip().splitlines()[-1])
+    env = {"PORTLLM_FORCE_CUDA": "1", "TORCH_CUDA_ARCH_LIST": "8.0"}
+    if how == "wheel":
+        wheel, _ = _build_wheel(tmp_path, **env)
+        py = _fresh_venv_with(tmp_path, wheel)
+        where = tmp_path
+    else:  # what `pip install -e .` runs: build_ext in place, into the source tree
+        src = _source_copy(tmp_path / "src")
+        res = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=str(src),
+                             capture_output=True, text=True, timeout=1800, env=dict(os.environ, **env))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "failed to build or link" in res.stderr and "building the CPU kernels alone" in res.stderr
+        assert glob.glob(str(src / "portllm" / "_C*.so")), "the CPU kernels were built into the package"
+        py, where = sys.executable, src
+    got = json.loads(_in_venv(py, where, _PROBE).stdout.strip().splitlines()[-1])
+    assert got["file"].startswith(str(where)) or how == "wheel", got["file"]
     assert got["available"] is True, got
     assert got["record"]["extension"] == "built"
     assert got["record"]["cuda"].startswith("not built: the CUDA part failed to build or link"), got["record"]
-    info = _in_venv(py, tmp_path, "from portllm import cli; cli.main(['info'])").stdout
+    info = _in_venv(py, where, "from portllm import cli; cli.main(['info'])").stdout
     assert "C++ CPU kernels: built" in info and "CUDA kernels: not built: the CUDA part failed" in info

@@ -31,9 +31,11 @@ def test_load_refuses_weights_changed_anywhere(tmp_path):
 
 def test_pmss_linear_exposes_linear_attributes():
     base = torch.nn.Linear(48, 40)
+    weight, bias = base.weight, base.bias
     layer = pmss.PMSSLinear(base, torch.arange(4), torch.arange(4))
     assert (layer.in_features, layer.out_features) == (48, 40)
-    assert layer.weight is base.weight and layer.bias is base.bias
+    assert layer.weight is weight and layer.bias is bias  # the same Parameters, never copies
+    assert base.weight is weight and layer.restored_base() is base and base.weight is weight
 
 
 def test_save_refuses_to_overwrite_unless_asked(tmp_path):
@@ -119,7 +121,31 @@ def test_float64_model_keeps_u_in_float64_and_passes_gradcheck():
     with torch.no_grad():
         layer.U.normal_(generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, U: pmss.pmss_linear(x, base.weight, base.bias, layer.I, layer.J, U, 0.7,
-                                                                  None), (x, layer.U))
+    assert torch.autograd.gradcheck(lambda x, U: pmss.pmss_linear(x, layer.weight, layer.bias, layer.I, layer.J, U,
+                                                                  0.7, None), (x, layer.U))
     # fp16/bf16/fp32 models keep U in fp32.
     assert pmss.PMSSLinear(torch.nn.Linear(9, 7).half(), torch.arange(3), torch.arange(3)).U.dtype == torch.float32
+
+
+def test_merge_after_the_weight_was_replaced_uses_the_current_weight():
+    """A wrapper that replaces the layer's weight Parameter (load_state_dict(assign=True), FSDP2,
+    offload hooks): merge writes into, and gives back, the current weight."""
+    model = pmss.inject(small_model(), rank=4, target_modules=["0", "2"])
+    with torch.no_grad():
+        model[0].U.normal_(generator=torch.Generator().manual_seed(0))
+    state = {k: (v.clone() + 1.0 if k == "0.weight" else v.clone()) for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    expected = model[0].weight.detach().float() + model[0].delta()
+    pmss.merge(model)
+    assert isinstance(model[0], torch.nn.Linear)
+    torch.testing.assert_close(model[0].weight.float(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_half_keeps_u_and_the_scale_exact():
+    model = pmss.inject(small_model(), rank=4, target_modules=["0", "2"], scale=0.1234567)
+    with torch.no_grad():
+        model[0].U.normal_(generator=torch.Generator().manual_seed(0))
+    u = model[0].U.detach().clone()
+    model.half()
+    assert model[0].U.dtype == torch.float32 and torch.equal(model[0].U.detach(), u)
+    assert model[0].scale == 0.1234567 and float(model[0].s) == 0.1234567

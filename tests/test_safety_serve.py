@@ -214,3 +214,19 @@ def test_an_attached_model_can_be_copied():
         torch.testing.assert_close(twin(x), _expected(lin, x, pa), atol=1e-5, rtol=1e-5)
     serve.unload(twin, "a")
     assert serve.loaded(net) == {"a": 0}
+
+
+def test_expansion_only_for_batch_token_feature_inputs():
+    """A batch k times the names expands (generate's beams) only for [batch, tokens, features]
+    inputs and one k per block: an expert's gathered 2-D tokens are refused, not mis-routed."""
+    pa, pb = _patch(1), _patch(2)
+    net, lin = _net({"a": pa, "b": pb})
+    x3 = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), serve.route(net, ["a", "b"]):
+        got = net(x3)
+        with pytest.raises(ValueError, match="4 rows but names has 2"):
+            net(x3.reshape(4, 3 * 32)[:, :32])
+        with pytest.raises(ValueError, match="the same k for the whole block"):
+            net(torch.randn(6, 3, 32))
+    want = torch.cat([_expected(lin, x3[:2], pa), _expected(lin, x3[2:], pb)])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -111,22 +111,25 @@ class PMSSLinear(nn.Module):
         if I.numel() != J.numel():
             raise ValueError(f"PMSSLinear: I has {I.numel()} indices, J {J.numel()}: both must have r")
         r = I.numel()
-        self.__dict__["base"] = base  # the original module, given back by merge (not a submodule)
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
         self.weight = base.weight
         self.bias = base.bias
-        self.register_buffer("I", I.to(device=base.weight.device, dtype=torch.int64))
-        self.register_buffer("J", J.to(device=base.weight.device, dtype=torch.int64))
+        # The original module (not a submodule: its keys would double the state dict), given back by
+        # restored_base(), which re-attaches this layer's current Parameters: a wrapper may have
+        # replaced them meanwhile (load_state_dict(assign=True), FSDP2's sharded copies, offload).
+        self.__dict__["base"] = base
+        self.register_buffer("I", I.to(device=self.weight.device, dtype=torch.int64))
+        self.register_buffer("J", J.to(device=self.weight.device, dtype=torch.int64))
         # U is at least fp32 and at least as wide as W (fp64 for a float64 model: gradcheck-exact).
-        udtype = torch.promote_types(base.weight.dtype, torch.float32)
-        u = (torch.zeros(r, r, dtype=udtype, device=base.weight.device) if U is None
+        udtype = torch.promote_types(self.weight.dtype, torch.float32)
+        u = (torch.zeros(r, r, dtype=udtype, device=self.weight.device) if U is None
              else U.detach().to(udtype))
         if u.shape != (r, r):
             raise ValueError(f"PMSSLinear: U must be [{r}, {r}], got {tuple(u.shape)}")
-        self.U = nn.Parameter(u.to(base.weight.device))
-        self.register_buffer("s", torch.tensor(float(scale), dtype=torch.float64, device=base.weight.device))
+        self.U = nn.Parameter(u.to(self.weight.device))
+        self.register_buffer("s", torch.tensor(float(scale), dtype=torch.float64, device=self.weight.device))
         self.scale = float(scale)
         self.backend = backend
 
@@ -134,10 +137,20 @@ class PMSSLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.scale = float(self.s)  # the loaded scale is the one forward uses
 
+    def restored_base(self) -> nn.Linear:
+        """The original ``nn.Linear``, holding this layer's current weight and bias again."""
+        self.base.weight = self.weight
+        self.base.bias = self.bias
+        return self.base
+
     def _apply(self, fn, recurse=True):
+        u = self.U.data
         out = super()._apply(fn, recurse)
         if self.s.dtype != torch.float64:  # model.half() must not round the scale
             self.s = torch.tensor(self.scale, dtype=torch.float64, device=self.s.device)
+        udtype = torch.promote_types(self.weight.dtype, torch.float32)
+        if self.U.dtype != udtype:  # nor U: at least fp32, at least as wide as W (from the unrounded U)
+            self.U.data = u.to(device=self.U.device, dtype=udtype)
         return out
 
     @property

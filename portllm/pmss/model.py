@@ -125,7 +125,7 @@ def _load_trainer_dir(model: nn.Module, path: str, backend: str | None) -> nn.Mo
                 mod = model.get_submodule(name)
             except AttributeError:
                 raise PMSSLoadError(f"{path}: the model has no module {name}") from None
-            base = mod.base if isinstance(mod, PMSSLinear) else mod
+            base = mod.restored_base() if isinstance(mod, PMSSLinear) else mod
             if not isinstance(base, nn.Linear):
                 raise PMSSLoadError(f"{path}: {name} is a {type(base).__name__}, not a Linear layer")
             if f"{name}.weight" in keys and not torch.equal(ckpt.tensor(f"{name}.weight").to(base.weight.device),
@@ -171,7 +171,7 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
             mod = model.get_submodule(name)
         except AttributeError:
             raise PMSSLoadError(f"{path}: the model has no module {name}") from None
-        bases[name] = mod.base if isinstance(mod, PMSSLinear) else mod
+        bases[name] = mod.restored_base() if isinstance(mod, PMSSLinear) else mod
         if not isinstance(bases[name], nn.Linear):
             raise PMSSLoadError(f"{path}: {name} is a {type(bases[name]).__name__}, not a Linear layer")
     for name, mi in info.items():
@@ -199,7 +199,7 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
                 "export it with portllm.pmss.to_patch(model) on the original model and port the patch.")
     for name, mi in info.items():
         mod = model.get_submodule(name)
-        base = mod.base if isinstance(mod, PMSSLinear) else mod
+        base = mod.restored_base() if isinstance(mod, PMSSLinear) else mod
         new = PMSSLinear(base, tensors[f"{name}.I"], tensors[f"{name}.J"], mi["scale"],
                          backend if backend is not None else getattr(mod, "backend", None), U=tensors[f"{name}.U"])
         model.set_submodule(name, new)
@@ -227,7 +227,7 @@ def merge(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     for run in merges:
         run()
     for name, m in mods.items():
-        model.set_submodule(name, m.base)
+        model.set_submodule(name, m.restored_base())
     return model
 
 

@@ -47,14 +47,23 @@ class Routing:
         return getattr(self._local, "names", None)
 
     @property
+    def expand(self) -> int | None:
+        """Rows per name that this route block's forwards expand to (generate's beams), once seen."""
+        return getattr(self._local, "expand", None)
+
+    @expand.setter
+    def expand(self, k: int):
+        self._local.expand = k
+
+    @property
     def cache(self) -> dict:
         c = getattr(self._local, "cache", None)
         if c is None:
             c = self._local.cache = {}
         return c
 
-    def set(self, rows, names):
-        self._local.rows, self._local.names, self._local.cache = rows, names, {}
+    def set(self, rows, names, expand=None):
+        self._local.rows, self._local.names, self._local.cache, self._local.expand = rows, names, {}, expand
 
     # A copy of a served model (copy.deepcopy, pickle) starts with no routing: route blocks belong
     # to the threads that entered them, on the original.
@@ -144,10 +153,17 @@ class PatchedLinear(torch.nn.Linear):
         if n != batch:
             # generate(num_beams=k) and num_return_sequences=k repeat each request k times in a row
             # (repeat_interleave, as PEFT expands adapter_names for beams): row j is request j // k.
-            if n == 0 or batch % n:
+            # Only for [batch, tokens, features] inputs, and with one k per route block: a 2-D input
+            # (an expert's gathered tokens) or a k that changes is not a generate expansion.
+            k = batch // n if n and batch % n == 0 and x.dim() >= 3 else None
+            fixed = self.routing.expand
+            if k is None or (fixed is not None and fixed != k):
                 raise ValueError(f"portllm.serve.route: the batch has {batch} rows but names has {n} entries "
-                                 "(one per row, or one per request when generate expands each request to k rows)")
-            rows = rows.repeat_interleave(batch // n)
+                                 "(one per row, or one per request when generate expands each request to k rows "
+                                 "of a [batch, tokens, features] input, the same k for the whole block)")
+            if not torch.compiler.is_compiling():
+                self.routing.expand = k
+            rows = rows.repeat_interleave(k)
         per_row = x.numel() // (batch * self.in_features) if batch else 0
         rows = rows.to(x.device)
         return rows if per_row == 1 else rows.repeat_interleave(per_row)  # (decode: one token per row)

@@ -324,7 +324,7 @@ def route(model: nn.Module, names: Sequence[str | None] | str | None) -> Iterato
         me = threading.get_ident()  # the block's thread, also if it is left from another one
         st.pin(used, +1, me)
     try:
-        prev = (st.routing.rows, st.routing.names)
+        prev = (st.routing.rows, st.routing.names, st.routing.expand)
         st.routing.set(rows, names)
         try:
             yield
