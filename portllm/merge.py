@@ -109,6 +109,12 @@ def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]],
         raise overflow_error(what, count, W)
 
     if scratch:
+        # One read for the bound (aminmax) instead of two non-finite scans: torch's bf16 isfinite-sum
+        # took 344 ms for 4096x14336 on this repository's EPYC (2 threads), aminmax 3.6 ms. Only a
+        # merge the bound cannot clear (a huge delta, or W already holding NaN/Inf) pays the scans.
+        if _cannot_overflow(target, B, A, s):
+            return lambda: ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
+
         def merge_and_check():
             before = _nonfinite(target)
             ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
