@@ -1,7 +1,8 @@
 """PMSS, in one run:
 
 * a layer's forward + backward, 4096×4096 bf16, r=256 (65,536 trainable parameters, as many as
-  LoRA r=8): ``pmss-<backend>`` (PMSSLinear), ``peft-lora-r8`` (PEFT's LoRA layer) and
+  LoRA r=8): ``pmss-gemm`` (PMSSLinear's default form), ``pmss-<backend>`` (PMSSLinear through
+  ``ops.skeleton_mm`` with that backend), ``peft-lora-r8`` (PEFT's LoRA layer) and
   ``dense-cur`` (C·U·R materialised each step); with the bytes of activations saved for backward;
 * skeleton selection (DEIM, randomized SVD) for the seven projections of one 7B-Llama layer, r=256.
 
@@ -14,6 +15,7 @@ import time
 import pytest
 import torch
 from benchutil import DEVICE, QUICK, sync
+from suite import Suite, fmt
 
 from portllm import ops
 from portllm.pmss import PMSSLinear, select_skeleton
@@ -24,8 +26,10 @@ TOKENS = 256 if QUICK else (8192 if DEVICE.type == "cuda" else 2048)
 R_PMSS, R_LORA = (32, 4) if QUICK else (256, 8)
 DTYPE = torch.bfloat16
 ROUNDS = 3 if QUICK else (20 if DEVICE.type == "cuda" else 5)
-BACKENDS = [b for b in ops.available_backends(DEVICE) if not (b == "triton" and DEVICE.type == "cpu")]
-PROVIDERS = [f"pmss-{b}" for b in BACKENDS] + ["peft-lora-r8", "dense-cur"]
+BACKENDS = [b for b in ops.available_backends(DEVICE, "skeleton_mm") if not (b == "triton" and DEVICE.type == "cpu")]
+# pmss-gemm: the layer's default form (gathered skeleton, BLAS addmm_ into the base GEMM's output);
+# pmss-<backend>: the layer through ops.skeleton_mm with that backend.
+PROVIDERS = ["pmss-gemm"] + [f"pmss-{b}" for b in BACKENDS] + ["peft-lora-r8", "dense-cur"]
 
 
 class DenseCUR(torch.nn.Module):
@@ -148,3 +152,37 @@ def test_select_one_7b_layer(benchmark, provider):
                                 layers_in_7b=32, bytes=0, m=0, n=0)
     benchmark.pedantic(select_all, rounds=1 if not QUICK else 2, warmup_rounds=0, iterations=1)
 
+
+def derive(rows: list[dict]):
+    """PMSS layer: time relative to PEFT's LoRA layer and to the dense-CUR layer, in the same run."""
+    layer = {r["provider"]: r for r in rows if r["op"] == "pmss_layer"}
+    lora, dense = layer.get("peft-lora-r8"), layer.get("dense-cur")
+    for r in layer.values():
+        r.pop("gbps", None)
+        if lora and r is not lora and "time_vs_lora" not in r:  # (the suite pairs each provider with LoRA)
+            r["time_vs_lora"] = round(r["median_ms"] / lora["median_ms"], 3)
+        if dense and r is not dense:
+            r["speedup_vs_dense_cur"] = round(dense["median_ms"] / r["median_ms"], 3)
+    for r in rows:
+        if r["op"] == "pmss_select":
+            r.pop("gbps", None)
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = []
+    layers = [r for r in rows if r["op"] == "pmss_layer"]
+    if layers:
+        out.append(f"{'PMSS layer fwd+bwd':<24} {'median ms':>10} {'trainable':>10} {'saved MiB':>10} {'x LoRA':>7} "
+                   f"{'dense/this':>10}")
+        for r in layers:
+            out.append(f"{r['provider']:<24} {r['median_ms']:>10.2f} {r['trainable_params']:>10} "
+                       f"{r['saved_activation_bytes'] / 2**20:>10.2f} {fmt(r.get('time_vs_lora')):>7} "
+                       f"{fmt(r.get('speedup_vs_dense_cur')):>10}")
+    for r in rows:
+        if r["op"] == "pmss_select":
+            out.append(f"select_skeleton ({r['provider']}, r={r['r']}), one 7B layer's 7 projections: "
+                       f"{r['median_ms'] / 1e3:.2f} s")
+    return out
+
+
+SUITE = Suite("pmss", frozenset({"pmss_layer", "pmss_select"}), derive, table)

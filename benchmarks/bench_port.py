@@ -14,12 +14,14 @@ small model instead.
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from benchutil import DEVICE, QUICK
+from suite import Suite, fmt
+
+from portllm.memory import run_measured
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.environ.get("PORTLLM_BENCH_CACHE", "/tmp/portllm-bench-cache")
@@ -108,13 +110,10 @@ def run_job(job, files, device="cpu"):
     out = os.path.join(CACHE, f"out-{job}")
     shutil.rmtree(out, ignore_errors=True)
     try:
-        res = subprocess.run([sys.executable, os.path.join(HERE, "port_jobs.py"), job, files["ckpt"], files["patch"],
-                              out, device], capture_output=True, text=True, check=True)
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"job {job} failed:\n{e.stderr[-3000:]}") from None
+        return run_measured([sys.executable, os.path.join(HERE, "port_jobs.py"), job, files["ckpt"], files["patch"],
+                             out, device], f"job {job}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 JOBS = [("copy files", "copy", "cpu"), ("portllm port", "port", "cpu"),
@@ -134,3 +133,31 @@ def test_port(benchmark, files, provider, job, device):
         device=device, params=files["params"], checkpoint_bytes=files["bytes"], rank=RANK, seconds=result["seconds"],
         peak_rss_above_baseline=result["peak_rss_above_baseline"], baseline_rss=result["baseline_rss"],
         peak_gpu_bytes=result.get("peak_gpu_bytes"))
+
+
+def derive(rows: list[dict]):
+    """Port jobs: time relative to copying the files, and PEFT's time relative to each."""
+    by = {r["provider"]: r for r in rows if r["op"] == "port"}
+    copy, peft = by.get("copy files"), by.get("peft load+merge_and_unload+save")
+    peft_mem = by.get("peft merge_and_unload (in memory)")
+    for r in by.values():
+        if r["case"] == "checkpoint" and copy:
+            r["time_vs_copy"] = round(r["seconds"] / copy["seconds"], 3)
+        if r["case"] == "checkpoint" and peft and r is not peft:
+            r["speedup_vs_peft"] = round(peft["seconds"] / r["seconds"], 3)
+        if r["case"] == "in_memory" and peft_mem and r is not peft_mem:
+            r["speedup_vs_peft"] = round(peft_mem["seconds"] / r["seconds"], 3)
+
+
+def table(rows: list[dict]) -> list[str]:
+    ports = [r for r in rows if r["op"] == "port"]
+    if not ports:
+        return []
+    out = [f"{'port job':<40} {'seconds':>9} {'peak RSS MiB':>13} {'x copy':>7} {'PEFT / this':>11}"]
+    for r in ports:
+        out.append(f"{r['provider']:<40} {r['seconds']:>9.2f} {r['peak_rss_above_baseline'] / 2**20:>13.1f} "
+                   f"{fmt(r.get('time_vs_copy')):>7} {fmt(r.get('speedup_vs_peft')):>11}")
+    return out
+
+
+SUITE = Suite("port", frozenset({"port"}), derive, table)

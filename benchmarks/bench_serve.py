@@ -1,5 +1,5 @@
-"""Serving patches, in one run: a patched layer against the base GEMM, decoding with patches mixed in
-the batch against the base model and PEFT, and the exact undo of a merge against the merge.
+"""Serving patches, in one run: a patched layer against the base GEMM, and decoding with patches mixed in
+the batch against the base model and PEFT.
 
 * ``serve_layer``: y = x·Wᵀ + s_p·(x·A_pᵀ)·B_pᵀ for T tokens, bf16, r = 16. Providers: ``base``
   (x·Wᵀ alone), ``peft-style`` (one patch: x·Wᵀ + ((x·Aᵀ)·Bᵀ)·s), ``peft-loop`` (eight patches: a
@@ -8,8 +8,6 @@ the batch against the base model and PEFT, and the exact undo of a merge against
 * ``serve_decode``: ``model.generate`` of a Llama-shaped model with random weights, batch 32, eight
   patches (r = 16, all seven projections) mixed over the rows: tokens per second of the base model,
   of portllm.serve and of PEFT with ``adapter_names=``. 1.1B-shaped on a GPU; smaller on a CPU.
-* ``exact_undo``: bf16 W 4096×14336, r = 16, a delta of 2% of W: the default merge (patch_add_),
-  apply(exact=True)'s recorded merge, its undo, and the plain (inexact) undo; bits stored per weight.
 """
 
 import copy
@@ -19,9 +17,9 @@ import time
 import pytest
 import torch
 from benchutil import DEVICE, QUICK, sync
+from suite import Suite, fmt
 
 from portllm import ops
-from portllm.exact import merge_recorded, undo_recorded
 from portllm.serve.layer import PatchedLinear
 
 DTYPE = torch.bfloat16
@@ -232,61 +230,43 @@ def test_serve_decode(benchmark, provider):
     benchmark.pedantic(call, rounds=3 if DEVICE.type == "cpu" else 5, warmup_rounds=0, iterations=1)
 
 
-# ---------------------------------------------------------------------------------------------
 
-UNDO_SHAPE = (256, 512) if QUICK else (4096, 14336)
+def derive(rows: list[dict]):
+    """Serving: a patched layer's time over the base GEMM's (same shape, T, eager or graph, same run);
+    decoding tokens/s and its ratio to the base model's and to PEFT's."""
+    base = {(r["n_in"], r["n_out"], r["T"], r["graph"]): r for r in rows
+            if r["op"] == "serve_layer" and r["provider"] == "base"}
+    for r in rows:
+        if r["op"] == "serve_layer":
+            r.pop("gbps", None)
+            b = base.get((r["n_in"], r["n_out"], r["T"], r["graph"]))
+            if b is not None and "time_vs_base" not in r:  # (the suite pairs each provider with the base)
+                r["time_vs_base"] = round(r["median_ms"] / b["median_ms"], 3)
+    dec = {r["provider"]: r for r in rows if r["op"] == "serve_decode"}
+    for r in dec.values():
+        r.pop("gbps", None)
+        r["tokens_per_s"] = round(r["batch"] * r["new_tokens"] / (r["median_ms"] / 1e3), 1)
+    for r in dec.values():
+        if "base" in dec and r is not dec["base"]:
+            r["vs_base"] = round(r["tokens_per_s"] / dec["base"]["tokens_per_s"], 3)
+        if "peft adapter_names" in dec and r["provider"].startswith("portllm.serve"):
+            r["vs_peft"] = round(r["tokens_per_s"] / dec["peft adapter_names"]["tokens_per_s"], 3)
 
 
-@pytest.mark.parametrize("provider", ["merge (patch_add_)", "apply exact=True", "remove exact", "remove inexact"])
-def test_exact_undo(benchmark, provider):
-    m, n = UNDO_SHAPE
-    g = torch.Generator(device=DEVICE).manual_seed(3)
-    W = torch.randn(m, n, generator=g, device=DEVICE).to(DTYPE)
-    B = torch.randn(m, RANK, generator=g, device=DEVICE)
-    A = torch.randn(RANK, n, generator=g, device=DEVICE)
-    s = torch.full((RANK,), 0.02 / float((B @ A).std()), device=DEVICE)  # the delta: 2% of W's RMS
-    state = {}
+def table(rows: list[dict]) -> list[str]:
+    out = []
+    serve = [r for r in rows if r["op"] == "serve_layer"]
+    if serve:
+        out.append(f"{'serve layer (bf16, r=16)':<30} {'T':>5} {'case':<12} {'provider':<18} {'graph':>5} "
+                   f"{'median ms':>10} {'x base':>7}")
+        for r in serve:
+            out.append(f"{str(r['n_in']) + 'x' + str(r['n_out']):<30} {r['T']:>5} {r['case']:<12} {r['provider']:<18} "
+                       f"{str(r['graph']):>5} {r['median_ms']:>10.3f} {fmt(r.get('time_vs_base')):>7}")
+    for r in rows:
+        if r["op"] == "serve_decode":
+            out.append(f"decode {r['provider']:<22} {r['tokens_per_s']:>9.1f} tok/s  x base {r.get('vs_base', 1.0):.2f}  "
+                       f"x peft {fmt(r.get('vs_peft'))}")
+    return out
 
-    def merge_exact():
-        state["u"] = merge_recorded(W, B, A, s)
 
-    def undo_exact():
-        undo_recorded(W, B, A, s, state["u"], "W")
-
-    merge_exact()  # one recorded merge and its undo: the side information's size
-    u = state.pop("u")
-    undo_recorded(W, B, A, s, u, "W")
-    setup = None
-    if provider == "merge (patch_add_)":
-        def fn():
-            ops.patch_add_(W, B, A, s)
-    elif provider == "remove inexact":
-        def fn():
-            ops.patch_add_(W, B, A, -s)
-    elif provider == "apply exact=True":
-        fn = merge_exact
-
-        def setup():  # each round merges the original W
-            if "u" in state:
-                undo_exact()
-                del state["u"]
-            sync()
-    else:
-        fn = undo_exact
-
-        def setup():
-            merge_exact()
-            sync()
-
-    def call():
-        fn()
-        sync()
-
-    benchmark.group = "exact undo"
-    benchmark.extra_info.update(dict(op="exact_undo", provider=provider, m=m, n=n, r=RANK, dtype="bfloat16",
-                                     relative_delta=0.02, bytes=2 * m * n * 2, exceptions=u.exceptions,
-                                     bits_per_weight=round(8 * u.nbytes / (m * n), 4)))
-    if setup is None:
-        benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    else:
-        benchmark.pedantic(call, setup=setup, rounds=ROUNDS, iterations=1)
+SUITE = Suite("serve", frozenset({"serve_layer", "serve_decode"}), derive, table)

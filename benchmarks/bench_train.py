@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 from benchutil import DEVICE, QUICK, sync
+from suite import Suite, fmt
 
 MODELS = {
     "1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -100,3 +101,32 @@ def test_train_step(benchmark, size, provider):
     del model, opt
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def derive(rows: list[dict]):
+    """Training steps: PMSS's tokens/s and peak memory relative to PEFT LoRA's, per model size."""
+    lora = {r["model"]: r for r in rows if r["op"] == "train_step" and r["provider"] == "peft-lora-r8"}
+    for r in rows:
+        if r["op"] != "train_step":
+            continue
+        r.pop("gbps", None)
+        base = lora.get(r["model"])
+        if base is not None and r is not base:
+            r["tokens_per_s_vs_lora"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+            if r.get("peak_memory_bytes") and base.get("peak_memory_bytes"):
+                r["memory_vs_lora"] = round(r["peak_memory_bytes"] / base["peak_memory_bytes"], 3)
+
+
+def table(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["op"] == "train_step":
+            mem = r.get("peak_memory_bytes")
+            out.append(f"train step {r['model']:<5} {r['provider']:<14} {r['tokens_per_s']:>10.0f} tok/s  "
+                       f"x LoRA {r.get('tokens_per_s_vs_lora', 1.0):.2f}  peak "
+                       f"{fmt(mem / 2**30 if mem else None)} GiB  x LoRA {fmt(r.get('memory_vs_lora'))}"
+                       + (f"  inject {r['inject_seconds']:.1f} s" if "inject_seconds" in r else ""))
+    return out
+
+
+SUITE = Suite("train", frozenset({"train_step"}), derive, table)

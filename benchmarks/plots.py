@@ -3,7 +3,8 @@
     python benchmarks/plots.py benchmarks/results/<device>.json     # writes docs/<device>-*.png
 
 * ``<device>-patch_add.png``: patch_add_'s speed as a fraction of the copy bandwidth measured in the
-  same run (GPU) or of an in-place pass (CPU), per provider, shape and rank (bf16 W, bf16 factors);
+  same run (GPU) or of the fastest pass over W's bytes in the same run (CPU: copy, bf16 or integer
+  in-place), per provider, shape and rank (bf16 W, bf16 factors);
 * ``<device>-train.png``: PMSS's tokens/s and peak memory relative to PEFT LoRA's, per model
   (when the run has the training suite).
 """
@@ -24,10 +25,10 @@ def patch_add(d: dict, out: str) -> str | None:
     import matplotlib.pyplot as plt
 
     gpu = d["device"]["type"] == "cuda"
-    key = "fraction_of_copy_bandwidth" if gpu else "fraction_of_inplace_bandwidth"
+    key = "fraction_of_copy_bandwidth" if gpu else "fraction_of_fastest_pass"
     rows = [r for r in d["results"] if r["op"] == "patch_add_" and r.get("case") == "single"
             and r.get("factor_dtype", "bfloat16") == "bfloat16" and key in r
-            and r["provider"] not in ("copy", "in-place", "fma-floor")]
+            and r["provider"] not in ("copy", "in-place", "in-place int", "fma-floor")]
     if not rows:
         return None
     cases = sorted({(r["m"], r["n"], r["r"]) for r in rows})
@@ -48,7 +49,7 @@ def patch_add(d: dict, out: str) -> str | None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([i + 0.4 - w / 2 for i in range(len(cases))])
     ax.set_xticklabels([f"{m}×{n}\nr={r}" for m, n, r in cases], fontsize=7)
-    ax.set_ylabel("fraction of " + ("copy bandwidth" if gpu else "an in-place pass"))
+    ax.set_ylabel("fraction of " + ("copy bandwidth" if gpu else "the fastest pass over W"))
     ax.set_title(f"patch_add_, bf16 W and factors — {d['device']['name']}", fontsize=9)
     ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()

@@ -9,14 +9,13 @@ import json
 import os
 import shutil
 import sys
-import time
 
 
 def main(job, ckpt, patch_dir, out, device="cpu"):
     import torch
 
     import portllm
-    from portllm.memory import reset_peak_rss, rss
+    from portllm.memory import measure
 
     if job in ("peft", "peft_merge", "apply"):
         from peft import PeftModel
@@ -30,27 +29,24 @@ def main(job, ckpt, patch_dir, out, device="cpu"):
             for p in model.parameters():
                 p.data = p.data.clone()
         setup = (model, portllm.Patch.load(patch_dir)) if job == "apply" else PeftModel.from_pretrained(model, patch_dir)
+    def fn():
+        if job == "copy":
+            shutil.copytree(ckpt, out)
+        elif job == "port":
+            portllm.port(ckpt, patch_dir, out, device=device, progress=False, log=None)
+        elif job == "peft":
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+            PeftModel.from_pretrained(model, patch_dir).merge_and_unload().save_pretrained(out)
+        elif job == "apply":
+            portllm.apply_patch(*setup)
+        elif job == "peft_merge":
+            setup.merge_and_unload()
+
+    if job not in ("copy", "port", "peft", "apply", "peft_merge"):
+        raise SystemExit(f"unknown job {job}")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()
-    base = rss("VmRSS")
-    t0 = time.perf_counter()
-    if job == "copy":
-        shutil.copytree(ckpt, out)
-    elif job == "port":
-        portllm.port(ckpt, patch_dir, out, device=device, progress=False, log=None)
-    elif job == "peft":
-        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
-        PeftModel.from_pretrained(model, patch_dir).merge_and_unload().save_pretrained(out)
-    elif job == "apply":
-        portllm.apply_patch(*setup)
-    elif job == "peft_merge":
-        setup.merge_and_unload()
-    else:
-        raise SystemExit(f"unknown job {job}")
-    seconds = time.perf_counter() - t0
-    res = {"job": job, "seconds": seconds, "peak_rss_above_baseline": max(0, rss("VmHWM") - base),
-           "baseline_rss": base}
+    res = dict(job=job, **measure(fn))
     if device == "cuda":
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(res))

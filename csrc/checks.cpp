@@ -50,4 +50,33 @@ int64_t check_skeleton_mm_args(const at::Tensor& A, const at::Tensor& W, const a
   return kind == "ct" ? m : kind == "c" ? r : n;
 }
 
+void check_lora_shrink_args(const at::Tensor& x, const at::Tensor& A, const at::Tensor& slots) {
+  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1),
+              "lora_shrink: need x [T, n] and A [P, R, n], got x ", x.sizes(), ", A ", A.sizes());
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == x.size(0) &&
+                  (slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt),
+              "lora_shrink: slots must be int64/int32 [", x.size(0), "], got ", slots.scalar_type(), " ",
+              slots.sizes());
+  TORCH_CHECK(A.device() == x.device() && slots.device() == x.device(),
+              "lora_shrink: x, A and slots must be on one device");
+}
+
+void check_lora_expand_args(const at::Tensor& y, const at::Tensor& h, const at::Tensor& B,
+                            const at::Tensor& scale, const at::Tensor& slots) {
+  TORCH_CHECK(y.dim() == 2 && h.dim() == 2 && B.dim() == 3 && B.size(1) == y.size(1) &&
+                  h.size(0) == y.size(0) && h.size(1) == B.size(2),
+              "lora_expand_: need y [T, m], h [T, R], B [P, m, R], got y ", y.sizes(), ", h ", h.sizes(),
+              ", B ", B.sizes());
+  TORCH_CHECK(h.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+                  scale.numel() == B.size(0),
+              "lora_expand_: h and scale must be float32, scale [P]");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == y.size(0) &&
+                  (slots.scalar_type() == at::kLong || slots.scalar_type() == at::kInt),
+              "lora_expand_: slots must be int64/int32 [", y.size(0), "], got ", slots.scalar_type(), " ",
+              slots.sizes());
+  TORCH_CHECK(h.device() == y.device() && B.device() == y.device() && scale.device() == y.device() &&
+                  slots.device() == y.device(),
+              "lora_expand_: y, h, B, scale and slots must be on one device");
+}
+
 }  // namespace portllm

@@ -14,6 +14,10 @@ void check_patch_add_args(const at::Tensor& W, const at::Tensor& B, const at::Te
 // Checks of skeleton_mm's arguments; returns the output's column count.
 int64_t check_skeleton_mm_args(const at::Tensor& A, const at::Tensor& W, const at::Tensor& idx,
                                const std::string& kind);
+// Checks of the serving ops' arguments (every device): shapes, dtypes, one device.
+void check_lora_shrink_args(const at::Tensor& x, const at::Tensor& A, const at::Tensor& slots);
+void check_lora_expand_args(const at::Tensor& y, const at::Tensor& h, const at::Tensor& B,
+                            const at::Tensor& scale, const at::Tensor& slots);
 // The widest CPU vector path this machine runs: "avx512bf16", "avx512", "avx2" or "generic".
 std::string cpu_isa_best();
 // The path the CPU kernels take now: cpu_isa_best(), or a lower one named by PORTLLM_CPU_ISA.

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from portllm.checkpoint import ModelWeights, weight_key
 from portllm.compat import check_compatibility, resolve_fan_in_fan_out
-from portllm import ops
-from portllm.exact import ExactUndoError, WeightUndo, check_undo, merge_recorded, undo_recorded
-from portllm.merge import _nonfinite, check_factors, check_weight_dtype, merge_factors, overflow_error, prepare_merge
+from portllm.exact import ExactMerge, ExactUndoError, merge_exact, remove_exact
+from portllm.merge import plan_merge, prepare_merge
 from portllm.patch import Patch
 
 
@@ -62,7 +61,9 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     per_module = _merge_tied(per_module, params)
     digest = _digest(patches, scales)
     if exact:
-        _apply_exact(model, params, per_module, patches, scales, check_finite, backend, digest)
+        plans = {name: plan_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
+                                  name=name) for name, entries in per_module.items()}
+        _records(model).append(merge_exact(plans, per_module, patches, scales, digest))
     else:
         merges = [prepare_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
                                 name=name) for name, entries in per_module.items()]
@@ -138,7 +139,7 @@ def remove_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: 
         raise ExactUndoError("this patch's merge was not exact (apply_patch(..., exact=True)): it can be removed "
                              "only by subtraction; pass exact=False")
     if isinstance(rec, ExactMerge) and exact is not False:
-        _remove_exact(model, rec)
+        remove_exact(dict(model.named_parameters(remove_duplicate=False)), rec, records)
     else:
         apply_patch(model, patches, [-s for s in scales], _record=False, **kwargs)
     records.pop(i)
@@ -185,38 +186,9 @@ class _Merged:
 
 
 # ---------------------------------------------------------------------------------------------
-# exact merges
+# the merges recorded with a model
 
 _RECORDS = "_portllm_exact_merges"
-
-
-@dataclass
-class ExactMerge:
-    """One ``apply_patch(..., exact=True)``: the patches, scales, and each weight's undo."""
-
-    patches: list[Patch]
-    scales: list[float]
-    weights: dict[str, tuple[WeightUndo, bool]]  # module -> (undo, fan_in_fan_out)
-    entries: dict[str, list] = field(repr=False, default_factory=dict)
-    digest: str = ""
-
-    def matches(self, patches: list[Patch], scales: list[float]) -> bool:
-        if len(patches) != len(self.patches) or [_f32(x) for x in scales] != [_f32(x) for x in self.scales]:
-            return False
-        return all(p is q or _same_patch(p, q) for p, q in zip(patches, self.patches))
-
-    def __repr__(self) -> str:
-        return (f"ExactMerge({len(self.patches)} patch(es), scales {self.scales}, {len(self.weights)} weights, "
-                f"{self.nbytes / 2**20:.2f} MiB of undo, {self.bits_per_weight:.2f} bits per weight)")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(u.nbytes for u, _ in self.weights.values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        n = sum(u.shape[0] * u.shape[1] for u, _ in self.weights.values())
-        return 8 * self.nbytes / max(n, 1)
 
 
 def exact_merges(model: torch.nn.Module) -> list[ExactMerge]:
@@ -235,73 +207,3 @@ def _records(model) -> list:
 
 def _f32(x: float) -> float:
     return float(torch.tensor(x, dtype=torch.float32))
-
-
-def _same_patch(p: Patch, q: Patch) -> bool:
-    if p.modules.keys() != q.modules.keys():
-        return False
-    for name, a in p.items():
-        b = q[name]
-        # Scales as the merge uses them (fp32): a patch saved and reloaded matches its original.
-        if (_f32(a.scale) != _f32(b.scale) or a.fan_in_fan_out != b.fan_in_fan_out or a.B.shape != b.B.shape
-                or a.A.shape != b.A.shape or not torch.equal(a.B.to(b.B), b.B) or not torch.equal(a.A.to(b.A), b.A)):
-            return False
-    return True
-
-
-def _apply_exact(model, params, per_module, patches, scales, check_finite, backend, digest):
-    done: dict[str, tuple[WeightUndo, bool]] = {}
-    factors = {}
-    for name, entries in per_module.items():
-        W = params[weight_key(name)].data
-        check_weight_dtype(W, f"module {name}")
-        target = W.t() if entries[0][0].fan_in_fan_out else W
-        B, A, s = merge_factors(entries, W.device, f"module {name}")
-        if check_finite is not False:
-            check_factors(B, A, s, f"module {name}")
-        factors[name] = (target, B, A, s)
-    for _, (target, _, _, _) in factors.items():  # a backend that cannot run fails here, before any write
-        ops.resolve_backend(backend, target.device, "patch_add_")
-
-    def roll_back():  # all or nothing: undo, exactly, what was merged
-        for undone, (u, _) in reversed(list(done.items())):
-            t, b, a, sc = factors[undone]
-            undo_recorded(t, b, a, sc, u, undone)
-
-    for name, (target, B, A, s) in factors.items():
-        before = _nonfinite(target) if check_finite is not False else 0
-        try:
-            done[name] = (merge_recorded(target, B, A, s, backend=backend), per_module[name][0][0].fan_in_fan_out)
-        except BaseException:
-            roll_back()  # (an interrupt between modules; one inside a module's merge leaves that module merged)
-            raise
-        added = _nonfinite(target) - before if check_finite is not False else 0
-        if added > 0:
-            roll_back()
-            raise overflow_error(f"module {name}", added, target)
-    _records(model).append(ExactMerge(list(patches), list(scales), done,
-                                      {k: [(m, w) for m, w in v] for k, v in per_module.items()}, digest))
-
-
-def _remove_exact(model, rec: ExactMerge):
-    params = dict(model.named_parameters(remove_duplicate=False))
-    work = []
-    for name, (u, transposed) in rec.weights.items():
-        key = weight_key(name)
-        if key not in params:
-            raise ExactUndoError(f"module {name}: no longer in the model")
-        W = params[key].data
-        target = W.t() if transposed else W
-        check_undo(target, u, name)
-        B, A, s = merge_factors(rec.entries[name], W.device)
-        work.append((name, target, B, A, s, u))
-    failed = []
-    for name, target, B, A, s, u in work:  # every weight, even if one is not restored bit for bit
-        try:
-            undo_recorded(target, B, A, s, u, name)
-        except ExactUndoError:
-            failed.append(name)
-    if failed:
-        _records(model).remove(rec)  # the weights are no longer the merged ones: the record is spent
-        raise ExactUndoError(f"{len(failed)} of {len(work)} weights were restored to within rounding but not bit for "
-                             f"bit (first: module {failed[0]}); the merge's delta was not recomputed identically")

@@ -25,11 +25,13 @@ reads; the exact merge costs about three merges (it also runs the undo, and keep
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from portllm import _ext, ops
+from portllm import _ext, finite, ops
+from portllm.checkpoint import weight_key
+from portllm.merge import MergePlan, merge_factors
 
 # Rows per chunk: the merge keeps two copies of a chunk (the old and the merged bits), 8 MiB each
 # for a bf16 weight, whatever the weight's size.
@@ -92,15 +94,6 @@ def _decode_positions(stream: torch.Tensor) -> torch.Tensor:
     return pos[marks]
 
 
-def _bit_misses(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The positions where a and b (1-D, same integer dtype) differ, in order, and a - b there, both
-    int64: one parallel pass on a CPU (csrc/cpu/bit_misses.cpp), else ``(b != a).nonzero()``."""
-    if a.device.type == "cpu" and _ext.has_kernel("bit_misses", "CPU"):
-        return torch.ops.portllm.bit_misses(a, b)
-    loc = (b != a).nonzero().squeeze(1)
-    return loc, a[loc].to(torch.int64) - b[loc].to(torch.int64)
-
-
 def _chunks(m: int, n: int):
     rows = max(1, _CHUNK_ELEMS // max(n, 1))
     return rows, range(0, m, rows)
@@ -160,7 +153,7 @@ def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.T
             # Where the undo misses, and the difference of the bit patterns as integers: ±1 for a
             # one-ulp miss of the same sign (the undo adds it back with one scatter_add_); sign
             # changes and signed zeros are far.
-            loc, d = _bit_misses(w0, back)
+            loc, d = ops.bit_misses(w0, back)
             far = d.abs() > 127
             streams.append(_encode_positions(loc))
             diffs.append(torch.where(far, 0, d).to(torch.int8))
@@ -226,3 +219,85 @@ def undo_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Te
     if total != u.sum_original:
         raise ExactUndoError(f"module {name}: the weight was restored to within rounding but not bit for bit (the "
                              "merge's delta was not recomputed identically)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact merges of a model's weights: ``apply_patch(..., exact=True)`` and the ``remove_patch`` after it
+
+
+@dataclass
+class ExactMerge:
+    """One ``apply_patch(..., exact=True)``: the patches, scales, and each weight's undo."""
+
+    patches: list
+    scales: list[float]
+    weights: dict[str, tuple[WeightUndo, bool]]  # module -> (undo, fan_in_fan_out)
+    entries: dict[str, list] = field(repr=False, default_factory=dict)
+    digest: str = ""
+
+    def __repr__(self) -> str:
+        return (f"ExactMerge({len(self.patches)} patch(es), scales {self.scales}, {len(self.weights)} weights, "
+                f"{self.nbytes / 2**20:.2f} MiB of undo, {self.bits_per_weight:.2f} bits per weight)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u, _ in self.weights.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        n = sum(u.shape[0] * u.shape[1] for u, _ in self.weights.values())
+        return 8 * self.nbytes / max(n, 1)
+
+
+def merge_exact(plans: dict[str, MergePlan], entries: dict[str, list], patches: list, scales: list[float],
+                digest: str) -> ExactMerge:
+    """Runs the planned merges (``portllm.merge.plan_merge``, one per module, of that module's
+    ``entries``) recording each weight's undo; all or nothing: a refused or interrupted merge undoes,
+    exactly, the modules merged before it."""
+    done: dict[str, tuple[WeightUndo, bool]] = {}
+
+    def roll_back():
+        for undone, (u, _) in reversed(list(done.items())):
+            p = plans[undone]
+            undo_recorded(p.target, p.B, p.A, p.s, u, undone)
+
+    for name, p in plans.items():
+        before = finite.count(p.target) if p.check_finite else 0
+        try:
+            done[name] = (merge_recorded(p.target, p.B, p.A, p.s, backend=p.backend), p.fan_in_fan_out)
+        except BaseException:
+            roll_back()  # (an interrupt between modules; one inside a module's merge leaves that module merged)
+            raise
+        if p.check_finite:
+            try:
+                p.refuse_if_added(before)
+            except ValueError:
+                roll_back()
+                raise
+    return ExactMerge(list(patches), list(scales), done, {k: list(v) for k, v in entries.items()}, digest)
+
+
+def remove_exact(params: dict[str, torch.nn.Parameter], rec: ExactMerge, records: list):
+    """Restores, bit for bit, every weight an exact merge changed (``params``: the model's named
+    parameters); checks every weight before writing any. A restoration that ran but missed a bit
+    spends the record (it is taken off ``records``, the model's list of merges)."""
+    work = []
+    for name, (u, transposed) in rec.weights.items():
+        key = weight_key(name)
+        if key not in params:
+            raise ExactUndoError(f"module {name}: no longer in the model")
+        W = params[key].data
+        target = W.t() if transposed else W
+        check_undo(target, u, name)
+        B, A, s = merge_factors(rec.entries[name], W.device)
+        work.append((name, target, B, A, s, u))
+    failed = []
+    for name, target, B, A, s, u in work:  # every weight, even if one is not restored bit for bit
+        try:
+            undo_recorded(target, B, A, s, u, name)
+        except ExactUndoError:
+            failed.append(name)
+    if failed:
+        records.remove(rec)  # the weights are no longer the merged ones: the record is spent
+        raise ExactUndoError(f"{len(failed)} of {len(work)} weights were restored to within rounding but not bit for "
+                             f"bit (first: module {failed[0]}); the merge's delta was not recomputed identically")

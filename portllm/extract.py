@@ -9,6 +9,7 @@ import torch
 from portllm import fingerprint as fp
 from portllm.checkpoint import weights
 from portllm.patch import Patch, PatchModule
+from portllm.targets import matches
 
 # Never part of a patch: embeddings and the output head are vocabulary-sized and rarely low-rank.
 _SKIP = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings")
@@ -25,7 +26,7 @@ def _candidates(base, ft, target_modules) -> list[str]:
         module = key[: -len(".weight")]
         leaf = module.rsplit(".", 1)[-1]
         if target_modules is not None:
-            if leaf not in target_modules and module not in target_modules:
+            if not matches(module, target_modules):
                 continue
         elif leaf in _SKIP:
             continue

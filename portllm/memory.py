@@ -1,4 +1,5 @@
-"""Process memory readings (Linux): resident set size and its peak, which can be reset."""
+"""Process memory readings (Linux): resident set size and its peak, which can be reset; and a job's
+time and peak memory, measured in its own process (the experiment's costs, the port benchmark)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,28 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def measure(fn) -> dict:
+    """Runs ``fn()`` once: its seconds, and the peak RSS above the RSS just before it
+    (``peak_rss_above_baseline``; the peak is reset first, so it is this call's own)."""
+    import time
+
+    reset_peak_rss()
+    base = rss("VmRSS")
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss_above_baseline": max(0, rss("VmHWM") - base), "baseline_rss": base}
+
+
+def run_measured(argv: list[str], what: str) -> dict:
+    """Runs a measurement job in a process of its own (so that its peak memory is its own) and returns
+    the JSON object of the last line it prints; RuntimeError naming ``what`` with its stderr if it fails."""
+    import json
+    import subprocess
+
+    res = subprocess.run(argv, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"measurement {what} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

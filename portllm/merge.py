@@ -1,20 +1,22 @@
-"""The one merge step every workflow uses: ``merge_into(W, entries)``.
+"""The one merge step every workflow uses: ``plan_merge(W, entries)`` plans it, ``merge_into`` runs it.
 
 ``apply_patch``, ``remove_patch``, ``port`` and ``pmss.merge`` all come down to the same sequence:
 take the patch modules that touch one weight, concatenate their factors, orient the update as the
-weight is stored (``fan_in_fan_out``: the update applies to Wᵀ), check, and run ``patch_add_``.
-It is written here once.
+weight is stored (``fan_in_fan_out``: the update applies to Wᵀ), check (``portllm.finite``: the one
+NaN/Inf rule), resolve the backend, and run ``patch_add_``. ``plan_merge`` does it once into a
+``MergePlan``; plain merges run the plan here (``prepare_merge``/``merge_into``), exact ones in
+``portllm.exact`` (``merge_exact``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from portllm import ops
+from portllm import finite, ops
 from portllm.patch import PatchModule
 
 
@@ -58,10 +60,7 @@ def merge_factors(entries: Sequence[tuple[PatchModule, float]], device, what: st
 
 def check_factors(B: torch.Tensor, A: torch.Tensor, s: torch.Tensor, what: str):
     """NonFiniteMergeError naming ``what`` and the tensor if B, A or the scales hold NaN or Inf."""
-    try:
-        ops.check_factors_finite(B, A, s, what)
-    except ValueError as e:
-        raise NonFiniteMergeError(str(e)) from None
+    finite.check_factors(B, A, s, what, error=NonFiniteMergeError)
 
 
 def overflow_error(what: str, count: int, W: torch.Tensor) -> NonFiniteMergeError:
@@ -83,8 +82,56 @@ def _cannot_overflow(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch
     return wmax + dmax * (1 + 1e-3) < limit  # (the slack covers fp32 accumulation error)
 
 
-def _nonfinite(t: torch.Tensor) -> int:
-    return t.numel() - int(torch.isfinite(t).sum())
+@dataclass
+class MergePlan:
+    """One weight's merge, planned and checked once; plain merges (``run``) and exact ones
+    (``portllm.exact``) both carry it out.
+
+    ``target`` is the weight as the update applies to it (Wᵀ for ``fan_in_fan_out`` patches),
+    ``B``, ``A``, ``s`` the concatenated factors and per-rank scales, ``backend`` the resolved
+    ``patch_add_`` backend, ``check_finite`` the resolved NaN/Inf setting (``portllm.finite``)."""
+
+    target: torch.Tensor
+    B: torch.Tensor
+    A: torch.Tensor
+    s: torch.Tensor
+    backend: str
+    check_finite: bool
+    what: str
+    fan_in_fan_out: bool
+
+    def run(self, target: torch.Tensor | None = None, negate: bool = False):
+        """``patch_add_`` of the planned update into ``target`` (default: the weight)."""
+        ops.patch_add_(self.target if target is None else target, self.B, self.A, -self.s if negate else self.s,
+                       backend=self.backend, check_finite=False)
+
+    def cannot_overflow(self) -> bool:
+        return _cannot_overflow(self.target, self.B, self.A, self.s)
+
+    def refuse_if_added(self, before: int):
+        """NonFiniteMergeError if the weight now holds more NaN/Inf than the ``before`` count."""
+        added = finite.count(self.target) - before
+        if added > 0:
+            raise overflow_error(self.what, added, self.target)
+
+
+def plan_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
+               check_finite: bool | None = True, name: str = "") -> MergePlan:
+    """Plans the merge of ``entries`` ``[(PatchModule, w_i)]`` into W (see ``merge_into``): the
+    orientation, the weight's dtype, the factors and scales, the backend (an unavailable one fails
+    here), and the factors' NaN/Inf check. Changes nothing."""
+    what = f"module {name}" if name else "merge"
+    if len({m.fan_in_fan_out for m, _ in entries}) > 1:
+        raise ValueError(f"{what}: the patches disagree on fan_in_fan_out")
+    check_weight_dtype(W, what)
+    fan_in_fan_out = entries[0][0].fan_in_fan_out
+    B, A, s = merge_factors(entries, W.device, what)
+    check = finite.enabled(check_finite)
+    if check:
+        check_factors(B, A, s, what)
+    target = W.t() if fan_in_fan_out else W
+    return MergePlan(target, B, A, s, ops.resolve_backend(backend, W.device, "patch_add_"), check, what,
+                     fan_in_fan_out)
 
 
 def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
@@ -93,43 +140,24 @@ def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]],
     performs it. Several weights are merged all-or-nothing by preparing every one first."""
     if not entries:
         return lambda: None
-    what = f"module {name}" if name else "merge"
-    if len({m.fan_in_fan_out for m, _ in entries}) > 1:
-        raise ValueError(f"{what}: the patches disagree on fan_in_fan_out")
-    check_weight_dtype(W, what)
-    target = W.t() if entries[0][0].fan_in_fan_out else W
-    B, A, s = merge_factors(entries, W.device, what)
-    if check_finite is None:
-        check_finite = os.environ.get("PORTLLM_CHECK_FINITE") == "1"
-    if not check_finite:
-        return lambda: ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
-    check_factors(B, A, s, what)
-
-    def refuse(count: int):
-        raise overflow_error(what, count, W)
-
+    plan = plan_merge(W, entries, backend=backend, check_finite=check_finite, name=name)
+    # One read for the bound (aminmax) instead of two non-finite scans: torch's bf16 isfinite-sum
+    # took 344 ms for 4096x14336 on this repository's EPYC (2 threads), aminmax 3.6 ms. Only a
+    # merge the bound cannot clear (a huge delta, or W already holding NaN/Inf) pays the scans.
+    if not plan.check_finite or plan.cannot_overflow():
+        return plan.run
     if scratch:
-        # One read for the bound (aminmax) instead of two non-finite scans: torch's bf16 isfinite-sum
-        # took 344 ms for 4096x14336 on this repository's EPYC (2 threads), aminmax 3.6 ms. Only a
-        # merge the bound cannot clear (a huge delta, or W already holding NaN/Inf) pays the scans.
-        if _cannot_overflow(target, B, A, s):
-            return lambda: ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
-
         def merge_and_check():
-            before = _nonfinite(target)
-            ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
-            after = _nonfinite(target)
-            if after > before:
-                refuse(after - before)
+            before = finite.count(plan.target)
+            plan.run()
+            plan.refuse_if_added(before)
         return merge_and_check
-    if _cannot_overflow(target, B, A, s):
-        return lambda: ops.patch_add_(target, B, A, s, backend=backend, check_finite=False)
-    work = target.clone()
-    ops.patch_add_(work, B, A, s, backend=backend, check_finite=False)
-    added = _nonfinite(work) - _nonfinite(target)
+    work = plan.target.clone()
+    plan.run(work)
+    added = finite.count(work) - finite.count(plan.target)
     if added > 0:
-        refuse(added)
-    return lambda: target.copy_(work)
+        raise overflow_error(plan.what, added, W)
+    return lambda: plan.target.copy_(work)
 
 
 def merge_into(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
@@ -137,7 +165,7 @@ def merge_into(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *,
     """W += Σ_i w_i · ΔW_i in place, for entries ``[(PatchModule, w_i)]`` that all touch the weight W
     (as stored: for ``fan_in_fan_out`` modules the update goes to Wᵀ); returns W.
 
-    ``check_finite`` (default on; None reads ``PORTLLM_CHECK_FINITE``): factors and scales with NaN or
+    ``check_finite`` (default on; None reads ``PORTLLM_CHECK_FINITE``, ``portllm.finite``): factors and scales with NaN or
     Inf are refused, and so is a merge that would turn finite weights into NaN or Inf (an fp16 weight
     past 65504, say); ``NonFiniteMergeError`` names the module ``name`` and W is left unchanged.
     ``scratch=True`` says W is the caller's own copy (``port``): it is merged in place and checked

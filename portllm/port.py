@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from portllm import finite
 from portllm.atomic import UnsafePathError, check_disjoint, safe_join, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, weight_key
 from portllm.compat import CompatReport, check_compatibility, resolve_fan_in_fan_out
 from portllm.files import (InputWatch, NotARegularFileError, copy_file, copy_tree, kind, link_scope, open_regular,
                            within)
-from portllm.merge import check_weight_dtype, merge_into
+from portllm.merge import NonFiniteMergeError, check_weight_dtype, merge_into
 from portllm.patch import Patch
 from portllm.safetensors_io import SafetensorsWriter
 
@@ -122,13 +123,13 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             check_weight_dtype(torch.empty(0, dtype=dt), f"module {name} (tensor {weight_key(name)})")
         # Validate every factor before writing anything (a NaN found half-way would waste the work).
-        if check_finite:
+        if finite.enabled(check_finite):
             for name, m in patch.items():
                 if not math.isfinite(m.scale):
-                    raise ValueError(f"patch module {name}: scale {m.scale} is not finite")
+                    raise NonFiniteMergeError(f"patch module {name}: scale {m.scale} is not finite")
                 for which, t in (("B", m.B), ("A", m.A)):
-                    if not torch.isfinite(t).all():
-                        raise ValueError(f"patch module {name}: lora_{which} has NaN or Inf values")
+                    if finite.count(t):
+                        raise NonFiniteMergeError(f"patch module {name}: lora_{which} has NaN or Inf values")
         def last_checks():
             _check_out_dir(out_dir, inputs, force)
             ckpt.check_unchanged()  # a shard rewritten during the port: no output

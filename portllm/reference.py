@@ -94,3 +94,9 @@ def lora_expand_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch
                                                               alpha=scales[p])
         y.index_copy_(0, rows, yp.to(y.dtype))
     return y
+
+
+def bit_misses(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions where the 1-D integer tensors a and b differ, ascending, and a - b there, both int64."""
+    loc = (b != a).nonzero().squeeze(1)
+    return loc, a[loc].to(torch.int64) - b[loc].to(torch.int64)

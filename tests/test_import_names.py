@@ -166,3 +166,20 @@ def test_wheel_lays_out_portllm_only(tmp_path):
     assert {f.split("/")[0] for f in files if not f.split("/")[0].endswith(".dist-info")} == {"portllm"}
     kernels = sorted(f for f in os.listdir(os.path.join(ROOT, "kernels")) if f.endswith(".py"))
     assert kernels and all(f"portllm/kernels/{k}" in files for k in kernels), (kernels, files)
+    sources = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "portllm"))
+               for f in fs if f.endswith(".py") and "__pycache__" not in d]
+    assert sources and [f for f in sources if f not in files] == []
+
+
+def test_setup_lists_every_package():
+    """Every folder of portllm/ with an __init__.py is a package the wheel ships (setup.py's PACKAGES):
+    one left out installs from a wheel without it, while the editable install still finds it."""
+    import ast
+
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    listed = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                  and any(getattr(t, "id", None) == "PACKAGES" for t in n.targets))
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, fs in os.walk(os.path.join(ROOT, "portllm"))
+             if "__init__.py" in fs and "__pycache__" not in d}
+    assert found - {"portllm.kernels"} <= set(listed) and "portllm.kernels" in listed, (found, listed)

@@ -201,3 +201,45 @@ def test_hf_trainer(tmp_path):
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all(n.endswith(".U") for n in changed)
+
+
+def test_layer_form_gemm_by_default_and_named_backends_run_the_op(monkeypatch):
+    """The layer's default form gathers C and R for the BLAS GEMM and never calls skeleton_mm; a named
+    backend ("reference" included) runs ops.skeleton_mm; both give the same outputs and gradients."""
+    from portllm import ops
+    from portllm.pmss.layer import PMSSLinear
+
+    monkeypatch.delenv("PORTLLM_BACKEND", raising=False)
+    calls = []
+    real = ops.skeleton_mm
+    monkeypatch.setattr(ops, "skeleton_mm", lambda *a, **kw: calls.append(kw.get("backend")) or real(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(11, 7)
+    U = torch.randn(3, 3, generator=g)
+    out = {}
+    for backend in (None, "gemm", "reference"):
+        layer = PMSSLinear(base, torch.tensor([0, 3, 5]), torch.tensor([1, 2, 9]), 0.5, backend, U=U)
+        x = torch.randn(4, 11, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        out[backend] = (y.detach(), x.grad, layer.U.grad)
+        assert (len(calls) > 0) == (backend == "reference"), (backend, calls)
+    for a, b in zip(out[None], out["reference"]):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(out[None], out["gemm"]):
+        assert torch.equal(a, b)
+
+
+def test_target_modules_follow_peft():
+    """One rule for PMSS, serving and extraction, PEFT's: full names, dotted suffixes, or a regex string
+    matched against the whole name (a string is not a list of characters)."""
+    from portllm.targets import matches
+
+    name = "model.layers.0.self_attn.q_proj"
+    assert matches(name, ["q_proj"]) and matches(name, ["self_attn.q_proj"]) and matches(name, [name])
+    assert not matches(name, ["proj"]) and not matches(name, ["attn.q_proj"]) and not matches(name, ["k_proj"])
+    assert matches(name, r".*\.q_proj") and not matches(name, "q_proj") and not matches(name, r"layers\.0")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    from portllm.pmss.model import _targets
+
+    assert _targets(model, r"\d") == ["0", "1"] and _targets(model, ["1"]) == ["1"]

@@ -211,16 +211,17 @@ def test_grouping_is_computed_once_per_batch(adapters, monkeypatch):
     computed once per batch shape, not once per layer, and a new route starts afresh."""
     from portllm import ops
 
-    calls = []
-    real = ops.lora_tiles
+    calls, resolved = [], []
+    real, real_resolve = ops.lora_tiles, ops.resolve_backend
     monkeypatch.setattr(ops, "lora_tiles", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ops, "resolve_backend", lambda *a, **kw: resolved.append(1) or real_resolve(*a, **kw))
     model = llama(seed=0)
     serve.attach(model, adapters)
     ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         with serve.route(model, ["a", None, "b"]):
             first = model(input_ids=ids).logits
-            assert len(calls) == 1
+            assert len(calls) == 1 and len(resolved) == 1  # the backend too: once per batch, not per layer
             model(input_ids=ids[:, :4])  # another token count: one more grouping
             assert len(calls) == 2
         with serve.route(model, ["b", None, "a"]):

@@ -29,7 +29,10 @@ SOURCES = {
     # the two serving ops run together (PatchedLinear), so one benchmark decides both
     "lora_shrink": ("serve_layer", "serve-", lambda r: True),
     "lora_expand_": ("serve_layer", "serve-", lambda r: True),
+    "bit_misses": ("bit_misses", "bit_misses-", lambda r: True),
 }
+# Only the ops' backends can be defaults (the PMSS layer's "pmss-gemm" form is measured beside them).
+BACKENDS = ("reference", "cpp", "cuda", "triton")
 
 
 def isa_of(result: dict, row: dict) -> str:
@@ -61,6 +64,8 @@ def generate(paths: list[str]) -> dict:
                 key = (r.get("m"), r.get("n"), r.get("r"), r.get("dtype"), r.get("factor_dtype"), r.get("tokens"),
                        r.get("n_in"), r.get("n_out"), r.get("T"), r.get("case"), r.get("graph"))
                 backend = r["provider"][len(prefix):]
+                if backend not in BACKENDS:
+                    continue
                 case = cases.setdefault(key, {"ref": None, "times": {}})
                 # A time paired with a baseline in the same test (serve: the base GEMM) compares
                 # better than medians of tests run minutes apart.

@@ -44,13 +44,7 @@ void expand_block(Y* y, int64_t sym, const float* h, const F* b, int64_t sbm, in
 
 void lora_expand_cpu(at::Tensor y, const at::Tensor& h_in, const at::Tensor& B, const at::Tensor& scale_in,
                      const at::Tensor& slots_in) {
-  TORCH_CHECK(y.dim() == 2 && h_in.dim() == 2 && B.dim() == 3 && B.size(1) == y.size(1) &&
-                  h_in.size(0) == y.size(0) && h_in.size(1) == B.size(2),
-              "lora_expand_ (cpu): need y [T, m], h [T, R], B [P, m, R]");
-  TORCH_CHECK(h_in.scalar_type() == at::kFloat && scale_in.scalar_type() == at::kFloat &&
-                  scale_in.numel() == B.size(0),
-              "lora_expand_ (cpu): h and scale must be float32, scale [P]");
-  TORCH_CHECK(slots_in.dim() == 1 && slots_in.size(0) == y.size(0), "lora_expand_ (cpu): slots must be [T]");
+  check_lora_expand_args(y, h_in, B, scale_in, slots_in);
   const int64_t T = y.size(0), m = y.size(1), P = B.size(0), R = B.size(2);
   if (T == 0 || m == 0 || R == 0) return;
   const at::Tensor h = h_in.contiguous(), scale = scale_in.contiguous();

@@ -16,9 +16,7 @@ namespace portllm {
 namespace {
 
 at::Tensor lora_shrink_cpu(const at::Tensor& x, const at::Tensor& A, const at::Tensor& slots_in) {
-  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1),
-              "lora_shrink (cpu): need x [T, n] and A [P, R, n]");
-  TORCH_CHECK(slots_in.dim() == 1 && slots_in.size(0) == x.size(0), "lora_shrink (cpu): slots must be [T]");
+  check_lora_shrink_args(x, A, slots_in);
   const int64_t T = x.size(0), P = A.size(0), R = A.size(1);
   at::Tensor h = at::zeros({T, R}, x.options().dtype(at::kFloat));
   if (T == 0 || R == 0) return h;

@@ -5,7 +5,7 @@
 // then each output element is  round(W + sum_k Bs[i,k] * Af[k,j])  with the sum in fp32 and one
 // rounding to W's dtype (round-to-nearest-even, as torch's own casts).
 //
-// Paths, chosen per call from the CPU's features (PORTLLM_CPU_ISA forces a lower one):
+// Paths, chosen per call from the CPU's features (csrc/cpu/isa.cpp; PORTLLM_CPU_ISA forces a lower one):
 //   avx512bf16  bf16 factors: exact bf16 products summed in fp32 at twice the fp32 FMA rate
 //               (csrc/cpu/patch_add_avx512.h); other factors: the avx512 path
 //   avx512      fp32 FMAs, 8x32 register blocks (csrc/cpu/patch_add_avx512.h)
@@ -30,6 +30,7 @@
 
 #include "portllm.h"
 
+#include "cpu/isa.h"
 #include "cpu/patch_add_avx2.h"
 #include "cpu/patch_add_avx512.h"
 
@@ -65,34 +66,6 @@ void rows_generic(T* W, int64_t sw0, int64_t sw1, const float* Bs, const float* 
       }
     }
   }
-}
-
-// Ordered: a path can run wherever a later one can.
-enum class Isa { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
-constexpr const char* kIsaNames[] = {"generic", "avx2", "avx512", "avx512bf16"};
-
-Isa isa_best() {
-#ifdef PORTLLM_X86_AVX512
-  if (avx512::bf16_supported()) return Isa::Avx512Bf16;
-  if (avx512::supported()) return Isa::Avx512;
-#endif
-#ifdef PORTLLM_X86_AVX2
-  if (avx2::supported()) return Isa::Avx2;
-#endif
-  return Isa::Generic;
-}
-
-// PORTLLM_CPU_ISA=generic|avx2|avx512|avx512bf16 forces that path, or the best this CPU has if it
-// has less; the tests and benchmarks use it to cover every path on one machine.
-Isa isa_for_call() {
-  const Isa best = isa_best();
-  const char* env = std::getenv("PORTLLM_CPU_ISA");
-  if (env == nullptr || *env == 0) return best;
-  const std::string want(env);
-  for (int i = 0; i < 4; ++i) {
-    if (want == kIsaNames[i]) return std::min(best, static_cast<Isa>(i));
-  }
-  TORCH_CHECK(false, "PORTLLM_CPU_ISA=", want, " is not a CPU path; choose generic, avx2, avx512 or avx512bf16");
 }
 
 // W's strides with size-1 dimensions seen through (their stride is meaningless).
@@ -205,9 +178,6 @@ void patch_add_cpu(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
 }
 
 }  // namespace
-
-std::string cpu_isa_best() { return kIsaNames[static_cast<int>(isa_best())]; }
-std::string cpu_isa_for_call() { return kIsaNames[static_cast<int>(isa_for_call())]; }
 
 TORCH_LIBRARY_IMPL(portllm, CPU, m) { m.impl("patch_add_", &patch_add_cpu); }
 

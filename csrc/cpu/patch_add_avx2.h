@@ -29,12 +29,6 @@
 namespace portllm {
 namespace avx2 {
 
-inline bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-
 // 8 elements of W as fp32 (exact widening), and back with one rounding to nearest even.
 PORTLLM_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 PORTLLM_AVX2 inline __m256 load8(const c10::BFloat16* p) {

@@ -30,17 +30,6 @@
 namespace portllm {
 namespace avx512 {
 
-inline bool supported() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
-                         __builtin_cpu_supports("f16c");
-  return ok;
-}
-inline bool bf16_supported() {
-  static const bool ok = supported() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
-
 inline __mmask16 tail_mask(int64_t cols) {
   return cols >= 16 ? __mmask16(0xFFFF) : cols <= 0 ? __mmask16(0) : __mmask16((1u << cols) - 1);
 }

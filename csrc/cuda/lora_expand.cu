@@ -49,17 +49,8 @@ lora_expand_kernel(Y* __restrict__ y,                  // [T, m], strides (syt, 
 
 void lora_expand_cuda(at::Tensor y, const at::Tensor& h, const at::Tensor& B, const at::Tensor& scale,
                       const at::Tensor& slots) {
-  TORCH_CHECK(y.dim() == 2 && h.dim() == 2 && B.dim() == 3 && B.size(1) == y.size(1) &&
-                  h.size(0) == y.size(0) && h.size(1) == B.size(2),
-              "lora_expand_ (cuda): need y [T, m], h [T, R], B [P, m, R]");
-  TORCH_CHECK(h.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
-                  scale.numel() == B.size(0),
-              "lora_expand_ (cuda): h and scale must be float32, scale [P]");
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == y.size(0) && slots.scalar_type() == at::kLong,
-              "lora_expand_ (cuda): slots must be int64 [T]");
-  TORCH_CHECK(y.is_cuda() && h.device() == y.device() && B.device() == y.device() &&
-                  scale.device() == y.device() && slots.device() == y.device(),
-              "lora_expand_ (cuda): all tensors must be on one CUDA device");
+  check_lora_expand_args(y, h, B, scale, slots);
+  TORCH_CHECK(y.is_cuda() && slots.scalar_type() == at::kLong, "lora_expand_ (cuda): slots must be int64");
   const c10::cuda::CUDAGuard guard(y.device());
   const int64_t T = y.size(0), m = y.size(1), P = B.size(0), R = B.size(2);
   if (T == 0 || m == 0 || R == 0) return;

@@ -48,12 +48,8 @@ lora_shrink_kernel(const T* __restrict__ x,           // [T, n], strides (sxt, s
 }
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& slots) {
-  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && A.size(2) == x.size(1),
-              "lora_shrink (cuda): need x [T, n] and A [P, R, n]");
-  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == x.size(0) && slots.scalar_type() == at::kLong,
-              "lora_shrink (cuda): slots must be int64 [T]");
-  TORCH_CHECK(x.is_cuda() && A.device() == x.device() && slots.device() == x.device(),
-              "lora_shrink (cuda): x, A and slots must be on one CUDA device");
+  check_lora_shrink_args(x, A, slots);
+  TORCH_CHECK(x.is_cuda() && slots.scalar_type() == at::kLong, "lora_shrink (cuda): slots must be int64");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t T = x.size(0), n = x.size(1), P = A.size(0), R = A.size(1);
   at::Tensor h = at::zeros({T, R}, x.options().dtype(at::kFloat));

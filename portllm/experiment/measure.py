@@ -10,7 +10,6 @@ memory: for fine-tuning the model, optimizer, gradients and activations; for por
 import json
 import shutil
 import sys
-import time
 
 
 def main(job, *args):
@@ -23,23 +22,24 @@ def main(job, *args):
         from portllm.experiment import data, train
     else:
         import portllm
-    from portllm.memory import reset_peak_rss, rss
+    from portllm.memory import measure
 
-    reset_peak_rss()
-    base = rss("VmRSS")
-    t0 = time.perf_counter()
     if job == "port":
         model_dir, patch_dir, out = args
-        portllm.port(model_dir, patch_dir, out, device="cpu", force=True, progress=False, log=None)
-        shutil.rmtree(out, ignore_errors=True)
+
+        def fn():
+            portllm.port(model_dir, patch_dir, out, device="cpu", force=True, progress=False, log=None)
+            shutil.rmtree(out, ignore_errors=True)
     elif job == "finetune":
         model_dir, task, steps, seed = args
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        train.finetune_lora(model, data.make_tokenizer(), task, int(steps), seed=int(seed))
+
+        def fn():
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            train.finetune_lora(model, data.make_tokenizer(), task, int(steps), seed=int(seed))
     else:
         raise SystemExit(f"unknown job {job}")
-    print(json.dumps({"job": job, "seconds": time.perf_counter() - t0,
-                      "peak_rss_above_baseline": max(0, rss("VmHWM") - base)}))
+    res = measure(fn)
+    print(json.dumps({"job": job, "seconds": res["seconds"], "peak_rss_above_baseline": res["peak_rss_above_baseline"]}))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
 
 from portllm.experiment import data, plot, train
+from portllm.memory import run_measured
 from portllm.port import port
 
 # releases: (continued-pretraining steps, corpus shift, learning rate), applied one after another.
@@ -74,10 +74,7 @@ def _port(model_dir, patch_dir, out_dir) -> float:
 
 def _measure(job: list[str]) -> dict:
     """Runs a measurement job in its own process (its peak RSS is its own)."""
-    res = subprocess.run([sys.executable, "-m", "portllm.experiment.measure", *job], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"measurement {job[0]} failed: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_measured([sys.executable, "-m", "portllm.experiment.measure", *job], job[0])
 
 
 def run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:

@@ -7,12 +7,15 @@ unmodified). Backward, with g = dy·W[:, J]:
 
     dU = s·gᵀ·h            dx = dy·W + s·(g·U)·W[I, :]
 
-Only h (tokens × r) is saved for backward. C and R are never stored: with the default backend
-they are gathered for the duration of one GEMM each, whose output is the base GEMM's (addmm_,
-beta = 1); with the kernel backends ``portllm.ops.skeleton_mm`` reads them out of W by index.
+Only h (tokens × r) is saved for backward. C and R are never stored: with the default form,
+``"gemm"``, they are gathered for the duration of one GEMM each, whose output is the base GEMM's
+(addmm_, beta = 1); with a named ``skeleton_mm`` backend (``reference``, ``cpp``, ``cuda``,
+``triton``) ``portllm.ops.skeleton_mm`` reads them out of W by index.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -20,22 +23,42 @@ from torch import nn
 from portllm import ops
 
 
-class _PMSSFunction(torch.autograd.Function):
-    """Two ways to run the skeleton products, by the backend ``skeleton_mm`` resolves to:
+# The layer's ways to run the skeleton products: "gemm", the default, or a backend of skeleton_mm.
+# "gemm" was the fastest or within 2% of it in every committed pmss_layer result: H100 bf16 1.49 ms
+# against triton 3.28 ms and cuda 5.46 ms; AMD EPYC (2 cores) 215.6 ms against cpp 211.5 ms
+# (benchmarks/results, where it is labelled "pmss-reference" before 2026-12-04). The skeleton_mm
+# kernels stay named, tested options (tests/test_pmss_ops.py, tests/test_pmss_model.py).
+GEMM = "gemm"
 
-    * ``reference`` (the default wherever it was measured fastest): gather C = W[:, J] (m×r) and
-      R = W[I, :] (r×n), a few MB, and hand the products to the BLAS GEMM accumulating into the
-      base GEMM's output and into dx in place (``addmm_``, beta = 1): no tokens×m temporary and no
-      separate add. z = s·h·Uᵀ is formed in fp32 (r×r work) and rounded once to the activations'
-      dtype. The gathered copies are freed at once, never stored.
-    * ``cpp``/``cuda``/``triton``: ``portllm.ops.skeleton_mm`` reads C and R out of W by index.
+
+def resolve_backend(backend: str | None, x2: torch.Tensor, W: torch.Tensor) -> str:
+    """``"gemm"`` unless a skeleton_mm backend is named (argument, else ``PORTLLM_BACKEND``); a named
+    one is checked like every op's (``ops.resolve_skeleton_backend``)."""
+    if backend is None:
+        backend = os.environ.get("PORTLLM_BACKEND") or None
+    if backend in (None, "auto", GEMM):
+        return GEMM
+    return ops.resolve_skeleton_backend(backend, x2, W)
+
+
+class _PMSSFunction(torch.autograd.Function):
+    """Two ways to run the skeleton products, by ``resolve_backend``:
+
+    * ``gemm`` (the default): gather C = W[:, J] (m×r) and R = W[I, :] (r×n), a few MB, and hand
+      the products to the BLAS GEMM accumulating into the base GEMM's output and into dx in place
+      (``addmm_``, beta = 1): no tokens×m temporary and no separate add. z = s·h·Uᵀ is formed in
+      fp32 (r×r work) and rounded once to the activations' dtype. The gathered copies are freed at
+      once, never stored.
+    * a skeleton_mm backend (``reference``/``cpp``/``cuda``/``triton``): ``portllm.ops.skeleton_mm``
+      reads C and R out of W by index.
     """
 
     @staticmethod
     def forward(ctx, x, W, bias, I, J, U, scale, backend):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        fused = _fused(W, x2, backend)
+        backend = resolve_backend(backend, x2, W)
+        fused = backend == GEMM
         y = x2 @ W.t()  # the base GEMM, once
         h = y.index_select(1, I)  # [T, r] == x·W[I, :]ᵀ
         acc = torch.promote_types(h.dtype, torch.float32)
@@ -73,11 +96,6 @@ class _PMSSFunction(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape)
         dbias = dy2.sum(0) if ctx.needs_input_grad[2] else None
         return dx, None, dbias, None, None, dU, None, None
-
-
-def _fused(W: torch.Tensor, x2: torch.Tensor, backend: str | None) -> bool:
-    """Whether the skeleton products go to the BLAS GEMM (the ``reference`` backend)."""
-    return ops.resolve_skeleton_backend(backend, x2, W) == "reference"
 
 
 def pmss_linear(x, W, bias, I, J, U, scale: float = 1.0, backend: str | None = None):

@@ -16,6 +16,7 @@ from portllm.patch import Patch, PatchModule
 from portllm.pmss.layer import PMSSLinear
 from portllm.pmss.select import select_skeleton
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
+from portllm.targets import describe, matches
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -25,11 +26,10 @@ class PMSSLoadError(ValueError):
 
 
 def _targets(model: nn.Module, target_modules) -> list[str]:
-    targets = tuple(target_modules) if target_modules is not None else DEFAULT_TARGETS
-    names = [name for name, mod in model.named_modules()
-             if isinstance(mod, nn.Linear) and (name.rsplit(".", 1)[-1] in targets or name in targets)]
+    targets = target_modules if target_modules is not None else DEFAULT_TARGETS
+    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and matches(name, targets)]
     if not names:
-        raise ValueError(f"the model has no nn.Linear modules named {', '.join(targets)}; pass target_modules=")
+        raise ValueError(f"the model has no nn.Linear modules {describe(targets)}; pass target_modules=")
     return names
 
 
@@ -58,7 +58,8 @@ def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim
     """Replaces each target ``nn.Linear`` with a ``PMSSLinear`` of the given rank (skeleton selected
     from its weight by ``method``, on the weight's device; equal shapes are selected as one batch)
     and freezes everything else: afterwards the U's are the model's only trainable parameters.
-    Returns the model."""
+    ``backend``: how the layers run the skeleton products (``portllm.pmss.layer.resolve_backend``):
+    ``"gemm"`` (the default) or a ``skeleton_mm`` backend. Returns the model."""
     names = _targets(model, target_modules)
     by_shape: dict[tuple, list[str]] = {}
     for name in names:

@@ -31,8 +31,9 @@ class Routing:
     ``torch.compile`` reads it without a graph break; a ``ContextVar`` makes Dynamo skip the frame.)
 
     Every layer of a forward routes the same tokens, so the per-token slots and the kernels' token
-    grouping are computed once per batch shape and kept until the routing changes (``cache``, per
-    thread too): a decode step pays for them once, not once per layer. (Not under ``torch.compile``,
+    grouping, and the backend the serving kernels run on, are computed once per batch shape and kept
+    until the routing changes (``cache``, per thread too): a decode step pays for them once, not
+    once per layer. (Not under ``torch.compile``,
     which traces the computation into each layer's graph instead.)"""
 
     def __init__(self):
@@ -61,6 +62,20 @@ class Routing:
         if c is None:
             c = self._local.cache = {}
         return c
+
+    def kernels(self, backend: str | None, slots: torch.Tensor, max_patches: int, device: torch.device):
+        """The serving kernels' backend and token grouping for this batch (``ops.lora_tiles``):
+        resolved once per routing and batch shape, then shared by every layer of every forward in
+        the route block (each layer only looks them up)."""
+        if torch.compiler.is_compiling():
+            name = ops.resolve_backend(backend, device, "lora_shrink")
+            return name, ops.lora_tiles(slots, max_patches, name)
+        key = ("kernels", backend, max_patches, slots.shape[0], device)
+        hit = self.cache.get(key)
+        if hit is None:
+            name = ops.resolve_backend(backend, device, "lora_shrink")
+            hit = self.cache[key] = (name, ops.lora_tiles(slots, max_patches, name))
+        return hit
 
     def set(self, rows, names, expand=None):
         self._local.rows, self._local.names, self._local.cache, self._local.expand = rows, names, {}, expand
@@ -178,14 +193,7 @@ class PatchedLinear(torch.nn.Linear):
                                "torch.no_grad() or torch.inference_mode() inside route()")
         x2 = x.reshape(-1, self.in_features)
         y2 = y.view(-1, self.out_features)
-        backend = ops.resolve_backend(self.backend, x.device, "lora_shrink")
-        key = ("tiles", backend, self.max_patches, slots.shape[0], x.device)
-        if torch.compiler.is_compiling():
-            tiles = ops.lora_tiles(slots, self.max_patches, backend)
-        elif key in self.routing.cache:
-            tiles = self.routing.cache[key]
-        else:
-            tiles = self.routing.cache[key] = ops.lora_tiles(slots, self.max_patches, backend)
+        backend, tiles = self.routing.kernels(self.backend, slots, self.max_patches, x.device)
         h = ops.lora_shrink(x2, self.lora_A, slots, backend=backend, tiles=tiles)
         ops.lora_expand_(y2, h, self.lora_B, self.lora_scale, slots, backend=backend, tiles=tiles)
         return y

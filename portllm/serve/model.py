@@ -42,6 +42,7 @@ from torch import nn
 from portllm.compat import resolve_fan_in_fan_out
 from portllm.patch import Patch
 from portllm.serve.layer import PatchedLinear, Routing
+from portllm.targets import describe, matches
 
 _STATE = "_portllm_serve"
 
@@ -106,10 +107,6 @@ def _as_patch(name: str, patch) -> Patch:
     raise TypeError(f"patch {name!r}: expected a portllm.Patch or a patch directory, got {type(patch).__name__}")
 
 
-def _matches(name: str, targets) -> bool:
-    return name in targets or name.rsplit(".", 1)[-1] in targets
-
-
 def _check_fits(st: _Served, name: str, patch: Patch, model: nn.Module):
     for module, m in patch.items():
         if not math.isfinite(m.scale):
@@ -144,8 +141,8 @@ def attach(model: nn.Module, patches: Mapping[str, Patch | str | os.PathLike], *
     """Replaces the target ``nn.Linear`` layers of ``model`` by ``PatchedLinear`` layers (in place;
     returns the model) and loads ``patches`` (name -> ``Patch`` or patch directory) into slots.
 
-    Targets: ``target_modules`` (full module names or their last part, as PEFT's), else every module
-    some patch names. ``max_patches`` (default: the number of patches, at least 1) and ``max_rank``
+    Targets: ``target_modules`` (as PEFT's: a regex string, or full names or dotted suffixes;
+    ``portllm.targets``), else every module some patch names. ``max_patches`` (default: the number of patches, at least 1) and ``max_rank``
     (default: the largest rank of the patches) size the preallocated slots; patches of lower rank
     are zero-padded. Slot factors are kept in each layer's weight dtype. ``backend`` (``reference``,
     ``cpp``, ``triton``, ``cuda``; default: ``PORTLLM_BACKEND``, else the fastest measured on the
@@ -171,9 +168,9 @@ def attach(model: nn.Module, patches: Mapping[str, Patch | str | os.PathLike], *
     if len(loaded) > max_patches:
         raise ServeError(f"{len(loaded)} patches but max_patches={max_patches} slots")
     if target_modules is not None:
-        targets = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and _matches(n, target_modules)]
+        targets = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and matches(n, target_modules)]
         if not targets:
-            raise ServeError(f"the model has no nn.Linear modules named {', '.join(target_modules)}")
+            raise ServeError(f"the model has no nn.Linear modules {describe(target_modules)}")
     else:
         targets = sorted({n for p in loaded.values() for n in p.modules})
         if not targets:
