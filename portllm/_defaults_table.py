@@ -3,11 +3,12 @@
 Per device class and op, the backends measured faster than the reference, fastest first, then
 the reference (see portllm/defaults.py)."""
 
-TABLE = {'cpu-avx2': {'patch_add_': ['cpp', 'reference']},
- 'cpu-avx512': {'patch_add_': ['cpp', 'reference']},
- 'cpu-avx512bf16': {'lora_expand_': ['reference'],
+TABLE = {'cpu-avx2': {'bit_misses': ['cpp', 'reference'], 'patch_add_': ['cpp', 'reference']},
+ 'cpu-avx512': {'bit_misses': ['cpp', 'reference'], 'patch_add_': ['cpp', 'reference']},
+ 'cpu-avx512bf16': {'bit_misses': ['cpp', 'reference'],
+                    'lora_expand_': ['reference'],
                     'lora_shrink': ['reference'],
                     'patch_add_': ['cpp', 'reference'],
                     'skeleton_mm': ['reference']},
- 'cpu-generic': {'patch_add_': ['reference']},
+ 'cpu-generic': {'bit_misses': ['cpp', 'reference'], 'patch_add_': ['reference']},
  'cuda': {'patch_add_': ['triton', 'cuda', 'reference'], 'skeleton_mm': ['reference']}}
