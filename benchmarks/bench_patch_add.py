@@ -214,6 +214,7 @@ def derive(rows: list[dict]):
             r["time_vs_limit"] = round(r["median_ms"] / limit, 3)
 
 
+
 def table(rows: list[dict]) -> list[str]:
     pa = [r for r in rows if r["op"] == "patch_add_"]
     if not pa:

@@ -27,6 +27,14 @@ class Goal:
 
 _BF16 = dict(op="patch_add_", case="single", dtype="bfloat16")
 GOALS: list[Goal] = [
+    # mixture-of-experts merge (#19), CPU: the batched expert merge against the fastest pass over the same bytes
+    *[Goal(f"CPU expert merge {E}x{m}x{n} bf16 r=16 (patch_add_experts_, cpp): fraction of the fastest pass", "cpu",
+           dict(op="patch_add_experts_", E=E, m=m, n=n, provider="portllm-cpp"), "fraction_of_fastest_pass", ">=", 0.9)
+      for E, m, n in ((128, 768, 2048), (8, 14336, 4096))],
+    Goal("MoE port (Qwen3-MoE-shaped, 1.4 GB), whole command: time / (cp -r + sync)", "cpu",
+         dict(op="port_moe", provider="portllm port"), "time_vs_copy", "<=", 1.5),
+    Goal("MoE port, whole command: peak RSS (MiB)", "cpu", dict(op="port_moe", provider="portllm port"),
+         "peak_rss", "<=", 300, scale=1 / 2**20),
     # foundation (#2), CPU
     Goal("CPU bf16 4096x14336 r=16, default cpp path: speed vs torch.addmm_", "cpu",
          dict(_BF16, m=4096, n=14336, r=16, factor_dtype="bfloat16", provider="portllm-cpp", isa="avx512bf16"),

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from portllm.checkpoint import ModelWeights, weight_key
-from portllm.compat import check_compatibility, resolve_fan_in_fan_out
+from portllm.checkpoint import ModelWeights, tensor_target, weight_key
+from portllm.compat import IncompatiblePatchError, check_compatibility, resolve_fan_in_fan_out
 from portllm.exact import ExactMerge, ExactUndoError, merge_exact, remove_exact
+from portllm.experts import ExpertPatchError
 from portllm.merge import plan_merge, prepare_merge
 from portllm.patch import Patch
 
@@ -50,7 +51,10 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     """
     patches, scales = _as_lists(patch, scale)
     source = ModelWeights(model)
-    resolved = [resolve_fan_in_fan_out(source, p) for p in patches]
+    try:
+        resolved = [resolve_fan_in_fan_out(source, p.for_model(model)) for p in patches]
+    except ExpertPatchError as e:
+        raise IncompatiblePatchError(str(e)) from None
     for p in resolved:
         check_compatibility(source, p).raise_for_errors()
     per_module: dict[str, list] = {}
@@ -61,11 +65,11 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     per_module = _merge_tied(per_module, params)
     digest = _digest(patches, scales)
     if exact:
-        plans = {name: plan_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
+        plans = {name: plan_merge(weight_of(params, name), entries, backend=backend, check_finite=check_finite,
                                   name=name) for name, entries in per_module.items()}
         _records(model).append(merge_exact(plans, per_module, patches, scales, digest))
     else:
-        merges = [prepare_merge(params[weight_key(name)].data, entries, backend=backend, check_finite=check_finite,
+        merges = [prepare_merge(weight_of(params, name), entries, backend=backend, check_finite=check_finite,
                                 name=name) for name, entries in per_module.items()]
         for merge in merges:
             merge()
@@ -77,6 +81,14 @@ def apply_patch(model: torch.nn.Module, patch: Patch | Sequence[Patch], scale: f
     return model
 
 
+def weight_of(params: dict, name: str) -> torch.Tensor:
+    """The weight patch module ``name`` updates, as a tensor of the model's (a 2-D view ``P[e]`` for
+    expert e of a fused parameter)."""
+    key, index = tensor_target(weight_key(name))
+    W = params[key].data
+    return W if index is None else W[index]
+
+
 def _merge_tied(per_module: dict[str, list], params: dict) -> dict[str, list]:
     """Modules whose weights are one tensor (tied, e.g. an output head and its embedding) become one
     merge of all their entries, under the first module's name: the tensor is read and written once
@@ -85,7 +97,8 @@ def _merge_tied(per_module: dict[str, list], params: dict) -> dict[str, list]:
     by_tensor: dict[int, str] = {}
     out: dict[str, list] = {}
     for name, entries in per_module.items():
-        key = id(params[weight_key(name)])
+        key, index = tensor_target(weight_key(name))
+        key = (id(params[key]), index)
         first = by_tensor.setdefault(key, name)
         if first == name:
             out[name] = list(entries)
@@ -168,7 +181,13 @@ def _digest(patches: list[Patch], scales: list[float]) -> str:
 
     h = hashlib.sha256()
     for p, w in zip(patches, scales):
-        h.update(f"patch|{_f32(w)!r}|{len(p.modules)}".encode())
+        h.update(f"patch|{_f32(w)!r}|{len(p.modules)}|{len(p.expert_factors)}|{_f32(p.expert_scale)!r}".encode())
+        for key in sorted(p.expert_factors):
+            f = p.expert_factors[key]
+            h.update(f"|expert|{key}|{tuple(f.B.shape)}|{tuple(f.A.shape)}|{f.B.dtype}|{f.A.dtype}".encode())
+            for t in (f.B, f.A):
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        h.update(repr(sorted((p.expert_config or {}).items())).encode())
         for name in sorted(p.modules):
             m = p.modules[name]
             h.update(f"|{name}|{_f32(m.scale)!r}|{m.fan_in_fan_out}|{tuple(m.B.shape)}|{tuple(m.A.shape)}|"

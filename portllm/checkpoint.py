@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+
 import torch
 
 from portllm import fingerprint as fp
@@ -24,8 +26,19 @@ class CheckpointError(ValueError):
     """A checkpoint directory portllm cannot read; the message names the directory or file."""
 
 
+_INDEXED = re.compile(r"^(?P<key>.+)\[(?P<index>\d+)\]$")
+
+
 def weight_key(module: str) -> str:
-    return module + ".weight"
+    """The tensor a patch module updates: ``<module>.weight``; an indexed name ``P[e]`` (expert e of the
+    fused 3-D parameter P, ``portllm.experts``) stays as it is."""
+    return module if _INDEXED.match(module) else module + ".weight"
+
+
+def tensor_target(key: str) -> tuple[str, int | None]:
+    """(tensor key, index) of a weight key: ``("P", e)`` for ``"P[e]"``, else ``(key, None)``."""
+    m = _INDEXED.match(key)
+    return (m["key"], int(m["index"])) if m else (key, None)
 
 
 class Checkpoint:
@@ -128,16 +141,30 @@ class Checkpoint:
         return self._readers[fname]
 
     def shape(self, key: str) -> tuple[int, ...] | None:
-        return self.info(key).shape if key in self.key_file else None
+        key, index = tensor_target(key)
+        if key not in self.key_file:
+            return None
+        shape = tuple(self.info(key).shape)
+        if index is None:
+            return shape
+        return shape[1:] if len(shape) == 3 and index < shape[0] else None
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._readers[self.key_file[key]][key]
+        key, index = tensor_target(key)
+        t = self._readers[self.key_file[key]][key]
+        return t if index is None else t[index]
 
     def sample(self, key: str) -> list[float]:
         """The elements fingerprint.sketch samples, read one by one (no whole-tensor read)."""
+        key, index = tensor_target(key)
         info = self.info(key)
         numel = torch.Size(info.shape).numel()
-        return self._readers[self.key_file[key]].elements(key, fp.sample_positions(numel).tolist()).double().tolist()
+        offset = 0
+        if index is not None:
+            numel //= info.shape[0]
+            offset = index * numel
+        positions = (fp.sample_positions(numel) + offset).tolist()
+        return self._readers[self.key_file[key]].elements(key, positions).double().tolist()
 
 
 class ModelWeights:
@@ -151,14 +178,21 @@ class ModelWeights:
         return list(self._params)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
+        key, index = tensor_target(key)
         p = self._params.get(key)
-        return tuple(p.shape) if p is not None else None
+        if p is None:
+            return None
+        if index is None:
+            return tuple(p.shape)
+        return tuple(p.shape[1:]) if p.dim() == 3 and index < p.shape[0] else None
 
     def tensor(self, key: str) -> torch.Tensor:
-        return self._params[key].detach()
+        key, index = tensor_target(key)
+        p = self._params[key].detach()
+        return p if index is None else p[index]
 
     def sample(self, key: str) -> list[float]:
-        return fp.sketch(self._params[key])["sample"]
+        return fp.sketch(self.tensor(key))["sample"]
 
 
 def weights(source) -> Checkpoint | ModelWeights:

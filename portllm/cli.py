@@ -92,6 +92,15 @@ def _inspect(args) -> int:
     total = sum(r["bytes"] for r in rows)
     ranks = sorted({r["rank"] for r in rows})
     print(f"  {len(rows)} modules, ranks {ranks}, {total / 2**20:.2f} MiB of factors")
+    if patch.expert_factors:
+        nbytes = sum(f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
+                     for f in patch.expert_factors.values())
+        targets = ", ".join(patch.expert_config.get("target_parameters") or [])
+        print(f"  and LoRA on {len(patch.expert_factors)} mixture-of-experts parameters (target_parameters: {targets}), "
+              f"{nbytes / 2**20:.2f} MiB of factors; port and apply_patch map them onto the model's experts")
+        if not summary:
+            for key, f in sorted(patch.expert_factors.items()):
+                print(f"    {key}: lora_A {tuple(f.A.shape)} [experts·r, in], lora_B {tuple(f.B.shape)} [out, experts·r]")
     kept = patch.extra.get("energy_kept", {})
     if summary:
         _inspect_summary(rows, kept)

@@ -11,7 +11,7 @@ from torch import nn
 
 from portllm import fingerprint as fp
 from portllm.files import open_regular
-from portllm.checkpoint import Checkpoint, ModelWeights, weight_key, weights
+from portllm.checkpoint import Checkpoint, ModelWeights, tensor_target, weight_key, weights
 from portllm.patch import Patch, PatchModule
 
 # transformers architectures whose projections are Conv1D (weights stored [in, out]): there, and
@@ -168,8 +168,8 @@ def resolve_fan_in_fan_out(source, patch: Patch) -> Patch:
             model_type = None
     modules = dict(patch.modules)
     for name, m in patch.modules.items():
-        if not m.fan_in_fan_out:
-            continue
+        if not m.fan_in_fan_out or tensor_target(weight_key(name))[1] is not None:
+            continue  # (an expert's orientation is its experts module's is_transposed: portllm.experts)
         out_f, in_f = m.B.shape[0], m.A.shape[1]
         if isinstance(source, ModelWeights):
             try:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from portllm import _ext, finite, ops
-from portllm.checkpoint import weight_key
+from portllm.checkpoint import tensor_target, weight_key
 from portllm.merge import MergePlan, merge_factors
 
 # Rows per chunk: the merge keeps two copies of a chunk (the old and the merged bits), 8 MiB each
@@ -283,10 +283,10 @@ def remove_exact(params: dict[str, torch.nn.Parameter], rec: ExactMerge, records
     spends the record (it is taken off ``records``, the model's list of merges)."""
     work = []
     for name, (u, transposed) in rec.weights.items():
-        key = weight_key(name)
+        key, index = tensor_target(weight_key(name))
         if key not in params:
             raise ExactUndoError(f"module {name}: no longer in the model")
-        W = params[key].data
+        W = params[key].data if index is None else params[key].data[index]
         target = W.t() if transposed else W
         check_undo(target, u, name)
         B, A, s = merge_factors(rec.entries[name], W.device)

@@ -174,3 +174,37 @@ def merge_into(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *,
     """
     prepare_merge(W, entries, backend=backend, check_finite=check_finite, name=name, scratch=scratch)()
     return W
+
+
+def merge_experts_into(W: torch.Tensor, per_expert: dict[int, Sequence[tuple[PatchModule, float]]], *,
+                       backend: str | None = None, check_finite: bool | None = True, name: str = "",
+                       scratch: bool = False) -> torch.Tensor:
+    """``merge_into`` for every expert e of a fused weight W [E, ., .] at once: ``per_expert[e]`` are the
+    entries of expert e's 2-D view W[e]. Planned and checked per expert (``plan_merge``), merged in one
+    ``patch_add_experts_`` call when every expert is patched alike (same rank and orientation), with one
+    overflow bound for the whole tensor; otherwise expert by expert. Returns W."""
+    plans = {e: plan_merge(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{e}]")
+             for e, entries in sorted(per_expert.items()) if entries}
+    first = next(iter(plans.values()), None)
+    alike = (first is not None and len(plans) == W.shape[0]
+             and all(p.B.shape == first.B.shape and p.B.dtype == first.B.dtype and p.A.dtype == first.A.dtype
+                      and p.fan_in_fan_out == first.fan_in_fan_out and p.backend == first.backend
+                      for p in plans.values()))
+    if not alike:
+        for e, entries in sorted(per_expert.items()):
+            merge_into(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{e}]", scratch=scratch)
+        return W
+    target = W.transpose(1, 2) if first.fan_in_fan_out else W
+    B = torch.stack([p.B for p in plans.values()])
+    A = torch.stack([p.A for p in plans.values()])
+    s = torch.stack([p.s for p in plans.values()])
+    if first.check_finite:
+        lo, hi = torch.aminmax(W)
+        wmax = max(-float(lo), float(hi))
+        dmax = float((s.double().abs() * B.abs().amax(1).double() * A.abs().amax(2).double()).sum(1).max())
+        if not wmax + dmax * (1 + 1e-3) < torch.finfo(W.dtype).max:  # the bound cannot clear it: expert by expert
+            for e, entries in sorted(per_expert.items()):
+                merge_into(W[e], entries, backend=backend, check_finite=True, name=f"{name}[{e}]", scratch=scratch)
+            return W
+    ops.patch_add_experts_(target, B, A, s, backend=first.backend, check_finite=False)
+    return W

@@ -25,6 +25,7 @@ import torch
 from portllm import fingerprint as fp
 from portllm._version import __version__
 from portllm.atomic import check_disjoint, staging_dir, write_json
+from portllm.experts import ExpertFactors, is_expert_key
 from portllm.files import NotARegularFileError, open_regular
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
 
@@ -73,6 +74,12 @@ class Patch:
     source: str = ""
     extra: dict = field(default_factory=dict)
     version: str = ""
+    # LoRA on mixture-of-experts parameters (PEFT's target_parameters), as saved: resolved against a model
+    # or checkpoint by portllm.experts (``expert_config``: the adapter config's r, lora_alpha, patterns,
+    # target_parameters; ``expert_scale``: a factor on every expert scale, from ``scaled``).
+    expert_factors: dict = field(default_factory=dict)
+    expert_config: dict = field(default_factory=dict)
+    expert_scale: float = 1.0
 
     def __post_init__(self):
         if not self.version:
@@ -81,7 +88,10 @@ class Patch:
     def __repr__(self) -> str:
         ranks = sorted({m.rank for m in self.modules.values()})
         nbytes = sum(m.B.numel() * m.B.element_size() + m.A.numel() * m.A.element_size() for m in self.modules.values())
-        return (f"Patch({len(self.modules)} modules, ranks {ranks}, {nbytes / 2**20:.2f} MiB of factors, "
+        nbytes += sum(f.B.numel() * f.B.element_size() + f.A.numel() * f.A.element_size()
+                      for f in self.expert_factors.values())
+        experts = f", {len(self.expert_factors)} expert parameters" if self.expert_factors else ""
+        return (f"Patch({len(self.modules)} modules{experts}, ranks {ranks}, {nbytes / 2**20:.2f} MiB of factors, "
                 f"base_model={self.base_model!r}, source={self.source!r})")
 
     # -- views -----------------------------------------------------------------------------------
@@ -109,7 +119,36 @@ class Patch:
     def scaled(self, s: float) -> Patch:
         """The same patch with every scale multiplied by s."""
         mods = {k: PatchModule(m.B, m.A, m.scale * s, m.fan_in_fan_out) for k, m in self.modules.items()}
-        return Patch(mods, self.base_model, self.base_sketches, self.source, dict(self.extra), self.version)
+        return Patch(mods, self.base_model, self.base_sketches, self.source, dict(self.extra), self.version,
+                     dict(self.expert_factors), dict(self.expert_config), self.expert_scale * s)
+
+    def for_model(self, model) -> Patch:
+        """This patch with its expert LoRA (if any) resolved onto ``model``'s fused expert parameters
+        (``portllm.experts``): expert e of parameter P becomes the module ``"P[e]"``."""
+        if not self.expert_factors:
+            return self
+        from portllm import experts
+
+        resolved = experts.resolve(self.expert_factors, self.expert_config, model, self.expert_scale)
+        return self._with(experts.for_model(resolved))
+
+    def for_checkpoint(self, checkpoint_dir: str, keys) -> Patch:
+        """This patch with its expert LoRA (if any) resolved onto a checkpoint's own tensors, as
+        transformers saves the model that ``checkpoint_dir``'s config.json describes."""
+        if not self.expert_factors:
+            return self
+        from portllm import experts
+
+        model = experts.meta_model(checkpoint_dir)
+        resolved = experts.resolve(self.expert_factors, self.expert_config, model, self.expert_scale)
+        return self._with(experts.for_checkpoint(resolved, model, keys))
+
+    def _with(self, expert_modules: dict) -> Patch:
+        clash = sorted(set(expert_modules) & set(self.modules))
+        if clash:
+            raise PatchFormatError(f"module {clash[0]} is patched both as a module and as part of an expert parameter")
+        return Patch({**self.modules, **expert_modules}, self.base_model, self.base_sketches, self.source,
+                     dict(self.extra), self.version)
 
     def summary(self) -> list[dict]:
         """One row per module: name, shape, rank, scale, ‖ΔW‖_F, factor bytes."""
@@ -173,6 +212,9 @@ class Patch:
             raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
         if not self.modules:
             raise ValueError("cannot save an empty patch")
+        if self.expert_factors:
+            raise ValueError("saving a patch with expert LoRA (target_parameters) is not supported yet: keep the "
+                             "adapter directory it was read from")
         cfg, tensors = _to_peft(self)
         with staging_dir(path) as tmp:
             write_json(os.path.join(tmp, CONFIG), cfg, indent=2)
@@ -192,7 +234,6 @@ def _check_supported(cfg: dict, where: str):
         "use_dora": "DoRA rescales each weight column by a learned magnitude, which is not a low-rank patch",
         "lora_bias": "lora_bias adds a trained bias that a low-rank patch does not hold",
         "modules_to_save": "modules_to_save holds full copies of whole modules, not low-rank updates",
-        "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
         "trainable_token_indices": "trainable token embeddings are not a low-rank patch",
         "layer_replication": "layer_replication changes the model's structure",
     }
@@ -247,11 +288,23 @@ def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str, cfg_path: str =
                                    "than dropping part of the adapter")
         adapters.add(m["adapter"])
         factors.setdefault(m["name"], {})[m["which"]] = t
+    targets = cfg.get("target_parameters") or []
+    if targets and not (isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)):
+        raise PatchFormatError(f"{cfg_path}: target_parameters must be a list of parameter names, got {targets!r}")
+    expert_factors = {}
+    for name in [n for n in factors if targets and is_expert_key(n, targets, cfg.get("target_modules"))]:
+        ab = factors.pop(name)
+        if set(ab) != {"A", "B"}:
+            raise PatchFormatError(f"{where}: {name} has no {'lora_B' if 'B' not in ab else 'lora_A'}.weight")
+        if ab["A"].dim() != 2 or ab["B"].dim() != 2 or ab["B"].shape[1] != ab["A"].shape[0]:
+            raise PatchFormatError(f"{where}: {name}: lora_A {tuple(ab['A'].shape)} and lora_B {tuple(ab['B'].shape)} "
+                                   "are not [E·r, in] and [out, E·r]")
+        expert_factors[name] = ExpertFactors(name, ab["B"], ab["A"])
     if len(adapters) > 1:
         names = ", ".join(sorted(a or "(unnamed)" for a in adapters))
         raise PatchFormatError(f"{where}: holds the factors of {len(adapters)} adapters ({names}); a patch is one "
                                "adapter: save each with its own save_pretrained(selected_adapters=[...])")
-    if not factors:
+    if not factors and not expert_factors:
         raise PatchFormatError(f"{where}: no LoRA factors")
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     r_default = _positive_int(r_default, "r", cfg_path)
@@ -275,9 +328,12 @@ def _from_peft(cfg: dict, tensors: dict, meta: dict, where: str, cfg_path: str =
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         modules[name] = PatchModule(B, A, scale, fifo)
     info = _portllm_metadata(meta, where)
+    expert_config = {k: cfg.get(k) for k in ("target_parameters", "r", "lora_alpha", "rank_pattern", "alpha_pattern",
+                                             "use_rslora")} if expert_factors else {}
     return Patch(modules, base_model=info.get("base_model") or cfg.get("base_model_name_or_path"),
                  base_sketches=info.get("base_sketches") or {}, source=info.get("source") or "peft",
-                 extra=info.get("extra") or {}, version=info.get("version") or "")
+                 extra=info.get("extra") or {}, version=info.get("version") or "",
+                 expert_factors=expert_factors, expert_config=expert_config)
 
 
 def _is_number(x) -> bool:

@@ -20,11 +20,12 @@ import torch
 
 from portllm import finite
 from portllm.atomic import UnsafePathError, check_disjoint, safe_join, staging_dir, write_json
-from portllm.checkpoint import INDEX, Checkpoint, weight_key
-from portllm.compat import CompatReport, check_compatibility, resolve_fan_in_fan_out
+from portllm.checkpoint import INDEX, Checkpoint, tensor_target, weight_key
+from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility, resolve_fan_in_fan_out
+from portllm.experts import ExpertPatchError
 from portllm.files import (InputWatch, NotARegularFileError, copy_file, copy_tree, kind, link_scope, open_regular,
                            within)
-from portllm.merge import NonFiniteMergeError, check_weight_dtype, merge_into
+from portllm.merge import NonFiniteMergeError, check_weight_dtype, merge_experts_into, merge_into
 from portllm.patch import Patch
 from portllm.safetensors_io import SafetensorsWriter
 
@@ -112,6 +113,15 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             log(f"portllm port: not copied: {link} is a symbolic link (links are not followed)")
     watch = InputWatch()
     with Checkpoint(model_dir) as ckpt:
+        experts = len(patch.expert_factors)
+        before = len(patch)
+        try:
+            patch = patch.for_checkpoint(model_dir, ckpt.keys())  # expert LoRA onto the checkpoint's tensors
+        except ExpertPatchError as e:
+            raise IncompatiblePatchError(str(e)) from None
+        if log and experts:
+            log(f"portllm port: LoRA on {experts} expert parameters, mapped onto {len(patch) - before} of the "
+                "checkpoint's tensors as transformers saves them")
         patch = resolve_fan_in_fan_out(ckpt, patch)
         report = check_compatibility(ckpt, patch, base=base)
         if log:
@@ -119,7 +129,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 log(f"portllm port: {line}")
         report.raise_for_errors()
         for name in patch:  # a weight the kernels cannot merge into: refused before any write
-            info = ckpt.info(weight_key(name))
+            info = ckpt.info(tensor_target(weight_key(name))[0])
             dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             check_weight_dtype(torch.empty(0, dtype=dt), f"module {name} (tensor {weight_key(name)})")
         # Validate every factor before writing anything (a NaN found half-way would waste the work).
@@ -155,7 +165,10 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
     """Reads, merges and writes every tensor, in file order. Reading the next tensor and writing the
     previous one run in two threads while this one merges (file I/O and torch ops release the GIL):
     at most three tensors are held at once."""
-    targets = {weight_key(name): name for name in patch}
+    targets: dict[str, list[tuple[int | None, str]]] = {}  # tensor -> (expert index or None, module)
+    for name in patch:
+        key, index = tensor_target(weight_key(name))
+        targets.setdefault(key, []).append((index, name))
     jobs = [(fname, k) for fname in ckpt.files for k in ckpt.reader(fname).tensors]
     bar = None
     if progress:
@@ -195,8 +208,14 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
                 if k in targets:
                     # t is this port's own buffer (scratch): merged in place, checked after.
                     W = t.to(device)
-                    merge_into(W, [(patch[targets[k]], 1.0)], backend=backend, check_finite=check_finite,
-                               name=targets[k], scratch=True)
+                    experts = {index: [(patch[name], 1.0)] for index, name in targets[k] if index is not None}
+                    if experts:  # a fused [experts, ., .] tensor: one batched merge
+                        merge_experts_into(W, experts, backend=backend, check_finite=check_finite, name=k,
+                                           scratch=True)
+                    for index, name in targets[k]:
+                        if index is None:
+                            merge_into(W, [(patch[name], 1.0)], backend=backend, check_finite=check_finite,
+                                       name=name, scratch=True)
                     t = W.cpu()
                     stats["merged"] += 1
                 stats["tensors"] += 1

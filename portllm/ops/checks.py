@@ -12,7 +12,7 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def overlaps_itself(W: torch.Tensor) -> bool:
-    """Whether two indices of the 2-D W address one element (expand, as_strided)."""
+    """Whether two indices of W (any number of dimensions) address one element (expand, as_strided)."""
     if W.numel() <= 1:
         return False
     dims = sorted((abs(st), sz) for st, sz in zip(W.stride(), W.shape) if sz > 1)

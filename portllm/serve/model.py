@@ -100,11 +100,16 @@ def _check_attached(model: nn.Module, st: _Served):
 
 
 def _as_patch(name: str, patch) -> Patch:
-    if isinstance(patch, Patch):
-        return patch
     if isinstance(patch, (str, os.PathLike)):
-        return Patch.load(patch)
-    raise TypeError(f"patch {name!r}: expected a portllm.Patch or a patch directory, got {type(patch).__name__}")
+        patch = Patch.load(patch)
+    if not isinstance(patch, Patch):
+        raise TypeError(f"patch {name!r}: expected a portllm.Patch or a patch directory, got {type(patch).__name__}")
+    if patch.expert_factors:
+        first = sorted(patch.expert_factors)[0]
+        raise ServeError(f"patch {name!r}: it holds LoRA on mixture-of-experts parameters ({first}, "
+                         f"{len(patch.expert_factors)} in all), which portllm.serve does not serve yet; merge it "
+                         "with portllm.apply_patch or portllm port instead")
+    return patch
 
 
 def _check_fits(st: _Served, name: str, patch: Patch, model: nn.Module):
