@@ -57,7 +57,7 @@ def _port(args) -> int:
 
     res = port(args.model, args.patch, args.out, scale=args.scale, device=args.device, dtype=args.dtype,
                force=args.force, backend=args.backend, progress=not args.quiet,
-               log=None if args.quiet else print, base=args.base)
+               log=None if args.quiet else print, base=args.base, rounding=args.rounding, seed=args.seed)
     gpu = f", peak GPU memory {res.peak_device_bytes / 2**20:.1f} MiB" if res.peak_device_bytes is not None else ""
     print(f"portllm port: merged {res.merged} modules of {res.tensors} tensors into {res.out_dir} "
           f"({res.bytes_written / 1e9:.2f} GB) on {res.device} in {res.seconds:.1f} s{gpu}")
@@ -224,6 +224,10 @@ def main(argv=None) -> int:
     p.add_argument("--base", default=None, help="the model the patch was trained on (only read): the report "
                    "measures how far --model moved from it (default: the adapter's base_model_name_or_path, "
                    "if that is a local directory)")
+    p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"],
+                   help="FP8 checkpoints: how merged weights are requantized (default nearest; stochastic keeps "
+                        "the patch in expectation; the report says how much survived)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --rounding stochastic (default 0)")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.set_defaults(fn=_port)
 

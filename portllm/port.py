@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from portllm import finite
+from portllm import finite, fp8
 from portllm.atomic import UnsafePathError, check_disjoint, safe_join, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, tensor_target, weight_key
 from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility, resolve_fan_in_fan_out
@@ -80,7 +80,8 @@ def _resolve_device(device) -> torch.device:
 
 def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, device: str | None = None,
          dtype=None, *, force: bool = False, backend: str | None = None, check_finite: bool = True,
-         progress: bool = True, log=print, base: str | None = None) -> PortResult:
+         progress: bool = True, log=print, base: str | None = None, rounding: str = "nearest",
+         seed: int = 0) -> PortResult:
     """Writes ``model_dir`` with ``W += scale · ΔW`` merged into every patch module, to ``out_dir``.
 
     * ``patch``: a Patch or a path to one (PEFT adapter directory).
@@ -88,6 +89,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     * ``dtype``: convert every floating-point tensor (and config.json's dtype) to this dtype.
     * ``force``: replace a non-empty ``out_dir``.
     * ``check_finite``: refuse factors with NaN/Inf (on by default here: a checkpoint is written once).
+    * ``rounding``, ``seed``: for a block-scaled FP8 checkpoint (``quant_method: "fp8"``), how merged
+      weights are requantized (``portllm.fp8``: "nearest" or "stochastic", seeded); the output keeps
+      the input's format, and the report says how much of the patch survived requantization.
     * ``base``: the checkpoint directory the patch was trained on, for the report's measure of how far
       ``model_dir`` moved from it (patches portllm made carry that themselves; for a PEFT adapter the
       patch's ``base_model_name_or_path`` is used where it is a local checkpoint directory).
@@ -112,6 +116,15 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         for link in skipped:
             log(f"portllm port: not copied: {link} is a symbolic link (links are not followed)")
     watch = InputWatch()
+    try:
+        fp8_block, fp8_scales = fp8.checkpoint_format(model_dir) or (None, "float")
+    except fp8.FP8FormatError as e:
+        raise IncompatiblePatchError(str(e)) from None
+    if fp8_block is not None and out_dtype is not None:
+        raise ValueError(f"{model_dir} is a block-scaled FP8 checkpoint: --dtype (dtype=) would convert its FP8 codes "
+                         "without their scales; the port writes FP8 in the input's format (leave --dtype out)")
+    if rounding not in fp8.ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(fp8.ROUNDINGS)}, got {rounding!r}")
     with Checkpoint(model_dir) as ckpt:
         experts = len(patch.expert_factors)
         before = len(patch)
@@ -128,8 +141,18 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             for line in report.lines():
                 log(f"portllm port: {line}")
         report.raise_for_errors()
+        fp8_targets = {}
         for name in patch:  # a weight the kernels cannot merge into: refused before any write
-            info = ckpt.info(tensor_target(weight_key(name))[0])
+            key = tensor_target(weight_key(name))[0]
+            info = ckpt.info(key)
+            if fp8_block is not None and info.dtype == fp8.E4M3 and key + "_scale_inv" in ckpt.key_file:
+                try:  # the block scales, checked before any write
+                    fp8.check_block_scales(torch.empty(info.shape, dtype=fp8.E4M3, device="meta"),
+                                           ckpt.tensor(key + "_scale_inv"), fp8_block, key)
+                except fp8.FP8FormatError as e:
+                    raise IncompatiblePatchError(str(e)) from None
+                fp8_targets[key] = key + "_scale_inv"
+                continue
             dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             check_weight_dtype(torch.empty(0, dtype=dt), f"module {name} (tensor {weight_key(name)})")
         # Validate every factor before writing anything (a NaN found half-way would waste the work).
@@ -148,20 +171,26 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         with staging_dir(out_dir, log=log, before_replace=last_checks) as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite)
+            requant = (_FP8Merges(ckpt, patch, fp8_block, fp8_targets, rounding, seed, backend, fp8_scales)
+                       if fp8_targets else None)
+            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant)
+            if requant is not None and log:
+                for line in requant.lines():
+                    log(f"portllm port: {line}")
             _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"], copies, watch)
             write_json(os.path.join(tmp, "portllm_port.json"), {
                 "source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
                 "patch_modules": len(patch), "scale": scale,
                 "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
-                "report": report.lines()}, indent=2)
+                "report": report.lines() + (requant.lines() if requant is not None else []),
+                **({"fp8": requant.summary()} if requant is not None else {})}, indent=2)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PortResult(out_dir, report, stats["tensors"], stats["merged"], stats["total_size"],
                       time.perf_counter() - t0, str(device), peak, skipped)
 
 
 def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress,
-                   check_finite: bool = True) -> dict:
+                   check_finite: bool = True, requant: "_FP8Merges | None" = None) -> dict:
     """Reads, merges and writes every tensor, in file order. Reading the next tensor and writing the
     previous one run in two threads while this one merges (file I/O and torch ops release the GIL):
     at most three tensors are held at once."""
@@ -205,7 +234,10 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
                 nxt = reads.submit(ckpt.tensor, jobs[i + 1][1]) if i + 1 < len(jobs) else None
                 if out_dtype is not None and t.dtype.is_floating_point and t.dtype != out_dtype:
                     t = _cast(t, out_dtype, k)
-                if k in targets:
+                if requant is not None and requant.owns(k):
+                    t = requant.result(k, t)  # an FP8 weight merged and requantized, or its new block scales
+                    stats["merged"] += int(k in targets)
+                elif k in targets:
                     # t is this port's own buffer (scratch): merged in place, checked after.
                     W = t.to(device)
                     experts = {index: [(patch[name], 1.0)] for index, name in targets[k] if index is not None}
@@ -232,6 +264,67 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
         for w in writers.values():
             w.abort()
     return stats
+
+
+class _FP8Merges:
+    """The FP8 weights a port merges into (``portllm.fp8``): each weight and its new block scales are
+    computed when the first of the two comes up in file order (the other read out of order), and
+    handed out when each one's turn to be written comes; the retention is summed per module."""
+
+    def __init__(self, ckpt: Checkpoint, patch: Patch, block, targets: dict[str, str], rounding: str, seed: int,
+                 backend, scale_fmt: str = "float"):
+        self.ckpt, self.block, self.rounding, self.seed, self.backend = ckpt, block, rounding, seed, backend
+        self.scale_fmt = scale_fmt
+        self.weights = targets  # weight key -> scale key
+        self.scales = {v: k for k, v in targets.items()}
+        self.modules = {weight_key(name): name for name in patch}
+        self.patch = patch
+        self.pending: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, fp8.Retention] = {}
+
+    def owns(self, key: str) -> bool:
+        return key in self.weights or key in self.scales
+
+    def result(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        if key in self.pending:
+            return self.pending.pop(key)
+        wkey = key if key in self.weights else self.scales[key]
+        q = t if key == wkey else self.ckpt.tensor(wkey)
+        s = t if key != wkey else self.ckpt.tensor(self.weights[wkey])
+        name = self.modules[wkey]
+        m = self.patch[name]
+        if m.fan_in_fan_out:
+            raise IncompatiblePatchError(f"module {name}: an FP8 weight stored [in, out] (fan_in_fan_out) is not "
+                                         "supported")
+        scale = torch.full((m.rank,), m.scale, dtype=torch.float32)
+        q2, s2, st = fp8.merge_(q, s, m.B, m.A, scale, self.block, rounding=self.rounding,
+                                seed=self.seed + len(self.stats), backend=self.backend, scale_fmt=self.scale_fmt)
+        self.stats[name] = st
+        other = self.weights[wkey] if key == wkey else wkey
+        self.pending[other] = s2 if key == wkey else q2
+        return q2 if key == wkey else s2
+
+    def total(self) -> fp8.Retention:
+        tot = fp8.Retention()
+        for st in self.stats.values():
+            tot.add(st)
+        return tot
+
+    def summary(self) -> dict:
+        tot = self.total()
+        return {"rounding": self.rounding, "seed": self.seed, "retained": tot.retained, "noise": tot.noise,
+                "modules": {k: {"retained": v.retained, "noise": v.noise} for k, v in self.stats.items()}}
+
+    def lines(self) -> list[str]:
+        tot = self.total()
+        worst = min(self.stats.items(), key=lambda kv: kv[1].retained) if self.stats else None
+        out = [f"FP8 ({self.rounding} rounding, blocks {self.block[0]}x{self.block[1]}): {tot.retained:.1%} of the "
+               f"patch survived requantization over {len(self.stats)} weights (noise {tot.noise:.2f} of the "
+               f"patch's norm); least: {worst[0]} {worst[1].retained:.1%}" if worst else "FP8: nothing merged"]
+        if tot.retained < 0.5:
+            out.append("warning: less than half of the patch survived requantization"
+                       + ("; try --rounding stochastic" if self.rounding == "nearest" else ""))
+        return out
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:

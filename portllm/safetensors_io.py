@@ -149,10 +149,13 @@ class SafetensorsReader:
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        self._f.seek(info.begin)
-        got = self._f.readinto(memoryview(buf.numpy()))
-        if got != info.nbytes:
-            raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
+        view, got = memoryview(buf.numpy()), 0
+        # Positional reads (no shared file position): tensors may be read from two threads at once.
+        while got < info.nbytes:
+            n = os.preadv(self._f.fileno(), [view[got:]], info.begin + got)
+            if n <= 0:
+                raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
+            got += n
         return buf.view(info.dtype).reshape(info.shape)
 
     def elements(self, name: str, positions: list[int]) -> torch.Tensor:

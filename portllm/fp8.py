@@ -1,0 +1,206 @@
+"""Merging a patch into a block-scaled FP8 weight: dequantize, add s·B·A in fp32, requantize, and say how
+much of the update survived.
+
+The format (DeepSeek-V3, the Qwen3 FP8 releases; transformers' ``quant_method: "fp8"`` with
+``weight_block_size`` [bm, bn]): ``weight`` float8_e4m3fn [M, N] and ``weight_scale_inv`` float32
+[ceil(M/bm), ceil(N/bn)], the dequantized weight being ``W = float(q) · scale_inv[i // bm, j // bn]``
+(exact in fp32: a 4-bit significand times an fp32 scale).
+
+The merge, per band of bm rows (no M×N temporary beyond a band):
+
+    W  = dequantize(q, scale_inv)                      fp32
+    W' = W + B·diag(s)·A                               fp32 accumulation (``patch_add_`` on the fp32 band)
+    scale = 448 / amax_block(|W'|)                     the block's new scale, as transformers' quantizer
+    q' = Q(clamp(W' · scale, ±448)), scale_inv' = 1/scale    computes them; Q to e4m3: nearest even (``nearest``), or
+                                                       ``stochastic``: up or down with probabilities that
+                                                       make E[Q(x)] = x, from a seeded generator
+
+e4m3 keeps 3 mantissa bits: an update of about 1% of a weight is below half a step for most elements,
+and round-to-nearest erases it. So the merge measures, over the whole weight, what survived:
+
+    retained = ⟨Q(W') − W, Δ⟩ / ‖Δ‖²          noise = ‖Q(W') − W − Δ‖ / ‖Δ‖          (Δ = W' − W)
+
+where Q(W') is the dequantized result. Stochastic rounding keeps the update in expectation (retained
+near 1, with noise); nearest keeps what crosses a rounding boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+ROUNDINGS = ("nearest", "stochastic")
+
+
+class FP8FormatError(ValueError):
+    """An FP8 weight or scale that does not fit the format; the message names the tensor."""
+
+
+@dataclass
+class Retention:
+    """Sums over the elements merged so far: ⟨Q−W, Δ⟩, ‖Δ‖², ‖Q−W−Δ‖² (float64)."""
+
+    dot: float = 0.0
+    delta2: float = 0.0
+    noise2: float = 0.0
+
+    def add(self, other: "Retention"):
+        self.dot += other.dot
+        self.delta2 += other.delta2
+        self.noise2 += other.noise2
+
+    @property
+    def retained(self) -> float:
+        return self.dot / self.delta2 if self.delta2 > 0 else 1.0
+
+    @property
+    def noise(self) -> float:
+        return (self.noise2 / self.delta2) ** 0.5 if self.delta2 > 0 else 0.0
+
+
+def check_block_scales(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str):
+    """FP8FormatError naming ``name`` unless q is a 2-D e4m3 weight and scale_inv its float32 block scales,
+    finite and positive, of shape [ceil(M/bm), ceil(N/bn)]."""
+    if q.dtype != E4M3 or q.dim() != 2:
+        raise FP8FormatError(f"tensor {name}: expected a 2-D float8_e4m3fn weight, got {q.dtype} {tuple(q.shape)}")
+    bm, bn = block
+    want = (-(-q.shape[0] // bm), -(-q.shape[1] // bn))
+    if tuple(scale_inv.shape) != want:
+        raise FP8FormatError(f"tensor {name}_scale_inv: shape {tuple(scale_inv.shape)} does not match the weight "
+                             f"{tuple(q.shape)} in blocks of {bm}x{bn} (expected {want})")
+    if not scale_inv.is_floating_point():
+        raise FP8FormatError(f"tensor {name}_scale_inv: dtype {scale_inv.dtype} is not a float")
+    s = scale_inv.float()
+    bad = int((~torch.isfinite(s) | (s <= 0)).sum())
+    if bad:
+        raise FP8FormatError(f"tensor {name}_scale_inv: {bad} of {s.numel()} block scales are not finite and "
+                             "positive")
+
+
+def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -> torch.Tensor:
+    bm, bn = block
+    return scale.repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
+
+
+def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float(q) · scale_inv per block, fp32 (exact)."""
+    return q.float() * _expand(scale_inv.float(), q.shape[0], q.shape[1], block)
+
+
+def _neighbour(q0: torch.Tensor, toward_up: torch.Tensor) -> torch.Tensor:
+    """The e4m3 code next to q0 toward larger (``toward_up``) or smaller values."""
+    code = q0.view(torch.uint8).to(torch.int16)
+    neg = code >= 128
+    mag = code & 0x7F
+    # Moving away from zero grows the magnitude code; toward zero shrinks it; past zero flips the sign.
+    away = toward_up ^ neg
+    at_zero = mag == 0
+    new_mag = torch.where(away, mag + 1, mag - 1)
+    new_sign = torch.where(at_zero, torch.where(toward_up, 0, 128), code & 0x80)
+    new_mag = torch.where(at_zero, 1, new_mag)
+    return (new_sign | new_mag).to(torch.uint8).view(E4M3)
+
+
+def round_e4m3(x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor:
+    """x (fp32, |x| <= 448) to e4m3: to nearest even, or stochastically (E[result] = x)."""
+    x = x.clamp(-E4M3_MAX, E4M3_MAX)
+    q0 = x.to(E4M3)
+    if rounding == "nearest":
+        return q0
+    v0 = q0.float()
+    up = x > v0
+    q1 = _neighbour(q0, up)
+    v1 = q1.float()
+    inexact = x != v0
+    p = torch.where(inexact, (x - v0) / (v1 - v0), torch.zeros_like(x))
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float32)
+    return torch.where(inexact & (u < p), q1, q0)
+
+
+def quantize(W: torch.Tensor, block: tuple[int, int], rounding: str = "nearest",
+             generator: torch.Generator | None = None, scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 W [M, N] -> (q e4m3 [M, N], scale_inv fp32 [ceil(M/bm), ceil(N/bn)]), as transformers' FP8
+    quantizer computes them (``integrations/finegrained_fp8.py``, ``Fp8Quantize``): per block, in fp32,
+    scale = 448 / amax (1 for a block of zeros), q = Q(clamp(W · scale, ±448)), scale_inv = 1 / scale."""
+    bm, bn = block
+    M, N = W.shape
+    pad = torch.nn.functional.pad(W.abs(), (0, (-N) % bn, 0, (-M) % bm))
+    amax = pad.reshape(pad.shape[0] // bm, bm, pad.shape[1] // bn, bn).amax(dim=(1, 3))
+    scale = torch.where(amax > 0, E4M3_MAX / amax, torch.ones_like(amax))
+    inv = (1.0 / scale).float()
+    if scale_fmt == "ue8m0":  # power-of-two scales: the inverse rounded up, the forward scale its exact reciprocal
+        inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+        scale = 1.0 / inv
+    q = round_e4m3(W * _expand(scale, M, N, block), rounding, generator)
+    return q, inv
+
+
+def merge_(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.Tensor,
+           block: tuple[int, int], *, rounding: str = "nearest", seed: int = 0, backend: str | None = None,
+           scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor, Retention]:
+    """The block-FP8 merge (module docstring): returns the new (q, scale_inv) and the retention sums.
+    q, scale_inv are not modified. ``seed`` makes stochastic rounding deterministic."""
+    from portllm import ops
+
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    bm, _ = block
+    M, _ = q.shape
+    out_q = torch.empty_like(q)
+    out_s = torch.empty_like(scale_inv, dtype=torch.float32)
+    stats = Retention()
+    # The seed is mixed first: a generator seeded like the one that drew the weights (seed 0, in tests)
+    # would draw the same uniform stream, and correlated decisions bias the rounding.
+    gen = torch.Generator().manual_seed((seed * 2654435761 + 0x9E3779B97F4A7C15) % 2**63)
+    for i0 in range(0, M, bm):
+        i1 = min(M, i0 + bm)
+        rows = slice(i0, i1)
+        W = dequantize(q[rows], scale_inv[i0 // bm:i0 // bm + 1], block)
+        W1 = W.clone()
+        ops.patch_add_(W1, B[rows], A, s, backend=backend)
+        qb, sb = quantize(W1, block, rounding, gen, scale_fmt)
+        out_q[rows], out_s[i0 // bm] = qb, sb[0]
+        Wq = dequantize(qb, sb, block).double()
+        delta = W1.double() - W.double()
+        moved = Wq - W.double()
+        stats.add(Retention(float((moved * delta).sum()), float((delta * delta).sum()),
+                            float(((moved - delta) ** 2).sum())))
+    return out_q, out_s.to(scale_inv.dtype), stats
+
+
+def checkpoint_format(model_dir: str) -> tuple[tuple[int, int], str] | None:
+    """(block size, scale format: "float" or "ue8m0") of a block-scaled FP8 checkpoint (config.json's
+    ``quantization_config``: ``quant_method`` "fp8" with ``weight_block_size``), None for an unquantized
+    one; FP8FormatError, naming the format, for any other quantization portllm cannot merge into."""
+    import json
+    import os
+
+    from portllm.files import open_regular
+
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open_regular(path, "config", binary=False) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None  # (no readable config: the port's other checks say so where it matters)
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method == "fp8":
+        block = qc.get("weight_block_size")
+        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+            raise FP8FormatError(f"{path}: quantization_config.weight_block_size is {block!r}; portllm merges into "
+                                 "block-scaled FP8 ([rows, cols] blocks, e.g. [128, 128]) only")
+        if qc.get("fmt", "e4m3") != "e4m3":
+            raise FP8FormatError(f"{path}: quantization_config.fmt is {qc.get('fmt')!r}; portllm merges into e4m3")
+        scale_fmt = qc.get("scale_fmt") or "float"
+        if scale_fmt not in ("float", "ue8m0"):
+            raise FP8FormatError(f"{path}: quantization_config.scale_fmt is {scale_fmt!r}; portllm writes float or "
+                                 "ue8m0 block scales")
+        return (block[0], block[1]), scale_fmt
+    raise FP8FormatError(f"{path}: the checkpoint is quantized (quant_method {method!r}), which portllm cannot merge "
+                         "into; port onto the 16-bit release of the model instead")
