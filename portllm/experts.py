@@ -190,9 +190,11 @@ def meta_model(checkpoint_dir: str) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - transformers is a dependency of the expert path
         raise ExpertPatchError(f"mapping expert LoRA onto a checkpoint needs transformers ({e})") from None
+    from portllm.files import open_regular
+
     cfg_path = os.path.join(checkpoint_dir, "config.json")
     try:
-        with open(cfg_path) as fh:
+        with open_regular(cfg_path, "config", binary=False) as fh:  # (a regular file: never a FIFO that blocks)
             json.load(fh)
         config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
