@@ -129,6 +129,9 @@ def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.T
     int_dtype = _INT[W.dtype]
     m, n = W.shape
     backend = ops.resolve_backend(backend, W.device, "patch_add_")
+    # The comparison's own backend, chosen before any write and never from PORTLLM_BACKEND (which names
+    # the merge's: a "cuda" or "triton" there has no bit_misses and must not stop a merge half-way).
+    misses = ops.default_backend(W.device, "bit_misses")
     rows, starts = _chunks(m, n)
     neg = -s
     streams, diffs, far_i, far_b = [], [], [], []
@@ -153,7 +156,7 @@ def merge_recorded(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, s: torch.T
             # Where the undo misses, and the difference of the bit patterns as integers: ±1 for a
             # one-ulp miss of the same sign (the undo adds it back with one scatter_add_); sign
             # changes and signed zeros are far.
-            loc, d = ops.bit_misses(w0, back)
+            loc, d = ops.bit_misses(w0, back, backend=misses)
             far = d.abs() > 127
             streams.append(_encode_positions(loc))
             diffs.append(torch.where(far, 0, d).to(torch.int8))

@@ -219,8 +219,14 @@ def _probe_layout(model: torch.nn.Module, x: ExpertLoRA, out_rows: int) -> dict[
     layout = {}
     for key, t in saved.items():
         t = t.detach()
-        if t.dim() == 3 and key == x.param:
-            return {}  # stored fused: the indexed names apply
+        if key == x.param and t.shape == probe.shape:
+            if torch.equal(t, probe):
+                return {}  # stored fused, as in memory: the indexed names apply
+            raise ExpertPatchError(f"{x.param}: transformers saves it under the same name with its rows moved, a "
+                                   "layout portllm cannot map expert LoRA onto")
+        if key == x.param:
+            raise ExpertPatchError(f"{x.param}: transformers saves it transformed ({tuple(t.shape)} for a probe "
+                                   f"{tuple(probe.shape)}: transposed?), a layout portllm cannot map expert LoRA onto")
         if t.dim() != 2 or t.shape[1] != 1:
             raise ExpertPatchError(f"{x.param}: transformers saves it as {key} {tuple(t.shape)}, a layout portllm "
                                    "cannot map expert LoRA onto (not whole rows of one expert)")
@@ -243,16 +249,20 @@ def for_checkpoint(experts: list[ExpertLoRA], model: torch.nn.Module, keys) -> d
     keys = set(keys)
     mods = {}
     for x in experts:
-        if x.plain or x.param in keys:
+        if x.plain:
             mods.update(for_model([x]))
             continue
-        out_rows = x.B.shape[0]
-        if x.transposed:
-            raise ExpertPatchError(f"{x.param}: the checkpoint does not hold this transposed expert parameter, and "
-                                   "portllm maps transposed experts only where they are stored fused")
-        layout = _probe_layout(model, x, out_rows)
+        # Never from the name alone: transformers' rules say whether the fused name on disk is the
+        # fused tensor as held in memory (some families store it under the same name transposed).
+        layout = _probe_layout(model, x, x.B.shape[0])
         if not layout:
-            raise ExpertPatchError(f"{x.param}: the checkpoint holds no tensor {x.param}")
+            if x.param not in keys:
+                raise ExpertPatchError(f"{x.param}: the checkpoint holds no tensor {x.param}")
+            mods.update(for_model([x]))
+            continue
+        if x.transposed:
+            raise ExpertPatchError(f"{x.param}: an expert parameter stored transposed ([experts, in, out]) that "
+                                   "transformers saves split; portllm maps transposed experts only stored fused")
         missing = sorted(k for k in layout if k not in keys)
         if missing:
             raise ExpertPatchError(f"{x.param}: the checkpoint lacks {missing[0]} (one of {len(layout)} tensors "

@@ -71,8 +71,9 @@ def check_block_scales(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[in
     if tuple(scale_inv.shape) != want:
         raise FP8FormatError(f"tensor {name}_scale_inv: shape {tuple(scale_inv.shape)} does not match the weight "
                              f"{tuple(q.shape)} in blocks of {bm}x{bn} (expected {want})")
-    if not scale_inv.is_floating_point():
-        raise FP8FormatError(f"tensor {name}_scale_inv: dtype {scale_inv.dtype} is not a float")
+    if scale_inv.dtype not in (torch.float32, getattr(torch, "float8_e8m0fnu", torch.float32)):
+        raise FP8FormatError(f"tensor {name}_scale_inv: dtype {scale_inv.dtype}; portllm writes block scales as "
+                             "float32 (or float8_e8m0fnu powers of two), which a narrower float would round")
     s = scale_inv.float()
     bad = int((~torch.isfinite(s) | (s <= 0)).sum())
     if bad:

@@ -13,12 +13,13 @@ import math
 import os
 import stat
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from portllm import finite, fp8
+from portllm import finite, fp8, ops
 from portllm.atomic import UnsafePathError, check_disjoint, safe_join, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, tensor_target, weight_key
 from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility, resolve_fan_in_fan_out
@@ -146,6 +147,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             key = tensor_target(weight_key(name))[0]
             info = ckpt.info(key)
             if fp8_block is not None and info.dtype == fp8.E4M3 and key + "_scale_inv" in ckpt.key_file:
+                if patch[name].fan_in_fan_out or tensor_target(weight_key(name))[1] is not None:
+                    raise IncompatiblePatchError(f"module {name}: portllm merges into FP8 weights stored [out, in], "
+                                                 "one per module (not fan_in_fan_out, not fused experts)")
                 try:  # the block scales, checked before any write
                     fp8.check_block_scales(torch.empty(info.shape, dtype=fp8.E4M3, device="meta"),
                                            ckpt.tensor(key + "_scale_inv"), fp8_block, key)
@@ -171,7 +175,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         with staging_dir(out_dir, log=log, before_replace=last_checks) as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            requant = (_FP8Merges(ckpt, patch, fp8_block, fp8_targets, rounding, seed, backend, fp8_scales)
+            # The FP8 merge runs on the CPU: its backend is resolved there, before any write.
+            requant = (_FP8Merges(ckpt, patch, fp8_block, fp8_targets, rounding, seed,
+                                  ops.resolve_backend(backend, "cpu", "patch_add_"), fp8_scales)
                        if fp8_targets else None)
             stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant)
             if requant is not None and log:
@@ -293,12 +299,12 @@ class _FP8Merges:
         s = t if key != wkey else self.ckpt.tensor(self.weights[wkey])
         name = self.modules[wkey]
         m = self.patch[name]
-        if m.fan_in_fan_out:
-            raise IncompatiblePatchError(f"module {name}: an FP8 weight stored [in, out] (fan_in_fan_out) is not "
-                                         "supported")
         scale = torch.full((m.rank,), m.scale, dtype=torch.float32)
-        q2, s2, st = fp8.merge_(q, s, m.B, m.A, scale, self.block, rounding=self.rounding,
-                                seed=self.seed + len(self.stats), backend=self.backend, scale_fmt=self.scale_fmt)
+        # Each weight's stream from the seed and its own name: not from file order, and two seeds never
+        # share streams between tensors.
+        seed = zlib.crc32(f"{self.seed}|{wkey}".encode())
+        q2, s2, st = fp8.merge_(q, s, m.B, m.A, scale, self.block, rounding=self.rounding, seed=seed,
+                                backend=self.backend, scale_fmt=self.scale_fmt)
         self.stats[name] = st
         other = self.weights[wkey] if key == wkey else wkey
         self.pending[other] = s2 if key == wkey else q2

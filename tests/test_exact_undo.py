@@ -342,3 +342,18 @@ def test_a_plain_merge_under_an_exact_one_is_not_removed_first():
         portllm.remove_patch(net, a, exact=True)
     portllm.remove_patch(net, a)
     assert portllm.exact_merges(net) == []
+
+
+def test_backend_from_the_environment_never_stops_an_exact_merge(monkeypatch):
+    """PORTLLM_BACKEND names the merge's backend; the exact merge's comparison (bit_misses, reference and
+    cpp only) picks its own, so a "triton" there merges and undoes exactly instead of failing half-way."""
+    if portllm.ops.backend_unavailable_reason("triton", "cpu"):
+        pytest.skip(portllm.ops.backend_unavailable_reason("triton", "cpu"))
+    monkeypatch.setenv("PORTLLM_BACKEND", "triton")
+    net = Net(SHAPES[:2], torch.float16)
+    before = bits(net)
+    patch = make_patch(net, rank=3)
+    portllm.apply_patch(net, patch, exact=True)
+    assert portllm.exact_merges(net)[0].weights["layers.0"][0].path == "triton"
+    portllm.remove_patch(net, patch)
+    assert_same_bits(before, bits(net))

@@ -249,3 +249,23 @@ def test_quantize_is_transformers_quantizer(scale_fmt):
     q, inv = fp8.quantize(W, BLOCK, scale_fmt=scale_fmt)
     assert torch.equal(q.view(torch.uint8), theirs["m.weight"].view(torch.uint8))
     assert torch.equal(inv, theirs["m.weight_scale_inv"].float())
+
+
+def test_fp8_refusals_before_any_write(tmp_path):
+    """Narrow block scales and a backend that cannot run the CPU merge are refused before any output."""
+    import portllm
+    from portllm.ops import BackendUnavailableError
+    from safetensors.torch import save_file
+
+    sd = _fp8_checkpoint(tmp_path / "m")
+    with pytest.raises(BackendUnavailableError):
+        portllm.port(str(tmp_path / "m"), _patch(), str(tmp_path / "o"), backend="cuda", device="cpu",
+                     progress=False, log=None)
+    assert not (tmp_path / "o").exists()
+    bad = dict(sd)
+    k = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    bad[k] = sd[k].to(torch.bfloat16)
+    save_file(bad, str(tmp_path / "m" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(portllm.IncompatiblePatchError, match=r"q_proj\.weight_scale_inv: dtype torch\.bfloat16"):
+        portllm.port(str(tmp_path / "m"), _patch(), str(tmp_path / "o"), progress=False, log=None)
+    assert not (tmp_path / "o").exists()
