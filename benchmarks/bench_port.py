@@ -11,14 +11,13 @@ PORTLLM_BENCH_CACHE (default /tmp/portllm-bench-cache, about 2.2 GB). PORTLLM_BE
 small model instead.
 """
 
-import json
 import os
 import shutil
 import sys
 
 import pytest
 import torch
-from benchutil import DEVICE, QUICK
+from benchutil import DEVICE, QUICK, write_checkpoint
 from suite import Suite, fmt
 
 from portllm.memory import run_measured
@@ -37,40 +36,11 @@ def make_checkpoint(path):
     """Random bf16 weights written tensor by tensor (never the whole model in memory)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from portllm.safetensors_io import SafetensorsWriter
-
     config = LlamaConfig(num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=2048, **SHAPE)
     config.dtype = torch.bfloat16
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
-    shards, cur, size = [], [], 0
-    for k, s in shapes.items():
-        nbytes = 2 * torch.Size(s).numel()
-        if cur and size + nbytes > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(k)
-        size += nbytes
-    shards.append(cur)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    g = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, keys in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        layout = [(k, torch.bfloat16, shapes[k]) for k in keys]
-        with SafetensorsWriter(os.path.join(tmp, fname), layout, {"format": "pt"}) as w:
-            for k in keys:
-                t = (torch.randn(shapes[k], generator=g) * 0.02).to(torch.bfloat16) if len(shapes[k]) == 2 \
-                    else torch.ones(shapes[k], dtype=torch.bfloat16)
-                w.write(k, t)
-                weight_map[k] = fname
-                total += t.numel() * 2
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    config.save_pretrained(tmp)
-    os.rename(tmp, path)
+    write_checkpoint(path, config, shapes, SHARD_BYTES)
     return shapes
 
 

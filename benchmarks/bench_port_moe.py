@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from benchutil import QUICK
+from benchutil import QUICK, write_checkpoint
 from suite import Suite, fmt
 
 CACHE = os.environ.get("PORTLLM_BENCH_CACHE", "/tmp/portllm-bench-cache")
@@ -44,41 +44,11 @@ def make_checkpoint(path):
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
 
-    from portllm.safetensors_io import SafetensorsWriter
-
     config = _config()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         shapes = {k: tuple(v.shape) for k, v in revert_weight_conversion(model, model.state_dict()).items()}
-    shards, cur, size = [], [], 0
-    for k, s in shapes.items():
-        nbytes = 2 * torch.Size(s).numel()
-        if cur and size + nbytes > SHARD_BYTES:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(k)
-        size += nbytes
-    shards.append(cur)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    g = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, keys in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        with SafetensorsWriter(os.path.join(tmp, fname), [(k, torch.bfloat16, shapes[k]) for k in keys],
-                               {"format": "pt"}) as w:
-            for k in keys:
-                s = shapes[k]
-                t = (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) if len(s) == 2 else \
-                    torch.ones(s, dtype=torch.bfloat16)
-                w.write(k, t)
-                weight_map[k] = fname
-                total += t.numel() * 2
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    config.save_pretrained(tmp)
-    os.rename(tmp, path)
+    write_checkpoint(path, config, shapes, SHARD_BYTES)
 
 
 def make_adapter(path):

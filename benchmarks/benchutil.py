@@ -36,3 +36,42 @@ def extra_peak_memory(fn) -> int | None:
     base = rss("VmRSS")
     fn()
     return max(0, rss("VmHWM") - base)
+
+
+def write_checkpoint(path: str, config, shapes: dict, shard_bytes: int):
+    """A checkpoint directory of random bf16 weights (2-D: N(0, 0.02); others: ones) under the given
+    names and shapes, in shards of at most ``shard_bytes``, written tensor by tensor into a temporary
+    directory renamed into place (never the whole model in memory)."""
+    import json
+    import shutil
+
+    from portllm.safetensors_io import SafetensorsWriter
+
+    shards, cur, size = [], [], 0
+    for k, s in shapes.items():
+        nbytes = 2 * torch.Size(s).numel()
+        if cur and size + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += nbytes
+    shards.append(cur)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    g = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for i, keys in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        with SafetensorsWriter(os.path.join(tmp, fname), [(k, torch.bfloat16, shapes[k]) for k in keys],
+                               {"format": "pt"}) as w:
+            for k in keys:
+                t = (torch.randn(shapes[k], generator=g) * 0.02).to(torch.bfloat16) if len(shapes[k]) == 2 \
+                    else torch.ones(shapes[k], dtype=torch.bfloat16)
+                w.write(k, t)
+                weight_map[k] = fname
+                total += t.numel() * 2
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    config.save_pretrained(tmp)
+    os.rename(tmp, path)

@@ -52,21 +52,28 @@ def patch_add_(
     """
     r = _check_patch_add_args(W, B, A)
     s = _scale_vector(scale, r, W.device)
-    if finite.enabled(check_finite):
-        finite.check_factors(B, A, s, "patch_add_")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (B, A, s)):
-        raise RuntimeError("patch_add_ is not differentiable: call it under torch.no_grad() "
-                           "or detach the factors")
-    name = registry.resolve_backend(backend, W.device, "patch_add_")
+    name, B, A = prepare(W, B, A, s, backend, check_finite, "patch_add_")
     if W.numel() == 0 or r == 0:
         return W
+    with torch.no_grad():
+        registry.run("patch_add_", name, W, B, A, s)
+    return W
+
+
+def prepare(W, B, A, s, backend, check_finite, what: str):
+    """What every merge op does once its shapes are checked: the factors' NaN/Inf check (if asked),
+    the refusal of factors that require grad, the backend, and copies of factors that alias W. Returns
+    (backend name, B, A)."""
+    if finite.enabled(check_finite):
+        finite.check_factors(B, A, s, what)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (B, A, s)):
+        raise RuntimeError(f"{what} is not differentiable: call it under torch.no_grad() or detach the factors")
+    name = registry.resolve_backend(backend, W.device, "patch_add_")
     # The one place that keeps the promise "factors that alias W are read before W is written":
     # every backend then reads factors that no write to W can change.
     B = B.clone() if shares_memory(B, W) else B
     A = A.clone() if shares_memory(A, W) else A
-    with torch.no_grad():
-        registry.run("patch_add_", name, W, B, A, s)
-    return W
+    return name, B, A
 
 
 def _check_patch_add_args(W, B, A) -> int:

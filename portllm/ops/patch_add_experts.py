@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from portllm import finite
 from portllm.ops import registry
-from portllm.ops.checks import FLOAT_DTYPES, overlaps_itself, shares_memory
+from portllm.ops.checks import FLOAT_DTYPES, overlaps_itself
+from portllm.ops.patch_add import prepare
 
 
 def patch_add_experts_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float | torch.Tensor = 1.0, *,
@@ -44,16 +44,9 @@ def patch_add_experts_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale:
         raise ValueError(f"patch_add_experts_: W (shape {tuple(W.shape)}, stride {W.stride()}) has elements that "
                          "share memory; an in-place update would be wrong. Pass W.clone()")
     s = _scales(scale, E, r, W.device)
-    if finite.enabled(check_finite):
-        finite.check_factors(B, A, s, "patch_add_experts_")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (B, A, s)):
-        raise RuntimeError("patch_add_experts_ is not differentiable: call it under torch.no_grad() or detach the "
-                           "factors")
-    name = registry.resolve_backend(backend, W.device, "patch_add_")
+    name, B, A = prepare(W, B, A, s, backend, check_finite, "patch_add_experts_")
     if W.numel() == 0 or r == 0:
         return W
-    B = B.clone() if shares_memory(B, W) else B
-    A = A.clone() if shares_memory(A, W) else A
     with torch.no_grad():
         for e in range(E):
             registry.run("patch_add_", name, W[e], B[e], A[e], s[e])

@@ -24,10 +24,12 @@ from portllm import ops
 
 
 # The layer's ways to run the skeleton products: "gemm", the default, or a backend of skeleton_mm.
-# "gemm" was the fastest or within 2% of it in every committed pmss_layer result: H100 bf16 1.49 ms
-# against triton 3.28 ms and cuda 5.46 ms; AMD EPYC (2 cores) 215.6 ms against cpp 211.5 ms
-# (benchmarks/results, where it is labelled "pmss-reference" before 2026-12-04). The skeleton_mm
-# kernels stay named, tested options (tests/test_pmss_ops.py, tests/test_pmss_model.py).
+# On the H100 "gemm" took 1.49 ms against triton 3.28 ms and cuda 5.46 ms (bf16; labelled
+# "pmss-reference" in that result, from before 2026-12-04). On the 2-core AMD EPYC the forms are level
+# within its noise: on 2026-11-22 gemm 215.6 ms against cpp 211.5 ms; on 2026-12-04 medians gemm 401.7,
+# reference 402.0, cpp 401.3 ms, while the ratios to PEFT's LoRA layer timed alternately in the same
+# tests put gemm last (0.88 against 0.85 and 0.83). So the CPU default is not measured to be the
+# fastest there. The skeleton_mm kernels stay named, tested options (tests/test_pmss_ops.py).
 GEMM = "gemm"
 
 
