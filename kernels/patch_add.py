@@ -1,7 +1,9 @@
-"""Triton patch_add_: W[m, n] += B[m, r] · diag(scale[r]) · A[r, n], in place.
+"""Triton patch_add_: W[m, n] += B[m, r] · diag(scale[r]) · A[r, n], in place; and the batched
+W[e] += B[e] · diag(scale[e]) · A[e] for every expert e of a fused [E, m, n] weight, in one launch.
 
-Implements the op ``portllm.ops.patch_add_`` (backend ``triton``, registered as
-``torch.ops.portllm.patch_add_triton_``); tested against the reference by ``tests/test_patch_add.py``.
+Implements the ops ``portllm.ops.patch_add_`` and ``patch_add_experts_`` (backend ``triton``, registered
+as ``torch.ops.portllm.patch_add_triton_`` and ``patch_add_experts_triton_``); tested against the
+reference by ``tests/test_patch_add.py`` and ``tests/test_patch_add_experts.py``.
 
 The design that reached the copy bandwidth on an H100 (../shared/gpu/h100-2026-11-22.md): one
 program per 64×128 tile of W, programs ordered in groups of GROUP_M tile-rows so that neighbours
@@ -49,9 +51,9 @@ def _patch_add_kernel(
     A,  # [R, N]: A, or Ah = bf16(A)
     BL,  # [M, R] bf16 low part of B·s (MODE_SPLIT only; else B)
     AL,  # [R, N] bf16 low part of A (MODE_SPLIT only; else A)
-    S,  # [R] fp32 per-rank scales (MODE_FP32)
-    GK,  # [NG + 1] int32: rank groups [GK[g], GK[g+1]) of equal scale (MODE_HALF)
-    GS,  # [NG] fp32: each group's scale (MODE_HALF)
+    S,  # [R] fp32 per-rank scales (MODE_FP32); per expert, at stride_se
+    GK,  # [NG + 1] int32: rank groups [GK[g], GK[g+1]) of equal scale (MODE_HALF), shared by the experts
+    GS,  # [NG] fp32: each group's scale (MODE_HALF); per expert, at stride_ge
     M,
     N,
     R,
@@ -69,7 +71,21 @@ def _patch_add_kernel(
     MODE: tl.constexpr,
     UPCAST: tl.constexpr,
     SOFT_RNE: tl.constexpr,
+    stride_we=0,  # expert strides (program_id(1) is the expert; 0 for a single W)
+    stride_be=0,
+    stride_ae=0,
+    stride_se=0,
+    stride_ge=0,
 ):
+    # Expert e of a batched merge (W[e] += B[e]·diag(s_e)·A[e]): its own base pointers.
+    pid_e = tl.program_id(1).to(tl.int64)
+    W += pid_e * stride_we
+    B += pid_e * stride_be
+    A += pid_e * stride_ae
+    BL += pid_e * stride_be
+    AL += pid_e * stride_ae
+    S += pid_e * stride_se
+    GS += pid_e * stride_ge
     # Grouped program order: GROUP_M tile-rows at a time, so consecutive programs reuse A's tiles.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -132,49 +148,60 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _scale_groups(scale: torch.Tensor):
-    """Runs of equal scale: (GK [NG + 1] int32 boundaries, GS [NG] fp32), read once on the host."""
+    """Runs of ranks whose scale is equal in every expert: (GK [NG + 1] int32 boundaries, shared, and
+    GS [E, NG] fp32, each expert's scale per run), read once on the host. ``scale`` is [E, R]."""
     s = scale.tolist()
-    starts = [0] + [k for k in range(1, len(s)) if s[k] != s[k - 1]]
-    gk = torch.tensor(starts + [len(s)], dtype=torch.int32, device=scale.device)
-    gs = torch.tensor([s[k] for k in starts], dtype=torch.float32, device=scale.device)
+    R = len(s[0])
+    starts = [0] + [k for k in range(1, R) if any(row[k] != row[k - 1] for row in s)]
+    gk = torch.tensor(starts + [R], dtype=torch.int32, device=scale.device)
+    gs = torch.tensor([[row[k] for k in starts] for row in s], dtype=torch.float32, device=scale.device)
     return gk, gs
 
 
 def _split_bf16(x: torch.Tensor):
-    """x (fp32) = hi + lo + (far below x's fp32 ulp · 2^8), hi and lo bf16."""
-    hi = x.to(torch.bfloat16)
+    """x (fp32) = hi + lo + (far below x's fp32 ulp · 2^8), hi and lo bf16, both contiguous."""
+    hi = x.to(torch.bfloat16).contiguous()
     # An Inf's low part is 0, not Inf - Inf: an Inf factor merges as Inf (as on every other path).
-    return hi, torch.where(hi.isinf(), 0.0, x - hi.to(torch.float32)).to(torch.bfloat16)
+    return hi, torch.where(hi.isinf(), 0.0, x - hi.to(torch.float32)).to(torch.bfloat16).contiguous()
 
 
 def patch_add_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:
     """Host launcher. Arguments are checked by ``portllm.ops``; scale is fp32 [r] on W's device."""
-    M, N = W.shape
-    R = B.shape[1]
+    patch_add_experts_forward(W.unsqueeze(0), B.unsqueeze(0), A.unsqueeze(0), scale.unsqueeze(0))
+
+
+def patch_add_experts_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:
+    """Host launcher of the batched merge, one launch for every expert: W [E, M, N], B [E, M, R],
+    A [E, R, N], scale fp32 [E, R]; checked by ``portllm.ops``."""
+    E, M, N = W.shape
+    R = B.shape[2]
     if W.numel() == 0 or R == 0:
         return
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    scale = scale.contiguous()
     BL, AL = B, A
     gk = gs = scale  # (placeholders where the mode does not read them)
     ng = 0
     if W.dtype in _HALF and B.dtype == A.dtype and B.dtype in _HALF:
         mode = MODE_HALF
         gk, gs = _scale_groups(scale)
-        ng = gs.numel()
+        ng = gs.shape[1]
     elif W.dtype in _HALF and B.dtype == A.dtype == torch.float32:
         mode = MODE_SPLIT
-        B, BL = _split_bf16(B * scale[None, :])
+        B, BL = _split_bf16(B * scale[:, None, :])
         A, AL = _split_bf16(A)
     else:
         mode = MODE_FP32
     # tl.dot needs every dimension >= 16; ranks are masked up to BLOCK_R.
     BLOCK_R = min(64, max(16, triton.next_power_of_2(R)))
     BLOCK_M, BLOCK_N = 64, 128
-    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N),)
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N), E)
     _patch_add_kernel[grid](
         W, B, A, BL, AL, scale, gk, gs, M, N, R, ng,
-        W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1),
+        W.stride(1), W.stride(2), B.stride(1), B.stride(2), A.stride(1), A.stride(2),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, GROUP_M=8, MODE=mode, UPCAST=interpret,
         SOFT_RNE=interpret and W.dtype == torch.bfloat16,
+        stride_we=W.stride(0), stride_be=B.stride(0), stride_ae=A.stride(0), stride_se=scale.stride(0),
+        stride_ge=gs.stride(0) if mode == MODE_HALF else 0,
         num_warps=8 if BLOCK_R >= 64 else 4, num_stages=2,
     )

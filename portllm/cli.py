@@ -74,9 +74,13 @@ def _extract(args) -> int:
                           progress=not args.quiet)
     patch.save(args.out, overwrite=args.force, inputs=inputs)
     kept = list(patch.extra["energy_kept"].values())
-    print(f"portllm extract: {len(patch)} modules, rank {min(m.rank for m in patch.modules.values())}"
-          f"..{max(m.rank for m in patch.modules.values())}, energy kept {min(kept):.1%}..{max(kept):.1%} "
-          f"-> {args.out}")
+    ranks = [m.rank for m in patch.modules.values()] + list((patch.expert_config.get("rank_pattern") or {}).values())
+    ranks += [patch.expert_config["r"]] if patch.expert_factors else []
+    experts = sum(1 for k in patch.extra["energy_kept"] if k.endswith("]"))
+    expert_part = (f" and {len(patch.expert_factors)} expert parameters ({experts} experts)"
+                   if patch.expert_factors else "")
+    print(f"portllm extract: {len(patch)} modules{expert_part}, rank {min(ranks)}..{max(ranks)}, "
+          f"energy kept {min(kept):.1%}..{max(kept):.1%} -> {args.out}")
     return 0
 
 
@@ -233,7 +237,8 @@ def main(argv=None) -> int:
 
     e = command("extract", "a low-rank patch from a full fine-tune (truncated SVD of each dW)",
                 "A PEFT-format patch whose modules approximate finetuned - base (rank r, or the smallest\n"
-                "rank that keeps a fraction of each dW's energy).",
+                "rank that keeps a fraction of each dW's energy). Mixture-of-experts weights become an\n"
+                "expert LoRA per expert (PEFT's target_parameters), one rank per expert parameter.",
                 "portllm extract --base base-model --finetuned tuned-model --rank 16 --out tuned-patch")
     e.add_argument("--base", required=True, help="the base checkpoint directory")
     e.add_argument("--finetuned", required=True, help="the fine-tuned checkpoint directory")

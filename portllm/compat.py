@@ -32,6 +32,9 @@ class CompatReport:
     relative_change: dict[str, float] = field(default_factory=dict)  # estimated ‖W − W_base‖/‖W_base‖
     base_source: str | None = None  # where the base's weights came from: "patch" (its sketches) or a path
     base_hint: str | None = None  # without a base: the patch's base_model_name_or_path, if any
+    # LoRA on mixture-of-experts parameters: parameter -> ‖ΔW_e‖_F of each of its experts (all found:
+    # an expert the model or checkpoint lacks is refused by name when the patch is resolved onto it)
+    expert_norms: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -44,6 +47,12 @@ class CompatReport:
 
     def lines(self) -> list[str]:
         out = [f"{len(self.matched)} patch modules found with matching shapes"]
+        if self.expert_norms:
+            norms = sorted((v, f"{p}[{e}]") for p, vs in self.expert_norms.items() for e, v in enumerate(vs))
+            median = norms[len(norms) // 2][0]
+            out.append(f"mixture of experts: LoRA on {len(self.expert_norms)} expert parameters, all {len(norms)} "
+                       f"experts found; per-expert ‖ΔW‖_F {norms[0][0]:.4g} (smallest, {norms[0][1]}), median "
+                       f"{median:.4g}, {norms[-1][0]:.4g} (largest, {norms[-1][1]})")
         for name, want, have in self.mismatched:
             out.append(f"shape mismatch: {name}: the patch needs {tuple(want)}, the model has {tuple(have)}")
         if self.missing:
@@ -114,6 +123,7 @@ def check_compatibility(source, patch: Patch, base=None) -> CompatReport:
     if not hasattr(source, "shape"):
         source = weights(source)
     rep = CompatReport()
+    rep.expert_norms = {x.param: x.delta_norms() for x in patch.resolved_experts}
     for name, m in patch.items():
         shape = source.shape(weight_key(name))
         if shape is None:
@@ -191,4 +201,5 @@ def resolve_fan_in_fan_out(source, patch: Patch) -> Patch:
                     f"known to use Conv1D ({', '.join(CONV1D_MODEL_TYPES)}), so portllm cannot tell which way to merge")
         if linear:
             modules[name] = PatchModule(m.B, m.A, m.scale, False)
-    return Patch(modules, patch.base_model, patch.base_sketches, patch.source, dict(patch.extra), patch.version)
+    return Patch(modules, patch.base_model, patch.base_sketches, patch.source, dict(patch.extra), patch.version,
+                 resolved_experts=list(patch.resolved_experts))

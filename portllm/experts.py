@@ -88,6 +88,14 @@ class ExpertLoRA:
         """A LoRA on a plain layer's 2-D weight through target_parameters (PEFT merges it as a Linear)."""
         return self.num_experts == 1 and self.param.endswith(".weight")
 
+    def delta_norms(self) -> list[float]:
+        """‖ΔW_e‖_F = |s|·‖B_e·A_e‖_F per expert, from r×r and r×in products only (no out×in temporary)."""
+        E, r = self.num_experts, self.rank
+        B = self.B.double().reshape(self.B.shape[0], r, E).permute(2, 0, 1)  # [E, out, r]: B_e
+        A = self.A.double().reshape(E, r, self.A.shape[1])  # [E, r, in]: A_e
+        sq = ((B.transpose(1, 2) @ B @ A) * A).sum((1, 2)).clamp_min(0)
+        return (abs(self.scale) * sq.sqrt()).tolist()
+
     def factors(self, e: int, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (B_e [out, r], A_e [r, in]), PEFT's packing; ``rows`` selects output rows of B_e."""
         B = self.B[:, e::self.num_experts]
@@ -208,14 +216,15 @@ def meta_model(checkpoint_dir: str) -> torch.nn.Module:
                                    f"LM transformers can build ({e})") from None
 
 
-def _probe_layout(model: torch.nn.Module, x: ExpertLoRA, out_rows: int) -> dict[str, tuple[int, torch.Tensor]]:
-    """On-disk key -> (expert, rows of P[e]) for parameter x.param, by transformers' save-side
-    conversion applied to a probe [E, out, 1] numbering the rows."""
+def probe_layout(model: torch.nn.Module, param: str, E: int, out_rows: int) -> dict[str, tuple[int, torch.Tensor]]:
+    """On-disk key -> (expert, rows of P[e]) for the fused parameter ``param`` [E, out_rows, .], by
+    transformers' save-side conversion applied to a probe [E, out_rows, 1] numbering the rows; {} where
+    the checkpoint stores the parameter itself, as held in memory."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    E = x.num_experts
     probe = torch.arange(E * out_rows, dtype=torch.float64).reshape(E, out_rows, 1)
-    saved = revert_weight_conversion(model, {x.param: probe})
+    x = ExpertLoRA(param, E, probe, probe, 1.0, False)  # (for the messages: x.param)
+    saved = revert_weight_conversion(model, {param: probe})
     layout = {}
     for key, t in saved.items():
         t = t.detach()
@@ -254,7 +263,7 @@ def for_checkpoint(experts: list[ExpertLoRA], model: torch.nn.Module, keys) -> d
             continue
         # Never from the name alone: transformers' rules say whether the fused name on disk is the
         # fused tensor as held in memory (some families store it under the same name transposed).
-        layout = _probe_layout(model, x, x.B.shape[0])
+        layout = probe_layout(model, x.param, x.num_experts, x.B.shape[0])
         if not layout:
             if x.param not in keys:
                 raise ExpertPatchError(f"{x.param}: the checkpoint holds no tensor {x.param}")

@@ -8,6 +8,7 @@ import torch
 
 from portllm import fingerprint as fp
 from portllm.checkpoint import weights
+from portllm.extract_experts import expert_params, extract_experts
 from portllm.patch import Patch, PatchModule
 from portllm.targets import matches
 
@@ -15,10 +16,10 @@ from portllm.targets import matches
 _SKIP = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings")
 
 
-def _candidates(base, ft, target_modules) -> list[str]:
+def _candidates(base, ft, target_modules, skip=frozenset()) -> list[str]:
     names = []
     for key in base.keys():
-        if not key.endswith(".weight"):
+        if not key.endswith(".weight") or key in skip:
             continue
         shape = base.shape(key)
         if shape is None or len(shape) != 2:
@@ -43,12 +44,15 @@ def extract_patch(base, finetuned, rank: int | None = None, energy: float | None
                   dtype: torch.dtype = torch.float32, min_change: float = 0.0, progress: bool = False) -> Patch:
     """Patch ΔW_i ≈ B_i·A_i for every 2-D weight that differs between ``base`` and ``finetuned``
     (models or checkpoint directories; embeddings and the output head are skipped unless named in
-    ``target_modules``).
+    ``target_modules``), and an expert LoRA for every fused mixture-of-experts parameter that differs,
+    per expert, in PEFT's ``target_parameters`` format (``portllm.extract_experts``; the rank is one
+    per parameter: with ``energy``, the largest any of its experts needs).
 
     ``rank=r``: randomized SVD (``torch.svd_lowrank``, ``niter`` power iterations, seeded) keeps the
     top r singular triplets. ``energy=e``: exact SVD, and the smallest rank that keeps a fraction e of
     ‖ΔW‖_F² per module. Runs on ``device`` (default: cuda if available). ``patch.extra["energy_kept"]``
-    reports, per module, the fraction of ‖ΔW‖_F² the patch keeps; B = U·diag(σ), A = Vᵀ, scale 1.
+    reports, per module (per expert ``"P[e]"``), the fraction of ‖ΔW‖_F² the patch keeps;
+    B = U·diag(σ), A = Vᵀ, scale 1.
     ``progress``: a progress bar over the modules (stderr).
     """
     if (rank is None) == (energy is None):
@@ -62,11 +66,15 @@ def extract_patch(base, finetuned, rank: int | None = None, energy: float | None
     modules, sketches, kept = {}, {}, {}
     bar = None
     try:
-        names = _candidates(b_src, f_src, target_modules)
+        params = expert_params(base, finetuned, b_src, f_src, target_modules)
+        names = _candidates(b_src, f_src, target_modules, {k for x in params for k in x.keys(b_src)})
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(names), unit="module", desc="portllm extract", leave=False)
+            bar = tqdm(total=len(names) + len(params), unit="module", desc="portllm extract", leave=False)
+        expert_factors, expert_config, kept = extract_experts(
+            params, b_src, f_src, rank, energy, device=device, niter=niter, seed=seed, dtype=dtype,
+            min_change=min_change, bar=bar)
         for name in names:
             if bar is not None:
                 bar.update(1)
@@ -97,10 +105,10 @@ def extract_patch(base, finetuned, rank: int | None = None, energy: float | None
         for src in (b_src, f_src):
             if hasattr(src, "close"):
                 src.close()
-    if not modules:
+    if not modules and not expert_factors:
         raise ValueError("the fine-tuned model's weights equal the base's: nothing to extract")
     base_name = os.fspath(base) if isinstance(base, (str, os.PathLike)) else \
         getattr(getattr(base, "config", None), "_name_or_path", None) or None
     return Patch(modules, base_model=base_name, base_sketches=sketches, source="extract",
-                 extra={"energy_kept": kept, "method": "rank" if rank is not None else "energy",
+                 expert_factors=expert_factors, expert_config=expert_config, extra={"energy_kept": kept, "method": "rank" if rank is not None else "energy",
                         "rank" if rank is not None else "energy": rank if rank is not None else energy})

@@ -191,9 +191,7 @@ def merge_experts_into(W: torch.Tensor, per_expert: dict[int, Sequence[tuple[Pat
                       and p.fan_in_fan_out == first.fan_in_fan_out and p.backend == first.backend
                       for p in plans.values()))
     if not alike:
-        for e, entries in sorted(per_expert.items()):
-            merge_into(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{e}]", scratch=scratch)
-        return W
+        return _expert_by_expert(W, per_expert, backend, check_finite, name, scratch)
     target = W.transpose(1, 2) if first.fan_in_fan_out else W
     B = torch.stack([p.B for p in plans.values()])
     A = torch.stack([p.A for p in plans.values()])
@@ -203,8 +201,15 @@ def merge_experts_into(W: torch.Tensor, per_expert: dict[int, Sequence[tuple[Pat
         wmax = max(-float(lo), float(hi))
         dmax = float((s.double().abs() * B.abs().amax(1).double() * A.abs().amax(2).double()).sum(1).max())
         if not wmax + dmax * (1 + 1e-3) < torch.finfo(W.dtype).max:  # the bound cannot clear it: expert by expert
-            for e, entries in sorted(per_expert.items()):
-                merge_into(W[e], entries, backend=backend, check_finite=True, name=f"{name}[{e}]", scratch=scratch)
-            return W
+            return _expert_by_expert(W, per_expert, backend, True, name, scratch)
     ops.patch_add_experts_(target, B, A, s, backend=first.backend, check_finite=False)
+    return W
+
+
+def _expert_by_expert(W, per_expert, backend, check_finite, name, scratch) -> torch.Tensor:
+    """Every expert's merge prepared (checked) first, then all run: a refused expert leaves W unchanged."""
+    merges = [prepare_merge(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{e}]",
+                            scratch=scratch) for e, entries in sorted(per_expert.items())]
+    for merge in merges:
+        merge()
     return W

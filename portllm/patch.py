@@ -80,6 +80,9 @@ class Patch:
     expert_factors: dict = field(default_factory=dict)
     expert_config: dict = field(default_factory=dict)
     expert_scale: float = 1.0
+    # Once resolved onto a model or checkpoint (for_model, for_checkpoint): the experts.ExpertLoRA the
+    # expert factors became, for the compatibility report's per-expert summary.
+    resolved_experts: list = field(default_factory=list)
 
     def __post_init__(self):
         if not self.version:
@@ -130,7 +133,7 @@ class Patch:
         from portllm import experts
 
         resolved = experts.resolve(self.expert_factors, self.expert_config, model, self.expert_scale)
-        return self._with(experts.for_model(resolved))
+        return self._with(experts.for_model(resolved), resolved)
 
     def for_checkpoint(self, checkpoint_dir: str, keys) -> Patch:
         """This patch with its expert LoRA (if any) resolved onto a checkpoint's own tensors, as
@@ -141,14 +144,14 @@ class Patch:
 
         model = experts.meta_model(checkpoint_dir)
         resolved = experts.resolve(self.expert_factors, self.expert_config, model, self.expert_scale)
-        return self._with(experts.for_checkpoint(resolved, model, keys))
+        return self._with(experts.for_checkpoint(resolved, model, keys), resolved)
 
-    def _with(self, expert_modules: dict) -> Patch:
+    def _with(self, expert_modules: dict, resolved: list) -> Patch:
         clash = sorted(set(expert_modules) & set(self.modules))
         if clash:
             raise PatchFormatError(f"module {clash[0]} is patched both as a module and as part of an expert parameter")
         return Patch({**self.modules, **expert_modules}, self.base_model, self.base_sketches, self.source,
-                     dict(self.extra), self.version)
+                     dict(self.extra), self.version, resolved_experts=[x for x in resolved if not x.plain])
 
     def summary(self) -> list[dict]:
         """One row per module: name, shape, rank, scale, ‖ΔW‖_F, factor bytes."""
@@ -210,11 +213,8 @@ class Patch:
         check_disjoint(path, inputs or {})
         if os.path.lexists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
             raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
-        if not self.modules:
+        if not self.modules and not self.expert_factors:
             raise ValueError("cannot save an empty patch")
-        if self.expert_factors:
-            raise ValueError("saving a patch with expert LoRA (target_parameters) is not supported yet: keep the "
-                             "adapter directory it was read from")
         cfg, tensors = _to_peft(self)
         with staging_dir(path) as tmp:
             write_json(os.path.join(tmp, CONFIG), cfg, indent=2)
@@ -372,6 +372,8 @@ def _portllm_metadata(meta: dict, where: str) -> dict:
 
 
 def _to_peft(patch: Patch) -> tuple[dict, dict]:
+    if patch.expert_factors:
+        return _to_peft_experts(patch)
     fifo = {m.fan_in_fan_out for m in patch.modules.values()}
     if len(fifo) > 1:
         raise ValueError("a PEFT adapter is either fan_in_fan_out or not: this patch mixes both")
@@ -392,4 +394,40 @@ def _to_peft(patch: Patch) -> tuple[dict, dict]:
     for name, m in patch.modules.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = m.B.contiguous()
+    return cfg, tensors
+
+
+def _to_peft_experts(patch: Patch) -> tuple[dict, dict]:
+    """A PEFT adapter with ``target_parameters``: the expert factors under their own keys (nesting
+    included), the expert config's r, alpha and patterns (alphas times ``expert_scale``); the plain
+    modules, if any, with explicit rank and alpha patterns, listed first so that they match first."""
+    ec = patch.expert_config
+    rslora = bool(ec.get("use_rslora"))
+    s = patch.expert_scale
+
+    def tidy(a):
+        return float(f"{a:.15g}")
+
+    fifo = {m.fan_in_fan_out for m in patch.modules.values()}
+    if len(fifo) > 1:
+        raise ValueError("a PEFT adapter is either fan_in_fan_out or not: this patch mixes both")
+    rank_pattern = {k: m.rank for k, m in patch.modules.items()}
+    alpha_pattern = {k: tidy(m.scale * (math.sqrt(m.rank) if rslora else m.rank)) for k, m in patch.modules.items()}
+    rank_pattern.update(ec.get("rank_pattern") or {})
+    alpha_pattern.update({k: tidy(v * s) for k, v in (ec.get("alpha_pattern") or {}).items()})
+    cfg = {
+        "peft_type": "LORA", "task_type": patch.extra.get("task_type"), "r": ec.get("r", 8),
+        "lora_alpha": tidy(ec.get("lora_alpha", 8) * s), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "target_modules": sorted(patch.modules) or None, "target_parameters": list(ec.get("target_parameters") or []),
+        "base_model_name_or_path": patch.base_model, "fan_in_fan_out": bool(fifo and fifo.pop()), "use_rslora": rslora,
+        "use_dora": False, "bias": "none", "lora_dropout": 0.0, "modules_to_save": None,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    tensors = {}
+    for name, m in patch.modules.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.B.contiguous()
+    for key, f in patch.expert_factors.items():
+        tensors[f"base_model.model.{key}.lora_A.weight"] = f.A.contiguous()
+        tensors[f"base_model.model.{key}.lora_B.weight"] = f.B.contiguous()
     return cfg, tensors

@@ -63,3 +63,36 @@ def test_scale_forms_and_errors():
     B[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="B .* NaN"):
         ops.patch_add_experts_(W, B, A, check_finite=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_runs_that_differ_between_experts(backend, dtype):
+    """Per-expert scales whose runs of equal values differ from expert to expert (the Triton kernel
+    groups ranks by the runs shared by every expert): each expert within patch_add_'s bound."""
+    name, device = backend
+    W, B, A, _ = _case(3, 37, 150, 6, dtype, device, seed=4)
+    s = torch.tensor([[1.0, 1.0, 2.0, 2.0, 2.0, 0.5], [3.0] * 6, [0.25, 0.5, 0.5, 0.5, 0.5, 0.5]], device=device)
+    W0 = W.clone()
+    ops.patch_add_experts_(W, B, A, s, backend=name)
+    for e in range(3):
+        ref = W0[e].clone()
+        ops.patch_add_(ref, B[e], A[e], s[e], backend="reference")
+        check_against_reference(W[e].cpu(), W0[e].cpu(), B[e].cpu(), A[e].cpu(), s[e].cpu(), ref.cpu())
+
+
+def test_merge_experts_into_is_all_or_nothing():
+    """A fused fp16 weight where expert 2's update would overflow: the merge is refused naming that
+    expert, and no expert of W changed (the bound cannot clear it, so each expert is checked first)."""
+    from portllm.merge import NonFiniteMergeError, merge_experts_into
+    from portllm.patch import PatchModule
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(4, 8, 6, generator=g).half()
+    per_expert = {}
+    for e in range(4):
+        B, A = torch.randn(8, 2, generator=g), torch.randn(2, 6, generator=g)
+        per_expert[e] = [(PatchModule(B * (1e5 if e == 2 else 0.1), A, 1.0), 1.0)]
+    W0 = W.clone()
+    with pytest.raises(NonFiniteMergeError, match=r"w\[2\]"):
+        merge_experts_into(W, per_expert, name="w")
+    assert torch.equal(W, W0)

@@ -2,9 +2,11 @@
 
 Math and rounding: ``patch_add_``'s, per expert (fp32 accumulation, one rounding to W's dtype). The
 arguments are checked once for the whole tensor, then each backend's ``patch_add_`` kernel runs on
-the experts' 2-D views in turn, with no per-expert checks or dispatch (``registry.run``). Reference:
-``portllm.reference.patch_add_`` per expert. Kernels: ``patch_add_``'s (``csrc/cpu/patch_add.cpp``,
-``csrc/cuda/patch_add.cu``, ``kernels/patch_add.py``). Used for mixture-of-experts patches
+the experts' 2-D views in turn, with no per-expert checks or dispatch (``registry.run``); the Triton
+backend merges every expert in one launch (the expert is the grid's second axis,
+``kernels/patch_add.py``), where a loop would pay one launch per expert (128 for Qwen3-30B-A3B).
+Reference: ``portllm.reference.patch_add_`` per expert. Kernels: ``patch_add_``'s
+(``csrc/cpu/patch_add.cpp``, ``csrc/cuda/patch_add.cu``, ``kernels/patch_add.py``). Used for mixture-of-experts patches
 (``portllm.experts``). Tests: ``tests/test_patch_add_experts.py``. Benchmark:
 ``benchmarks/bench_patch_add.py`` (the ``experts`` cases).
 """
@@ -48,9 +50,24 @@ def patch_add_experts_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale:
     if W.numel() == 0 or r == 0:
         return W
     with torch.no_grad():
+        if name == "triton":  # one launch for every expert (the expert is the grid's second axis)
+            torch.ops.portllm.patch_add_experts_triton_(W, B, A, s)
+            return W
         for e in range(E):
             registry.run("patch_add_", name, W[e], B[e], A[e], s[e])
     return W
+
+
+@torch.library.custom_op("portllm::patch_add_experts_triton_", mutates_args=("W",))
+def _patch_add_experts_triton(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:
+    from portllm.kernels.patch_add import patch_add_experts_forward
+
+    patch_add_experts_forward(W, B, A, scale)
+
+
+@_patch_add_experts_triton.register_fake
+def _patch_add_experts_triton_fake(W, B, A, scale) -> None:
+    return None
 
 
 def _scales(scale, E: int, r: int, device) -> torch.Tensor:
