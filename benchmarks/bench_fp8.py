@@ -1,15 +1,19 @@
 """The block-FP8 merge (portllm.fp8.merge_: dequantize, add s·B·A in fp32, requantize with fresh block
 scales), e4m3 W 4096x14336 in 128x128 blocks, r=16, against passes over the FP8 weight's bytes (an in-place
-uint8 pass: 1 byte read and written per element; a copy), in one run. The merge is the PyTorch reference
-path; no C++ or Triton kernel yet.
+uint8 pass: 1 byte read and written per element; a copy), in one run: ``ops.fp8_merge`` on the
+reference (PyTorch, band by band) and the C++ kernel (block by block, one pass), both roundings.
+The floor on a CPU is not the pass but the arithmetic: r=16 products per element in float64
+(exact products, so that every backend's bits agree) is 16 fused multiply-adds per weight byte.
 """
+
+import os
 
 import pytest
 import torch
 from benchutil import DEVICE, QUICK
 from suite import Suite, fmt
 
-from portllm import fp8
+from portllm import _ext, fp8, ops
 
 M, N = (256, 384) if QUICK else (4096, 14336)
 BLOCK = (128, 128)
@@ -24,19 +28,40 @@ def weight():
     return q, s, B, A
 
 
-@pytest.mark.parametrize("provider", ["in-place uint8", "copy", "fp8 nearest", "fp8 stochastic"])
-def test_fp8_merge(benchmark, weight, provider):
+_ISA_ORDER = ("generic", "avx2", "avx512", "avx512bf16")
+ISAS = ([i for i in reversed(_ISA_ORDER[: _ISA_ORDER.index(_ext.cpu_isa()) + 1])]
+        if _ext.cpu_isa() in _ISA_ORDER and ops.backend_unavailable_reason("cpp", "cpu", "fp8_merge") is None else [])
+PASSES = ["in-place uint8", "copy"]
+PROVIDERS = PASSES + ["fp8_merge-reference"] + [f"fp8_merge-cpp@{isa}" for isa in ISAS]
+
+
+@pytest.mark.parametrize("rounding", fp8.ROUNDINGS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_fp8_merge(benchmark, weight, provider, rounding):
     if DEVICE.type != "cpu":
-        pytest.skip("the FP8 merge runs its PyTorch reference path on the CPU only")
+        pytest.skip("the FP8 merge runs on the CPU only")
+    if provider in PASSES and rounding != "nearest":
+        pytest.skip("a pass does not round: measured once")
     q, s, B, A = weight
     sc = torch.full((16,), 0.5)
     qi = q.view(torch.uint8)
-    fn = {"in-place uint8": lambda: qi.add_(0), "copy": lambda: qi.clone(),
-          "fp8 nearest": lambda: fp8.merge_(q, s, B, A, sc, BLOCK),
-          "fp8 stochastic": lambda: fp8.merge_(q, s, B, A, sc, BLOCK, rounding="stochastic")}[provider]
+    base, _, isa = provider.partition("@")
+    backend = base.removeprefix("fp8_merge-") if base.startswith("fp8_merge-") else None
+    if provider in PASSES:
+        fn = {"in-place uint8": lambda: qi.add_(0), "copy": lambda: qi.clone()}[provider]
+    else:
+        def fn():
+            if isa:
+                os.environ["PORTLLM_CPU_ISA"] = isa
+            try:
+                return fp8.merge_(q, s, B, A, sc, BLOCK, rounding=rounding, backend=backend)
+            finally:
+                os.environ.pop("PORTLLM_CPU_ISA", None)
     benchmark.group = "fp8 merge"
-    benchmark.extra_info.update(op="fp8_merge", provider=provider, m=M, n=N, r=16, dtype="float8_e4m3fn",
-                                bytes=2 * M * N)
+    info = dict(op="fp8_merge", provider=base, case=rounding, m=M, n=N, r=16, dtype="float8_e4m3fn", bytes=2 * M * N)
+    if isa:
+        info["isa"] = isa
+    benchmark.extra_info.update(info)
     benchmark.pedantic(fn, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
@@ -55,7 +80,9 @@ def table(rows: list[dict]) -> list[str]:
     shape = f"{rows_[0]['m']}x{rows_[0]['n']}"
     out = [f"{'fp8 merge ' + shape + ' r=16':<32} {'median ms':>10} {'x in-place pass':>16}"]
     for r in rows_:
-        out.append(f"{r['provider']:<32} {r['median_ms']:>10.1f} {fmt(r.get('fraction_of_inplace_pass'), '.4f'):>16}")
+        name = r["provider"] + (f"@{r['isa']}" if r.get("isa") else "") + (
+            f" {r['case']}" if r["provider"] not in PASSES else "")
+        out.append(f"{name:<32} {r['median_ms']:>10.1f} {fmt(r.get('fraction_of_inplace_pass'), '.4f'):>16}")
     return out
 
 

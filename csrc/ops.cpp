@@ -22,6 +22,11 @@ TORCH_LIBRARY(portllm, m) {
   // Exact undo (portllm/exact.py): the positions where a and b (1-D, int16 or int32) differ, in
   // order, and a - b there, both int64.
   m.def("bit_misses(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  // A patch merged into a block-scaled FP8 weight (portllm/fp8.py): q (uint8 view of e4m3) [M, N],
+  // scale_inv float32 [ceil(M/bm), ceil(N/bn)], Bs = B.diag(s) float32 [M, r], A float32 [r, N];
+  // returns the new codes, the new inverse scales and float64 [<Q-W, D>, |D|^2, |Q-W-D|^2].
+  m.def("fp8_merge(Tensor q, Tensor scale_inv, Tensor Bs, Tensor A, int bm, int bn, bool stochastic, int key) "
+        "-> (Tensor, Tensor, Tensor)");
   // Human-readable description of what this build contains (ISA paths, CUDA, OpenMP).
   m.def("build_info() -> str", [] { return portllm::build_info(); });
   // The vector path the CPU kernels take now: the machine's best, or lower if PORTLLM_CPU_ISA says so.

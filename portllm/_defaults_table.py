@@ -3,12 +3,19 @@
 Per device class and op, the backends measured faster than the reference, fastest first, then
 the reference (see portllm/defaults.py)."""
 
-TABLE = {'cpu-avx2': {'bit_misses': ['cpp', 'reference'], 'patch_add_': ['cpp', 'reference']},
- 'cpu-avx512': {'bit_misses': ['cpp', 'reference'], 'patch_add_': ['cpp', 'reference']},
+TABLE = {'cpu-avx2': {'bit_misses': ['cpp', 'reference'],
+              'fp8_merge': ['cpp', 'reference'],
+              'patch_add_': ['cpp', 'reference']},
+ 'cpu-avx512': {'bit_misses': ['cpp', 'reference'],
+                'fp8_merge': ['cpp', 'reference'],
+                'patch_add_': ['cpp', 'reference']},
  'cpu-avx512bf16': {'bit_misses': ['cpp', 'reference'],
+                    'fp8_merge': ['cpp', 'reference'],
                     'lora_expand_': ['reference'],
                     'lora_shrink': ['reference'],
                     'patch_add_': ['cpp', 'reference'],
                     'skeleton_mm': ['reference']},
- 'cpu-generic': {'bit_misses': ['cpp', 'reference'], 'patch_add_': ['reference']},
+ 'cpu-generic': {'bit_misses': ['cpp', 'reference'],
+                 'fp8_merge': ['cpp', 'reference'],
+                 'patch_add_': ['reference']},
  'cuda': {'patch_add_': ['triton', 'cuda', 'reference'], 'skeleton_mm': ['reference']}}

@@ -4,16 +4,17 @@ much of the update survived.
 The format (DeepSeek-V3, the Qwen3 FP8 releases; transformers' ``quant_method: "fp8"`` with
 ``weight_block_size`` [bm, bn]): ``weight`` float8_e4m3fn [M, N] and ``weight_scale_inv`` float32
 [ceil(M/bm), ceil(N/bn)], the dequantized weight being ``W = float(q) · scale_inv[i // bm, j // bn]``
-(exact in fp32: a 4-bit significand times an fp32 scale).
+(in fp32, rounded as transformers' dequantization rounds it).
 
 The merge, per band of bm rows (no M×N temporary beyond a band):
 
     W  = dequantize(q, scale_inv)                      fp32
-    W' = W + B·diag(s)·A                               fp32 accumulation (``patch_add_`` on the fp32 band)
+    W' = W + B·diag(s)·A                               float64 accumulation, rounded once to fp32
     scale = 448 / amax_block(|W'|)                     the block's new scale, as transformers' quantizer
     q' = Q(clamp(W' · scale, ±448)), scale_inv' = 1/scale    computes them; Q to e4m3: nearest even (``nearest``), or
                                                        ``stochastic``: up or down with probabilities that
-                                                       make E[Q(x)] = x, from a seeded generator
+                                                       make E[Q(x)] = x, from a counter-based hash of the
+                                                       seed and the element's index (``random_bits``)
 
 e4m3 keeps 3 mantissa bits: an update of about 1% of a weight is below half a step for most elements,
 and round-to-nearest erases it. So the merge measures, over the whole weight, what survived:
@@ -91,41 +92,58 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int])
     return q.float() * _expand(scale_inv.float(), q.shape[0], q.shape[1], block)
 
 
-def _neighbour(q0: torch.Tensor, toward_up: torch.Tensor) -> torch.Tensor:
-    """The e4m3 code next to q0 toward larger (``toward_up``) or smaller values."""
-    code = q0.view(torch.uint8).to(torch.int16)
-    neg = code >= 128
-    mag = code & 0x7F
-    # Moving away from zero grows the magnitude code; toward zero shrinks it; past zero flips the sign.
-    away = toward_up ^ neg
-    at_zero = mag == 0
-    new_mag = torch.where(away, mag + 1, mag - 1)
-    new_sign = torch.where(at_zero, torch.where(toward_up, 0, 128), code & 0x80)
-    new_mag = torch.where(at_zero, 1, new_mag)
-    return (new_sign | new_mag).to(torch.uint8).view(E4M3)
+_M32 = 0xFFFFFFFF
 
 
-def round_e4m3(x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None) -> torch.Tensor:
-    """x (fp32, |x| <= 448) to e4m3: to nearest even, or stochastically (E[result] = x)."""
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer, on Python ints or int64 tensors holding 32-bit values."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def stream_key(seed: int) -> int:
+    """The 64-bit key of stochastic rounding's stream for ``seed`` (any integer): two mixed 32-bit words."""
+    seed &= (1 << 64) - 1
+    return (_fmix32(((seed >> 32) & _M32) ^ 0x85EBCA6B) << 32) | _fmix32((seed & _M32) ^ 0x9E3779B9)
+
+
+def random_bits(index: torch.Tensor, key: int) -> torch.Tensor:
+    """20 uniform random bits per element (int64 in [0, 2^20)), a hash of ``key`` and the element's flat
+    index (int64 tensor): h = fmix32(fmix32(index_lo ^ key_lo) ^ index_hi ^ key_hi) >> 12. The C++ kernel
+    (``csrc/cpu/fp8_merge.cpp``) computes the same bits."""
+    lo, hi = key & _M32, (key >> 32) & _M32
+    h = _fmix32((index & _M32) ^ lo)
+    h = _fmix32(h ^ ((index >> 32) & _M32) ^ hi)
+    return h >> 12
+
+
+def round_e4m3(x: torch.Tensor, rounding: str = "nearest", *, key: int = 0,
+               index: torch.Tensor | None = None) -> torch.Tensor:
+    """x (fp32) clamped to ±448, to e4m3: to nearest even, or stochastically (E[result] = x): 20 random
+    bits (``random_bits(index, key)``; index defaults to the flat positions of x) added below the 3
+    kept mantissa bits, then truncated (below 2^-6, on the subnormal grid of 2^-9: floor(|x|·512 + u))."""
     x = x.clamp(-E4M3_MAX, E4M3_MAX)
-    q0 = x.to(E4M3)
     if rounding == "nearest":
-        return q0
-    v0 = q0.float()
-    up = x > v0
-    q1 = _neighbour(q0, up)
-    v1 = q1.float()
-    inexact = x != v0
-    p = torch.where(inexact, (x - v0) / (v1 - v0), torch.zeros_like(x))
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float32)
-    return torch.where(inexact & (u < p), q1, q0)
+        return x.to(E4M3)
+    if index is None:
+        index = torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape)
+    u = random_bits(index, key)
+    a = x.abs()
+    normal = ((a.view(torch.int32).to(torch.int64) + u) & ~0xFFFFF).to(torch.int32).view(torch.float32)
+    sub = torch.floor(a * 512 + u.to(torch.float32) * 2.0 ** -20) / 512
+    return torch.copysign(torch.where(a >= 2.0 ** -6, normal, sub), x).to(E4M3)
 
 
-def quantize(W: torch.Tensor, block: tuple[int, int], rounding: str = "nearest",
-             generator: torch.Generator | None = None, scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(W: torch.Tensor, block: tuple[int, int], rounding: str = "nearest", *, key: int = 0,
+             first_row: int = 0, scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 W [M, N] -> (q e4m3 [M, N], scale_inv fp32 [ceil(M/bm), ceil(N/bn)]), as transformers' FP8
     quantizer computes them (``integrations/finegrained_fp8.py``, ``Fp8Quantize``): per block, in fp32,
-    scale = 448 / amax (1 for a block of zeros), q = Q(clamp(W · scale, ±448)), scale_inv = 1 / scale."""
+    scale = 448 / amax (1 for a block of zeros), q = Q(clamp(W · scale, ±448)), scale_inv = 1 / scale.
+    Stochastic rounding draws from ``key`` at the flat index of each element in a weight whose row 0
+    is W's row ``first_row`` (a band of a larger weight rounds as that weight does)."""
     bm, bn = block
     M, N = W.shape
     pad = torch.nn.functional.pad(W.abs(), (0, (-N) % bn, 0, (-M) % bm))
@@ -135,7 +153,11 @@ def quantize(W: torch.Tensor, block: tuple[int, int], rounding: str = "nearest",
     if scale_fmt == "ue8m0":  # power-of-two scales: the inverse rounded up, the forward scale its exact reciprocal
         inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
         scale = 1.0 / inv
-    q = round_e4m3(W * _expand(scale, M, N, block), rounding, generator)
+    index = None
+    if rounding == "stochastic":
+        index = (torch.arange(first_row, first_row + M, dtype=torch.int64)[:, None] * N
+                 + torch.arange(N, dtype=torch.int64)[None, :])
+    q = round_e4m3(W * _expand(scale, M, N, block), rounding, key=key, index=index)
     return q, inv
 
 
@@ -143,26 +165,32 @@ def merge_(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torch.T
            block: tuple[int, int], *, rounding: str = "nearest", seed: int = 0, backend: str | None = None,
            scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor, Retention]:
     """The block-FP8 merge (module docstring): returns the new (q, scale_inv) and the retention sums.
-    q, scale_inv are not modified. ``seed`` makes stochastic rounding deterministic."""
+    q, scale_inv are not modified. ``seed`` makes stochastic rounding deterministic (``stream_key``).
+    ``ops.fp8_merge`` on its backend (the C++ kernel on CPUs, the same bits as the reference); ue8m0
+    scales, whose rounding follows torch's log2 as transformers' quantizer does, take the reference's
+    band-by-band path with ``patch_add_``'s fp32 accumulation."""
     from portllm import ops
 
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    key = stream_key(seed)
+    if scale_fmt == "float":
+        out_q, out_s, sums = ops.fp8_merge(q, scale_inv, B, A, s, block, stochastic=rounding == "stochastic",
+                                           key=key, backend=backend)
+        dot, d2, n2 = sums.tolist()
+        return out_q, out_s.to(scale_inv.dtype), Retention(dot, d2, n2)
     bm, _ = block
     M, _ = q.shape
     out_q = torch.empty_like(q)
     out_s = torch.empty_like(scale_inv, dtype=torch.float32)
     stats = Retention()
-    # The seed is mixed first: a generator seeded like the one that drew the weights (seed 0, in tests)
-    # would draw the same uniform stream, and correlated decisions bias the rounding.
-    gen = torch.Generator().manual_seed((seed * 2654435761 + 0x9E3779B97F4A7C15) % 2**63)
     for i0 in range(0, M, bm):
         i1 = min(M, i0 + bm)
         rows = slice(i0, i1)
         W = dequantize(q[rows], scale_inv[i0 // bm:i0 // bm + 1], block)
         W1 = W.clone()
         ops.patch_add_(W1, B[rows], A, s, backend=backend)
-        qb, sb = quantize(W1, block, rounding, gen, scale_fmt)
+        qb, sb = quantize(W1, block, rounding, key=key, first_row=i0, scale_fmt=scale_fmt)
         out_q[rows], out_s[i0 // bm] = qb, sb[0]
         Wq = dequantize(qb, sb, block).double()
         delta = W1.double() - W.double()

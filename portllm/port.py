@@ -48,7 +48,12 @@ class PortResult:
 
 
 def _dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {str(dtype).removeprefix('torch.')}: portllm writes bfloat16, float16 or float32 "
+                             "weights (an FP8 checkpoint keeps its own format when dtype is left out)")
         return dtype
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of bfloat16, float16, float32")
@@ -121,9 +126,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         fp8_block, fp8_scales = fp8.checkpoint_format(model_dir) or (None, "float")
     except fp8.FP8FormatError as e:
         raise IncompatiblePatchError(str(e)) from None
-    if fp8_block is not None and out_dtype is not None:
-        raise ValueError(f"{model_dir} is a block-scaled FP8 checkpoint: --dtype (dtype=) would convert its FP8 codes "
-                         "without their scales; the port writes FP8 in the input's format (leave --dtype out)")
+    dequant = fp8_block is not None and out_dtype is not None  # FP8 in, a dequantized 16/32-bit checkpoint out
     if rounding not in fp8.ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(fp8.ROUNDINGS)}, got {rounding!r}")
     with Checkpoint(model_dir) as ckpt:
@@ -142,11 +145,26 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             for line in report.lines():
                 log(f"portllm port: {line}")
         report.raise_for_errors()
-        fp8_targets = {}
+        fp8_targets, fp8_pairs = {}, {}
+        if dequant:  # every FP8 weight is dequantized with its block scales, checked before any write
+            for key in ckpt.keys():
+                info = ckpt.info(key)
+                if info.dtype not in (fp8.E4M3, torch.float8_e5m2):
+                    continue
+                if info.dtype != fp8.E4M3 or key + "_scale_inv" not in ckpt.key_file:
+                    raise IncompatiblePatchError(f"tensor {key}: {str(info.dtype).removeprefix('torch.')} without "
+                                                 "block scales (weight_scale_inv); portllm dequantizes block-scaled "
+                                                 "e4m3 weights only")
+                try:
+                    fp8.check_block_scales(torch.empty(info.shape, dtype=fp8.E4M3, device="meta"),
+                                           ckpt.tensor(key + "_scale_inv"), fp8_block, key)
+                except fp8.FP8FormatError as e:
+                    raise IncompatiblePatchError(str(e)) from None
+                fp8_pairs[key] = key + "_scale_inv"
         for name in patch:  # a weight the kernels cannot merge into: refused before any write
             key = tensor_target(weight_key(name))[0]
             info = ckpt.info(key)
-            if fp8_block is not None and info.dtype == fp8.E4M3 and key + "_scale_inv" in ckpt.key_file:
+            if not dequant and fp8_block is not None and info.dtype == fp8.E4M3 and key + "_scale_inv" in ckpt.key_file:
                 if patch[name].fan_in_fan_out or tensor_target(weight_key(name))[1] is not None:
                     raise IncompatiblePatchError(f"module {name}: portllm merges into FP8 weights stored [out, in], "
                                                  "one per module (not fan_in_fan_out, not fused experts)")
@@ -175,15 +193,18 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         with staging_dir(out_dir, log=log, before_replace=last_checks) as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            # The FP8 merge runs on the CPU: its backend is resolved there, before any write.
+            # The FP8 merge runs on the CPU: its backend is resolved there, before any write (ue8m0
+            # scales take patch_add_ on the same backend; both ops have the reference and the C++ one).
             requant = (_FP8Merges(ckpt, patch, fp8_block, fp8_targets, rounding, seed,
-                                  ops.resolve_backend(backend, "cpu", "patch_add_"), fp8_scales)
+                                  ops.resolve_backend(backend, "cpu", "fp8_merge"), fp8_scales)
                        if fp8_targets else None)
-            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant)
+            dq = _Dequantize(ckpt, fp8_pairs, fp8_block) if dequant else None
+            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant, dq)
             if requant is not None and log:
                 for line in requant.lines():
                     log(f"portllm port: {line}")
-            _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"], copies, watch)
+            _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"], copies, watch,
+                              dropped=set(fp8_pairs.values()) if dequant else None)
             write_json(os.path.join(tmp, "portllm_port.json"), {
                 "source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
                 "patch_modules": len(patch), "scale": scale,
@@ -196,15 +217,18 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
 
 
 def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress,
-                   check_finite: bool = True, requant: "_FP8Merges | None" = None) -> dict:
+                   check_finite: bool = True, requant: "_FP8Merges | None" = None,
+                   dequant: "_Dequantize | None" = None) -> dict:
     """Reads, merges and writes every tensor, in file order. Reading the next tensor and writing the
     previous one run in two threads while this one merges (file I/O and torch ops release the GIL):
-    at most three tensors are held at once."""
+    at most three tensors are held at once. ``dequant``: FP8 weights are dequantized (fp32), merged,
+    then converted once to ``out_dtype``; their scale tensors are not written."""
+    dropped = dequant.dropped if dequant is not None else set()
     targets: dict[str, list[tuple[int | None, str]]] = {}  # tensor -> (expert index or None, module)
     for name in patch:
         key, index = tensor_target(weight_key(name))
         targets.setdefault(key, []).append((index, name))
-    jobs = [(fname, k) for fname in ckpt.files for k in ckpt.reader(fname).tensors]
+    jobs = [(fname, k) for fname in ckpt.files for k in ckpt.reader(fname).tensors if k not in dropped]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -218,7 +242,7 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
         if fname not in writers:
             rd = ckpt.reader(fname)
             layout = [(k, out_dtype if (out_dtype is not None and i.dtype.is_floating_point) else i.dtype, i.shape)
-                      for k, i in rd.tensors.items()]
+                      for k, i in rd.tensors.items() if k not in dropped]
             writers[fname] = SafetensorsWriter(safe_join(tmp, fname, what="shard name"), layout,
                                                rd.metadata or {"format": "pt"})
         return writers[fname]
@@ -238,7 +262,10 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
             for i, (fname, k) in enumerate(jobs):
                 t = nxt.result()
                 nxt = reads.submit(ckpt.tensor, jobs[i + 1][1]) if i + 1 < len(jobs) else None
-                if out_dtype is not None and t.dtype.is_floating_point and t.dtype != out_dtype:
+                late_cast = dequant is not None and dequant.owns(k)
+                if late_cast:
+                    t = dequant.weight(k, t)  # fp32: merged below, then converted once
+                elif out_dtype is not None and t.dtype.is_floating_point and t.dtype != out_dtype:
                     t = _cast(t, out_dtype, k)
                 if requant is not None and requant.owns(k):
                     t = requant.result(k, t)  # an FP8 weight merged and requantized, or its new block scales
@@ -256,6 +283,8 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
                                        name=name, scratch=True)
                     t = W.cpu()
                     stats["merged"] += 1
+                if late_cast:
+                    t = _cast(t, out_dtype, k)
                 stats["tensors"] += 1
                 stats["total_size"] += t.numel() * t.element_size()
                 if pending is not None:
@@ -270,6 +299,21 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
         for w in writers.values():
             w.abort()
     return stats
+
+
+class _Dequantize:
+    """FP8 weights written dequantized (``port(..., dtype=...)`` on an FP8 checkpoint): each weight is
+    ``fp8.dequantize``'d with its block scales (read out of order); the scale tensors are dropped."""
+
+    def __init__(self, ckpt: Checkpoint, pairs: dict[str, str], block):
+        self.ckpt, self.pairs, self.block = ckpt, pairs, block
+        self.dropped = set(pairs.values())
+
+    def owns(self, key: str) -> bool:
+        return key in self.pairs
+
+    def weight(self, key: str, q: torch.Tensor) -> torch.Tensor:
+        return fp8.dequantize(q, self.ckpt.tensor(self.pairs[key]), self.block)
 
 
 class _FP8Merges:
@@ -397,8 +441,11 @@ def _refuse_special(directory: str, model_dir: str, skipped: list[str], rel: str
 
 
 def _copy_other_files(ckpt: Checkpoint, tmp: str, out_dtype, total_size: int,
-                      copies: list[tuple[str, str]] | None = None, watch: InputWatch | None = None):
-    """Everything but the weights: config (dtype updated if converted), tokenizer, index, ...
+                      copies: list[tuple[str, str]] | None = None, watch: InputWatch | None = None,
+                      dropped: set[str] | None = None):
+    """Everything but the weights: config (dtype updated if converted; ``dropped``, the scale tensors
+    of a dequantized FP8 checkpoint: its quantization_config removed, and they leave the index),
+    tokenizer, index, ...
     (``copies``: from ``_plan_copy``). Only regular files are read; symbolic links are not followed
     out of the model directory, nor at all below its top level. Every file copied is added to
     ``watch``, so that one modified during the port is noticed before the output is put in place."""
@@ -412,6 +459,8 @@ def _copy_other_files(ckpt: Checkpoint, tmp: str, out_dtype, total_size: int,
         if entry == INDEX:
             index = dict(ckpt.index)
             index["metadata"] = dict(index.get("metadata") or {}, total_size=total_size)
+            if dropped:
+                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
             write_json(dst, index, indent=2)
         elif entry == "config.json" and out_dtype is not None:
             with open_regular(src, "model file", binary=False) as f:
@@ -421,6 +470,8 @@ def _copy_other_files(ckpt: Checkpoint, tmp: str, out_dtype, total_size: int,
             for key in ("torch_dtype", "dtype"):
                 if key in cfg:
                     cfg[key] = name
+            if dropped is not None:
+                cfg.pop("quantization_config", None)
             write_json(dst, cfg, indent=2)
         elif how == "dir":
             copy_tree(src, dst, what="model file", watch=watch)

@@ -100,3 +100,32 @@ def bit_misses(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """The positions where the 1-D integer tensors a and b differ, ascending, and a - b there, both int64."""
     loc = (b != a).nonzero().squeeze(1)
     return loc, a[loc].to(torch.int64) - b[loc].to(torch.int64)
+
+
+def fp8_merge(q: torch.Tensor, scale_inv: torch.Tensor, Bs: torch.Tensor, A: torch.Tensor, block: tuple[int, int],
+              stochastic: bool, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block-FP8 merge (``portllm.ops.fp8_merge``), band by band of ``bm`` rows: W = float(q)·scale_inv
+    (fp32); W' = float32(float64(W) + Σ_k float64(Bs[:, k])·float64(A[k]), k ascending); then
+    ``fp8.quantize`` of W' with the stream ``key`` at the elements' flat indices. Returns (q', scale_inv',
+    float64 [⟨Q−W, Δ⟩, ‖Δ‖², ‖Q−W−Δ‖²])."""
+    from portllm import fp8
+
+    bm, _ = block
+    M, N = q.shape
+    out_q, out_s = torch.empty_like(q), torch.empty_like(scale_inv)
+    sums = torch.zeros(3, dtype=torch.float64)
+    Ad = A.double()
+    rounding = "stochastic" if stochastic else "nearest"
+    for i0 in range(0, M, bm):
+        i1 = min(M, i0 + bm)
+        W = fp8.dequantize(q[i0:i1], scale_inv[i0 // bm:i0 // bm + 1], block)
+        acc = W.double()
+        for k in range(Bs.shape[1]):
+            acc += Bs[i0:i1, k:k + 1].double() * Ad[k:k + 1]
+        W1 = acc.float()
+        qb, sb = fp8.quantize(W1, block, rounding, key=key, first_row=i0)
+        out_q[i0:i1], out_s[i0 // bm] = qb, sb[0]
+        Wd, delta = W.double(), W1.double() - W.double()
+        moved = fp8.dequantize(qb, sb, block).double() - Wd
+        sums += torch.stack([(moved * delta).sum(), (delta * delta).sum(), ((moved - delta) ** 2).sum()])
+    return out_q, out_s, sums
