@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the patch (default 1)")
     p.add_argument("--device", default=None, help="where to merge: cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="convert the weights to this dtype")
+                   help="convert the weights to this dtype (an FP8 checkpoint: write it dequantized, its "
+                        "scales and quantization_config dropped)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--backend", default=None, help="portllm backend for the merges (default: fastest)")
     p.add_argument("--base", default=None, help="the model the patch was trained on (only read): the report "

@@ -44,7 +44,7 @@ class _Param:
                 raise ValueError(f"{self.name}: the {which} model's is {tuple(shape)}, expected {want}")
             t = src.tensor(self.name)[e0:e1].float()
             return t.transpose(1, 2) if self.transposed else t
-        out = torch.empty(e1 - e0, self.out_f, self.in_f)
+        out = torch.zeros(e1 - e0, self.out_f, self.in_f)
         for key, (e, rows) in self.layout.items():
             if not e0 <= e < e1:
                 continue

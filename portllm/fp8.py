@@ -88,7 +88,7 @@ def _expand(scale: torch.Tensor, rows: int, cols: int, block: tuple[int, int]) -
 
 
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """float(q) · scale_inv per block, fp32 (exact)."""
+    """float(q) · scale_inv per block, in fp32 (one rounding of the product, as transformers dequantizes)."""
     return q.float() * _expand(scale_inv.float(), q.shape[0], q.shape[1], block)
 
 
@@ -129,7 +129,7 @@ def round_e4m3(x: torch.Tensor, rounding: str = "nearest", *, key: int = 0,
     if rounding == "nearest":
         return x.to(E4M3)
     if index is None:
-        index = torch.arange(x.numel(), dtype=torch.int64).reshape(x.shape)
+        index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).reshape(x.shape)
     u = random_bits(index, key)
     a = x.abs()
     normal = ((a.view(torch.int32).to(torch.int64) + u) & ~0xFFFFF).to(torch.int32).view(torch.float32)
@@ -155,8 +155,8 @@ def quantize(W: torch.Tensor, block: tuple[int, int], rounding: str = "nearest",
         scale = 1.0 / inv
     index = None
     if rounding == "stochastic":
-        index = (torch.arange(first_row, first_row + M, dtype=torch.int64)[:, None] * N
-                 + torch.arange(N, dtype=torch.int64)[None, :])
+        index = (torch.arange(first_row, first_row + M, dtype=torch.int64, device=W.device)[:, None] * N
+                 + torch.arange(N, dtype=torch.int64, device=W.device)[None, :])
     q = round_e4m3(W * _expand(scale, M, N, block), rounding, key=key, index=index)
     return q, inv
 
@@ -174,6 +174,8 @@ def merge_(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torch.T
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     key = stream_key(seed)
+    if scale_inv.dtype == getattr(torch, "float8_e8m0fnu", None):
+        scale_fmt = "ue8m0"  # (scales stored as powers of two are recomputed as powers of two)
     if scale_fmt == "float":
         out_q, out_s, sums = ops.fp8_merge(q, scale_inv, B, A, s, block, stochastic=rounding == "stochastic",
                                            key=key, backend=backend)

@@ -418,7 +418,7 @@ def _to_peft_experts(patch: Patch) -> tuple[dict, dict]:
     cfg = {
         "peft_type": "LORA", "task_type": patch.extra.get("task_type"), "r": ec.get("r", 8),
         "lora_alpha": tidy(ec.get("lora_alpha", 8) * s), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(patch.modules) or None, "target_parameters": list(ec.get("target_parameters") or []),
+        "target_modules": sorted(patch.modules), "target_parameters": list(ec.get("target_parameters") or []),
         "base_model_name_or_path": patch.base_model, "fan_in_fan_out": bool(fifo and fifo.pop()), "use_rslora": rslora,
         "use_dora": False, "bias": "none", "lora_dropout": 0.0, "modules_to_save": None,
         "init_lora_weights": True, "inference_mode": True,

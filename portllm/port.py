@@ -97,7 +97,8 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     * ``check_finite``: refuse factors with NaN/Inf (on by default here: a checkpoint is written once).
     * ``rounding``, ``seed``: for a block-scaled FP8 checkpoint (``quant_method: "fp8"``), how merged
       weights are requantized (``portllm.fp8``: "nearest" or "stochastic", seeded); the output keeps
-      the input's format, and the report says how much of the patch survived requantization.
+      the input's format, and the report says how much of the patch survived requantization. With
+      ``dtype``, an FP8 checkpoint is written dequantized instead (nothing is requantized).
     * ``base``: the checkpoint directory the patch was trained on, for the report's measure of how far
       ``model_dir`` moved from it (patches portllm made carry that themselves; for a PEFT adapter the
       patch's ``base_model_name_or_path`` is used where it is a local checkpoint directory).

@@ -113,7 +113,7 @@ def fp8_merge(q: torch.Tensor, scale_inv: torch.Tensor, Bs: torch.Tensor, A: tor
     bm, _ = block
     M, N = q.shape
     out_q, out_s = torch.empty_like(q), torch.empty_like(scale_inv)
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=q.device)
     Ad = A.double()
     rounding = "stochastic" if stochastic else "nearest"
     for i0 in range(0, M, bm):

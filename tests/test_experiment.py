@@ -63,3 +63,17 @@ def test_user_checkpoint_mode(quick_run, tmp_path):
     got = json.loads((user_out / "results.json").read_text())["tasks"]["arith"]
     assert set(got) == {"theta", "theta+patch", "evolved", "evolved+patch (ported)"}
     assert os.path.exists(user_out / "accuracy.png")
+
+
+@pytest.mark.slow
+def test_fp8_release(quick_run):
+    """θ′1 is also released in block-FP8; the LoRA patch ported onto it with each rounding is measured,
+    and the retained fraction is the port's report (stochastic keeps about all of it in expectation)."""
+    out, res = quick_run
+    f8 = res["fp8"]
+    assert f8["release"] == "θ′1" and set(f8["tasks"]) == set(res["tasks"])
+    for e in f8["tasks"].values():
+        for key in ("evolved_fp8", "ported_nearest", "ported_stochastic"):
+            assert 0.0 <= e[key] <= 1.0
+        assert 0.0 < e["retained_nearest"] <= 1.5 and 0.5 < e["retained_stochastic"] < 1.5
+    assert "FP8+Δ LoRA, stochastic" in (out / "table.md").read_text()

@@ -352,3 +352,21 @@ def test_fp8_merge_rounds_like_torch_at_every_tie(backend, isa, monkeypatch):
     ceil = grid[torch.clamp(torch.searchsorted(grid, x.abs()), max=grid.numel() - 1)]
     assert bool(((got.abs() == floor) | (got.abs() == ceil)).all())  # one of |x|'s two grid neighbours
     assert bool((torch.signbit(got) == torch.signbit(x)).all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
+def test_fp8_merge_nan_code_and_huge_block(backend, isa, monkeypatch):
+    """A NaN code in q (a NaN in the block: scale 1 for that block, as torch's amax gives) and a block
+    larger than the weight: every backend still gives the reference's bits."""
+    from portllm import ops, reference
+
+    _fp8_backend(backend, isa, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    q, s = fp8.quantize(torch.randn(40, 70, generator=g) * 0.02, (32, 32))
+    q.view(torch.uint8)[3, 5] = 0x7F
+    B, A, sc = torch.randn(40, 2, generator=g) * 0.01, torch.randn(2, 70, generator=g) * 0.01, torch.ones(2)
+    for block, scales in (((32, 32), s), ((4096, 4096), torch.full((1, 1), float(s.max())))):
+        got = ops.fp8_merge(q, scales, B, A, sc, block, backend=backend)
+        want = reference.fp8_merge(q, scales, B.float() * sc, A, block, False, 0)
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])

@@ -99,6 +99,7 @@ struct Args {
   float* s_out;
   double* partial;  // [blocks, 3]
   int64_t M, N, R, bm, bn, Nb;
+  int64_t ld;  // the block buffers' row stride: min(bn, N)
   uint32_t key_lo, key_hi;
 };
 
@@ -111,10 +112,11 @@ __attribute__((always_inline)) inline void merge_block(const Args& a, int64_t ib
   const int64_t j0 = jb * a.bn, j1 = std::min(a.N, j0 + a.bn), w = j1 - j0;
   const float inv_old = a.s_in[ib * a.Nb + jb];
   float amax = 0.0f;
+  uint32_t nan = 0;  // a NaN in the block: torch's amax is NaN, and the block keeps scale 1 (as the reference)
   for (int64_t i = i0; i < i1; ++i) {
     const uint8_t* qr = a.q + i * a.N + j0;
-    float* w0r = w0 + (i - i0) * a.bn;
-    float* w1r = w1 + (i - i0) * a.bn;
+    float* w0r = w0 + (i - i0) * a.ld;
+    float* w1r = w1 + (i - i0) * a.ld;
     // The next block's part of this row (a block reads bm rows of N apart: too many streams for the
     // hardware prefetchers).
     __builtin_prefetch(qr + a.bn);
@@ -129,21 +131,22 @@ __attribute__((always_inline)) inline void merge_block(const Args& a, int64_t ib
 #pragma omp simd
       for (int64_t j = 0; j < w; ++j) acc[j] += bk * ar[j];
     }
-#pragma omp simd reduction(max : amax)
+#pragma omp simd reduction(max : amax) reduction(| : nan)
     for (int64_t j = 0; j < w; ++j) {
       w1r[j] = static_cast<float>(acc[j]);
       amax = std::max(amax, std::fabs(w1r[j]));
+      nan |= static_cast<uint32_t>(w1r[j] != w1r[j]);
     }
   }
   // 448 / amax as torch computes a scalar over a tensor (and transformers' quantizer writes it):
   // the reciprocal, then times 448, two roundings.
-  const float scale = amax > 0.0f ? (1.0f / amax) * 448.0f : 1.0f;
+  const float scale = (amax > 0.0f && !nan) ? (1.0f / amax) * 448.0f : 1.0f;
   const float inv = 1.0f / scale;
   double sdot = 0.0, sd2 = 0.0, sn2 = 0.0;
   for (int64_t i = i0; i < i1; ++i) {
     uint8_t* out = a.q_out + i * a.N + j0;
-    const float* w0r = w0 + (i - i0) * a.bn;
-    const float* w1r = w1 + (i - i0) * a.bn;
+    const float* w0r = w0 + (i - i0) * a.ld;
+    const float* w1r = w1 + (i - i0) * a.ld;
     const uint64_t row = static_cast<uint64_t>(i * a.N + j0);
     for (int64_t j = 0; j < w; ++j) {
       const float x = w1r[j] * scale;  // (clamped to +-448 by to_e4m3)
@@ -182,9 +185,11 @@ __attribute__((always_inline)) inline void merge_block(const Args& a, int64_t ib
 
 template <bool STOCHASTIC>
 __attribute__((always_inline)) inline void run_blocks(const Args& a, int64_t b0, int64_t b1) {
-  std::vector<float> w0(static_cast<size_t>(a.bm * a.bn)), w1(static_cast<size_t>(a.bm * a.bn));
-  std::vector<double> acc(static_cast<size_t>(a.bn));
-  std::vector<float> qv(static_cast<size_t>(a.bn));
+  // (a block is at most the weight: a large weight_block_size on a small weight allocates no more)
+  const size_t rows = static_cast<size_t>(std::min(a.bm, a.M));
+  std::vector<float> w0(rows * a.ld), w1(rows * a.ld);
+  std::vector<double> acc(static_cast<size_t>(a.ld));
+  std::vector<float> qv(static_cast<size_t>(a.ld));
   for (int64_t blk = b0; blk < b1; ++blk)
     merge_block<STOCHASTIC>(a, blk / a.Nb, blk % a.Nb, w0.data(), w1.data(), acc.data(), qv.data());
 }
@@ -212,6 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_merge_cpu(const at::Tensor& q
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.is_contiguous(),
               "fp8_merge: q must be the contiguous uint8 view of a 2-D e4m3 weight, got ", q.scalar_type(), " ",
               q.sizes());
+  TORCH_CHECK(Bs.dim() == 2, "fp8_merge: Bs must be 2-D [M, r], got ", Bs.sizes());
   const int64_t M = q.size(0), N = q.size(1), R = Bs.size(1);
   TORCH_CHECK(bm > 0 && bn > 0, "fp8_merge: block sizes must be positive, got ", bm, "x", bn);
   const int64_t Mb = (M + bm - 1) / bm, Nb = (N + bn - 1) / bn;
@@ -232,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_merge_cpu(const at::Tensor& q
   const uint64_t k = static_cast<uint64_t>(key);
   Args a{q.data_ptr<uint8_t>(), scale_inv.data_ptr<float>(), Bs.data_ptr<float>(), Ad.data_ptr<double>(),
          q_out.data_ptr<uint8_t>(), s_out.data_ptr<float>(), partial.data_ptr<double>(), M, N, R, bm, bn, Nb,
-         static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32)};
+         std::min(bn, N), static_cast<uint32_t>(k), static_cast<uint32_t>(k >> 32)};
   const Isa isa = isa_for_call();
   if (M > 0 && N > 0) {
     at::parallel_for(0, Mb * Nb, 1, [&](int64_t b0, int64_t b1) {

@@ -167,6 +167,8 @@ def _run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
             row["releases"].append(entry)
         results["tasks"][task] = row
 
+    results["fp8"] = _fp8_release(releases[0], patches, tok, work, seed, log)
+
     log("measuring the cost of porting and of re-fine-tuning (peak memory in separate processes)")
     rel1, task0 = releases[0]["path"], data.TASKS[0]
     results["cost"] = {
@@ -179,6 +181,31 @@ def _run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
     results["seconds"] = time.perf_counter() - t_start
     write_outputs(results, out)
     return results
+
+
+def _fp8_release(rel: dict, patches: dict, tok, work: str, seed: int, log) -> dict:
+    """θ′1 also shipped as a block-FP8 checkpoint (``fp8_release``): each task's LoRA patch ported onto
+    it with each rounding, the accuracies read back dequantized, and the fraction of the patch that
+    survived requantization, as the port reported it."""
+    from portllm import fp8
+    from portllm.experiment import fp8_release
+
+    log(f"[4/5] (FP8) {rel['name']} also released as block-FP8 ({fp8_release.BLOCK[0]}x{fp8_release.BLOCK[1]} blocks): "
+        "porting each LoRA patch onto it with each rounding")
+    fp8_dir = os.path.join(work, "evolved1-fp8")
+    fp8_release.save_fp8(rel["path"], fp8_dir)
+    alone = fp8_release.load_dequantized(fp8_dir)
+    out = {"release": rel["name"], "block": list(fp8_release.BLOCK), "tasks": {}}
+    for task in data.TASKS:
+        e = {"evolved_fp8": train.accuracy_batched(alone, tok, task)}
+        for rounding in fp8.ROUNDINGS:
+            d = os.path.join(work, f"ported-lora-{task}-1-fp8-{rounding}")
+            port(fp8_dir, patches[task]["lora"][0], d, device="cpu", force=True, progress=False, log=None,
+                 rounding=rounding, seed=seed)
+            e[f"ported_{rounding}"] = train.accuracy_batched(fp8_release.load_dequantized(d), tok, task)
+            e[f"retained_{rounding}"] = fp8_release.retained(d)
+        out["tasks"][task] = e
+    return out
 
 
 def gap_closed(results) -> dict:
@@ -214,6 +241,21 @@ def table(results) -> str:
     lines += ["", "Gap between θ′ and θ′ re-fine-tuned closed by the port (mean over tasks with a gap): " + "; ".join(
         f"{r['name']} ({r['continued_steps']} steps): LoRA {fmt(g['lora'][k])}, PMSS {fmt(g['pmss'][k])}"
         for k, r in enumerate(rels))]
+    f8 = results.get("fp8")
+    if f8:
+        name = f8["release"]
+        lines += ["", f"{name} also released in block-FP8 ({f8['block'][0]}x{f8['block'][1]} blocks), the LoRA patch "
+                  "ported onto it (accuracy; the fraction of the patch that survived requantization, as the port "
+                  "reported it):", "",
+                  f"| task | {name} | {name}+Δ LoRA (port) | {name} FP8 | {name} FP8+Δ LoRA, nearest | "
+                  f"{name} FP8+Δ LoRA, stochastic | retained, nearest | retained, stochastic |",
+                  "|---" * 8 + "|"]
+        for task, e in f8["tasks"].items():
+            r = results["tasks"][task]["releases"][0]
+            lines.append(f"| {task} | {r['evolved']:.2f} | {r['ported_lora']:.2f} | {e['evolved_fp8']:.2f} | "
+                         f"{e['ported_nearest']:.2f} | {e['ported_stochastic']:.2f} | {e['retained_nearest']:.3f} | "
+                         f"{e['retained_stochastic']:.3f} |")
+        lines.append("")
     c = results["cost"]
     lines += [f"Cost on {rels[0]['name']}: port {c['port']['seconds']:.2f} s, peak memory "
               f"{c['port']['peak_rss_above_baseline'] / 2**20:.1f} MiB; re-fine-tuning {c['refit']['seconds']:.2f} s, "
