@@ -167,8 +167,8 @@ def merge_(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torch.T
     """The block-FP8 merge (module docstring): returns the new (q, scale_inv) and the retention sums.
     q, scale_inv are not modified. ``seed`` makes stochastic rounding deterministic (``stream_key``).
     ``ops.fp8_merge`` on its backend (the C++ kernel on CPUs, the same bits as the reference); ue8m0
-    scales, whose rounding follows torch's log2 as transformers' quantizer does, take the reference's
-    band-by-band path with ``patch_add_``'s fp32 accumulation."""
+    scales, whose rounding follows torch's log2 as transformers' quantizer does, take the reference
+    (``reference.fp8_merge`` with ``scale_fmt``: the same sum, power-of-two scales)."""
     from portllm import ops
 
     if rounding not in ROUNDINGS:
@@ -179,27 +179,13 @@ def merge_(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torch.T
     if scale_fmt == "float":
         out_q, out_s, sums = ops.fp8_merge(q, scale_inv, B, A, s, block, stochastic=rounding == "stochastic",
                                            key=key, backend=backend)
-        dot, d2, n2 = sums.tolist()
-        return out_q, out_s.to(scale_inv.dtype), Retention(dot, d2, n2)
-    bm, _ = block
-    M, _ = q.shape
-    out_q = torch.empty_like(q)
-    out_s = torch.empty_like(scale_inv, dtype=torch.float32)
-    stats = Retention()
-    for i0 in range(0, M, bm):
-        i1 = min(M, i0 + bm)
-        rows = slice(i0, i1)
-        W = dequantize(q[rows], scale_inv[i0 // bm:i0 // bm + 1], block)
-        W1 = W.clone()
-        ops.patch_add_(W1, B[rows], A, s, backend=backend)
-        qb, sb = quantize(W1, block, rounding, key=key, first_row=i0, scale_fmt=scale_fmt)
-        out_q[rows], out_s[i0 // bm] = qb, sb[0]
-        Wq = dequantize(qb, sb, block).double()
-        delta = W1.double() - W.double()
-        moved = Wq - W.double()
-        stats.add(Retention(float((moved * delta).sum()), float((delta * delta).sum()),
-                            float(((moved - delta) ** 2).sum())))
-    return out_q, out_s.to(scale_inv.dtype), stats
+    else:
+        from portllm import reference
+
+        out_q, out_s, sums = reference.fp8_merge(q, scale_inv.float(), (B.float() * s.float()[None, :]).contiguous(),
+                                                 A.float(), block, rounding == "stochastic", key, scale_fmt)
+    dot, d2, n2 = sums.tolist()
+    return out_q, out_s.to(scale_inv.dtype), Retention(dot, d2, n2)
 
 
 def checkpoint_format(model_dir: str) -> tuple[tuple[int, int], str] | None:

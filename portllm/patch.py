@@ -371,30 +371,40 @@ def _portllm_metadata(meta: dict, where: str) -> dict:
     return info
 
 
-def _to_peft(patch: Patch) -> tuple[dict, dict]:
-    if patch.expert_factors:
-        return _to_peft_experts(patch)
+def _tidy(alpha: float) -> float:
+    """PEFT's alpha from a scale product, tidied of the last-bit noise of that product."""
+    return float(f"{alpha:.15g}")
+
+
+def _peft_adapter(patch: Patch, **fields) -> tuple[dict, dict]:
+    """(adapter_config, tensors) of a PEFT LoRA adapter: the config's fixed fields plus ``fields``, and
+    every factor pair (plain modules, then expert parameters) under PEFT's keys."""
     fifo = {m.fan_in_fan_out for m in patch.modules.values()}
     if len(fifo) > 1:
         raise ValueError("a PEFT adapter is either fan_in_fan_out or not: this patch mixes both")
-    r = patch.rank
-    # PEFT's scale is alpha / r: alpha = scale * r, tidied of the last-bit noise of that product.
-    alphas = {k: float(f"{m.scale * m.rank:.15g}") for k, m in patch.modules.items()}
-    alpha = Counter(alphas[k] for k, m in patch.modules.items() if m.rank == r).most_common(1)[0][0]
-    rank_pattern = {k: m.rank for k, m in patch.modules.items() if m.rank != r}
-    alpha_pattern = {k: a for k, a in alphas.items() if a != alpha}
-    cfg = {
-        "peft_type": "LORA", "task_type": patch.extra.get("task_type"), "r": r, "lora_alpha": alpha,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "target_modules": sorted(patch.modules),
-        "base_model_name_or_path": patch.base_model, "fan_in_fan_out": fifo.pop(), "use_rslora": False,
-        "use_dora": False, "bias": "none", "lora_dropout": 0.0, "modules_to_save": None,
-        "init_lora_weights": True, "inference_mode": True,
-    }
+    cfg = {"peft_type": "LORA", "task_type": patch.extra.get("task_type"), **fields,
+           "target_modules": sorted(patch.modules), "base_model_name_or_path": patch.base_model,
+           "fan_in_fan_out": bool(fifo and fifo.pop()), "use_dora": False, "bias": "none", "lora_dropout": 0.0,
+           "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+    pairs = [(name, m.A, m.B) for name, m in patch.modules.items()]
+    pairs += [(key, f.A, f.B) for key, f in patch.expert_factors.items()]
     tensors = {}
-    for name, m in patch.modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = m.B.contiguous()
+    for name, A, B in pairs:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
     return cfg, tensors
+
+
+def _to_peft(patch: Patch) -> tuple[dict, dict]:
+    if patch.expert_factors:
+        return _to_peft_experts(patch)
+    r = patch.rank
+    # PEFT's scale is alpha / r: alpha = scale * r.
+    alphas = {k: _tidy(m.scale * m.rank) for k, m in patch.modules.items()}
+    alpha = Counter(alphas[k] for k, m in patch.modules.items() if m.rank == r).most_common(1)[0][0]
+    return _peft_adapter(patch, r=r, lora_alpha=alpha,
+                         rank_pattern={k: m.rank for k, m in patch.modules.items() if m.rank != r},
+                         alpha_pattern={k: a for k, a in alphas.items() if a != alpha}, use_rslora=False)
 
 
 def _to_peft_experts(patch: Patch) -> tuple[dict, dict]:
@@ -404,30 +414,10 @@ def _to_peft_experts(patch: Patch) -> tuple[dict, dict]:
     ec = patch.expert_config
     rslora = bool(ec.get("use_rslora"))
     s = patch.expert_scale
-
-    def tidy(a):
-        return float(f"{a:.15g}")
-
-    fifo = {m.fan_in_fan_out for m in patch.modules.values()}
-    if len(fifo) > 1:
-        raise ValueError("a PEFT adapter is either fan_in_fan_out or not: this patch mixes both")
     rank_pattern = {k: m.rank for k, m in patch.modules.items()}
-    alpha_pattern = {k: tidy(m.scale * (math.sqrt(m.rank) if rslora else m.rank)) for k, m in patch.modules.items()}
+    alpha_pattern = {k: _tidy(m.scale * (math.sqrt(m.rank) if rslora else m.rank)) for k, m in patch.modules.items()}
     rank_pattern.update(ec.get("rank_pattern") or {})
-    alpha_pattern.update({k: tidy(v * s) for k, v in (ec.get("alpha_pattern") or {}).items()})
-    cfg = {
-        "peft_type": "LORA", "task_type": patch.extra.get("task_type"), "r": ec.get("r", 8),
-        "lora_alpha": tidy(ec.get("lora_alpha", 8) * s), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(patch.modules), "target_parameters": list(ec.get("target_parameters") or []),
-        "base_model_name_or_path": patch.base_model, "fan_in_fan_out": bool(fifo and fifo.pop()), "use_rslora": rslora,
-        "use_dora": False, "bias": "none", "lora_dropout": 0.0, "modules_to_save": None,
-        "init_lora_weights": True, "inference_mode": True,
-    }
-    tensors = {}
-    for name, m in patch.modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = m.A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = m.B.contiguous()
-    for key, f in patch.expert_factors.items():
-        tensors[f"base_model.model.{key}.lora_A.weight"] = f.A.contiguous()
-        tensors[f"base_model.model.{key}.lora_B.weight"] = f.B.contiguous()
-    return cfg, tensors
+    alpha_pattern.update({k: _tidy(v * s) for k, v in (ec.get("alpha_pattern") or {}).items()})
+    return _peft_adapter(patch, r=ec.get("r", 8), lora_alpha=_tidy(ec.get("lora_alpha", 8) * s),
+                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                         target_parameters=list(ec.get("target_parameters") or []), use_rslora=rslora)

@@ -103,11 +103,11 @@ def bit_misses(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def fp8_merge(q: torch.Tensor, scale_inv: torch.Tensor, Bs: torch.Tensor, A: torch.Tensor, block: tuple[int, int],
-              stochastic: bool, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              stochastic: bool, key: int, scale_fmt: str = "float") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block-FP8 merge (``portllm.ops.fp8_merge``), band by band of ``bm`` rows: W = float(q)·scale_inv
     (fp32); W' = float32(float64(W) + Σ_k float64(Bs[:, k])·float64(A[k]), k ascending); then
     ``fp8.quantize`` of W' with the stream ``key`` at the elements' flat indices. Returns (q', scale_inv',
-    float64 [⟨Q−W, Δ⟩, ‖Δ‖², ‖Q−W−Δ‖²])."""
+    float64 [⟨Q−W, Δ⟩, ‖Δ‖², ‖Q−W−Δ‖²]). ``scale_fmt="ue8m0"``: power-of-two scales (``fp8.quantize``)."""
     from portllm import fp8
 
     bm, _ = block
@@ -123,7 +123,7 @@ def fp8_merge(q: torch.Tensor, scale_inv: torch.Tensor, Bs: torch.Tensor, A: tor
         for k in range(Bs.shape[1]):
             acc += Bs[i0:i1, k:k + 1].double() * Ad[k:k + 1]
         W1 = acc.float()
-        qb, sb = fp8.quantize(W1, block, rounding, key=key, first_row=i0)
+        qb, sb = fp8.quantize(W1, block, rounding, key=key, first_row=i0, scale_fmt=scale_fmt)
         out_q[i0:i1], out_s[i0 // bm] = qb, sb[0]
         Wd, delta = W.double(), W1.double() - W.double()
         moved = fp8.dequantize(qb, sb, block).double() - Wd

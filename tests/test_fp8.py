@@ -370,3 +370,19 @@ def test_fp8_merge_nan_code_and_huge_block(backend, isa, monkeypatch):
         got = ops.fp8_merge(q, scales, B, A, sc, block, backend=backend)
         want = reference.fp8_merge(q, scales, B.float() * sc, A, block, False, 0)
         assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+
+
+def test_ue8m0_merge_is_the_quantizer_of_the_merged_weight():
+    """ue8m0 scales: the merge's codes and power-of-two scales are transformers' quantizer (``quantize``,
+    tested against Fp8Quantize) applied to the merged weight, band by band."""
+    q, s = fp8.quantize(torch.randn(300, 200, generator=torch.Generator().manual_seed(2)) * 0.02, BLOCK,
+                        scale_fmt="ue8m0")
+    B, A, sc = _factors(300, 200, 4, 0.05, q, s, seed=3)
+    out_q, out_s, _ = fp8.merge_(q, s, B, A, sc, BLOCK, scale_fmt="ue8m0")
+    W1 = (fp8.dequantize(q, s, BLOCK).double() + (B * sc).double() @ A.double()).float()
+    for i0 in range(0, 300, 128):
+        want_q, want_s = fp8.quantize(W1[i0:i0 + 128], BLOCK, scale_fmt="ue8m0")
+        assert torch.equal(out_s[i0 // 128], want_s[0])
+        diff = (out_q[i0:i0 + 128].float() - want_q.float()).abs() > 0
+        assert float(diff.float().mean()) <= 1e-3  # (the float64 sum's order against matmul's: a tie at most)
+    assert bool((torch.log2(out_s) == torch.log2(out_s).round()).all())

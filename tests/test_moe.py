@@ -70,6 +70,16 @@ def assert_close_rel(got: dict, want: dict, rtol=1e-6):
         assert err <= rtol * max(b.abs().max().item(), 1e-30), (k, err)
 
 
+def assert_port_and_apply_equal(model, tmp_path, want):
+    """The adapter at tmp_path/a, ported onto the checkpoint at tmp_path/base and applied to ``model``,
+    gives ``want`` (PEFT's merge) both ways."""
+    portllm.port(str(tmp_path / "base"), str(tmp_path / "a"), str(tmp_path / "out"), progress=False, log=None)
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert_close_rel(got, want)
+    portllm.apply_patch(model, Patch.load(tmp_path / "a"))
+    assert_close_rel(model.state_dict(), want)
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
     return request.param
@@ -240,11 +250,7 @@ def test_deepseek_shared_and_routed_experts(tmp_path):
     assert not torch.equal(want["model.layers.0.mlp.shared_experts.up_proj.weight"],
                            base["model.layers.0.mlp.shared_experts.up_proj.weight"])
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-    portllm.port(str(tmp_path / "base"), str(tmp_path / "a"), str(tmp_path / "out"), progress=False, log=None)
-    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    assert_close_rel(got, want)
-    portllm.apply_patch(model, Patch.load(tmp_path / "a"))
-    assert_close_rel(model.state_dict(), want)
+    assert_port_and_apply_equal(model, tmp_path, want)
 
 
 def test_fused_checkpoint_tensor_is_one_batched_merge(tmp_path, monkeypatch):
@@ -285,8 +291,4 @@ def test_peft_trained_adapter(tmp_path):
     pm.save_pretrained(tmp_path / "a")
     want = pm.merge_and_unload().state_dict()
     model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
-    portllm.port(str(tmp_path / "base"), str(tmp_path / "a"), str(tmp_path / "out"), progress=False, log=None)
-    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    assert_close_rel(got, want)
-    portllm.apply_patch(model, Patch.load(tmp_path / "a"))
-    assert_close_rel(model.state_dict(), want)
+    assert_port_and_apply_equal(model, tmp_path, want)
