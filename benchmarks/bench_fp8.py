@@ -1,7 +1,9 @@
 """The block-FP8 merge (portllm.fp8.merge_: dequantize, add s·B·A in fp32, requantize with fresh block
 scales), e4m3 W 4096x14336 in 128x128 blocks, r=16, against passes over the FP8 weight's bytes (an in-place
 uint8 pass: 1 byte read and written per element; a copy), in one run: ``ops.fp8_merge`` on the
-reference (PyTorch, band by band) and the C++ kernel (block by block, one pass), both roundings.
+reference (PyTorch, band by band) and the C++ kernel (block by block, one pass), both roundings; and
+the compressed-tensors FP8 merge (portllm.fp8_compressed.merge_, PyTorch ops only) on the same weight
+quantized per output channel with bf16 scales (provider ``ct_merge-reference``, FP8_DYNAMIC's layout).
 The floor on a CPU is not the pass but the arithmetic: r=16 products per element in float64
 (exact products, so that every backend's bits agree) is 16 fused multiply-adds per weight byte.
 """
@@ -13,7 +15,7 @@ import torch
 from benchutil import DEVICE, QUICK
 from suite import Suite, fmt
 
-from portllm import _ext, fp8, ops
+from portllm import _ext, fp8, fp8_compressed, ops
 
 M, N = (256, 384) if QUICK else (4096, 14336)
 BLOCK = (128, 128)
@@ -25,14 +27,17 @@ def weight():
     g = torch.Generator().manual_seed(0)
     q, s = fp8.quantize(torch.randn(M, N, generator=g) * 0.02, BLOCK)
     B, A = torch.randn(M, 16, generator=g) * 0.01, torch.randn(16, N, generator=g) * 0.01
-    return q, s, B, A
+    W = fp8.dequantize(q, s, BLOCK).to(torch.bfloat16)  # the same weight, quantized per channel (bf16 scales)
+    cs = fp8_compressed.scales_for(W.abs().amax(dim=1, keepdim=True), torch.bfloat16)
+    cq = (W / cs).clamp(-448, 448).to(fp8.E4M3)
+    return q, s, B, A, cq, cs
 
 
 _ISA_ORDER = ("generic", "avx2", "avx512", "avx512bf16")
 ISAS = ([i for i in reversed(_ISA_ORDER[: _ISA_ORDER.index(_ext.cpu_isa()) + 1])]
         if _ext.cpu_isa() in _ISA_ORDER and ops.backend_unavailable_reason("cpp", "cpu", "fp8_merge") is None else [])
 PASSES = ["in-place uint8", "copy"]
-PROVIDERS = PASSES + ["fp8_merge-reference"] + [f"fp8_merge-cpp@{isa}" for isa in ISAS]
+PROVIDERS = PASSES + ["fp8_merge-reference"] + [f"fp8_merge-cpp@{isa}" for isa in ISAS] + ["ct_merge-reference"]
 
 
 @pytest.mark.parametrize("rounding", fp8.ROUNDINGS)
@@ -42,13 +47,16 @@ def test_fp8_merge(benchmark, weight, provider, rounding):
         pytest.skip("the FP8 merge runs on the CPU only")
     if provider in PASSES and rounding != "nearest":
         pytest.skip("a pass does not round: measured once")
-    q, s, B, A = weight
+    q, s, B, A, cq, cs = weight
     sc = torch.full((16,), 0.5)
     qi = q.view(torch.uint8)
     base, _, isa = provider.partition("@")
     backend = base.removeprefix("fp8_merge-") if base.startswith("fp8_merge-") else None
     if provider in PASSES:
         fn = {"in-place uint8": lambda: qi.add_(0), "copy": lambda: qi.clone()}[provider]
+    elif provider == "ct_merge-reference":
+        def fn():
+            return fp8_compressed.merge_(cq, cs, B, A, sc, (1, N), rounding=rounding)
     else:
         def fn():
             if isa:

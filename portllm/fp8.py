@@ -186,38 +186,3 @@ def merge_(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torch.T
                                                  A.float(), block, rounding == "stochastic", key, scale_fmt)
     dot, d2, n2 = sums.tolist()
     return out_q, out_s.to(scale_inv.dtype), Retention(dot, d2, n2)
-
-
-def checkpoint_format(model_dir: str) -> tuple[tuple[int, int], str] | None:
-    """(block size, scale format: "float" or "ue8m0") of a block-scaled FP8 checkpoint (config.json's
-    ``quantization_config``: ``quant_method`` "fp8" with ``weight_block_size``), None for an unquantized
-    one; FP8FormatError, naming the format, for any other quantization portllm cannot merge into."""
-    import json
-    import os
-
-    from portllm.files import open_regular
-
-    path = os.path.join(model_dir, "config.json")
-    try:
-        with open_regular(path, "config", binary=False) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return None  # (no readable config: the port's other checks say so where it matters)
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
-    if not qc:
-        return None
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method == "fp8":
-        block = qc.get("weight_block_size")
-        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-            raise FP8FormatError(f"{path}: quantization_config.weight_block_size is {block!r}; portllm merges into "
-                                 "block-scaled FP8 ([rows, cols] blocks, e.g. [128, 128]) only")
-        if qc.get("fmt", "e4m3") != "e4m3":
-            raise FP8FormatError(f"{path}: quantization_config.fmt is {qc.get('fmt')!r}; portllm merges into e4m3")
-        scale_fmt = qc.get("scale_fmt") or "float"
-        if scale_fmt not in ("float", "ue8m0"):
-            raise FP8FormatError(f"{path}: quantization_config.scale_fmt is {scale_fmt!r}; portllm writes float or "
-                                 "ue8m0 block scales")
-        return (block[0], block[1]), scale_fmt
-    raise FP8FormatError(f"{path}: the checkpoint is quantized (quant_method {method!r}), which portllm cannot merge "
-                         "into; port onto the 16-bit release of the model instead")

@@ -32,8 +32,9 @@ def check_weight_dtype(W: torch.Tensor, what: str):
     """TypeError naming ``what`` for a weight dtype the merge kernels do not take."""
     if W.dtype in _WEIGHT_DTYPES:
         return
-    hint = ("an FP8 weight: port the checkpoint instead (`portllm port` merges into block-scaled FP8 in its own "
-            "format, or writes it dequantized with --dtype bfloat16), or load the model dequantized"
+    hint = ("an FP8 weight: port the checkpoint instead (`portllm port` merges into block-scaled and "
+            "compressed-tensors FP8 in its own format, or writes it dequantized with --dtype bfloat16), or load "
+            "the model dequantized"
             if W.dtype.is_floating_point
             and W.dtype.itemsize == 1 else
             "convert the model to float32 first" if W.dtype == torch.float64 else

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from portllm import finite, fp8, ops
+from portllm import finite, fp8, fp8_formats
 from portllm.atomic import UnsafePathError, check_disjoint, safe_join, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, tensor_target, weight_key
 from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility, resolve_fan_in_fan_out
@@ -95,8 +95,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     * ``dtype``: convert every floating-point tensor (and config.json's dtype) to this dtype.
     * ``force``: replace a non-empty ``out_dir``.
     * ``check_finite``: refuse factors with NaN/Inf (on by default here: a checkpoint is written once).
-    * ``rounding``, ``seed``: for a block-scaled FP8 checkpoint (``quant_method: "fp8"``), how merged
-      weights are requantized (``portllm.fp8``: "nearest" or "stochastic", seeded); the output keeps
+    * ``rounding``, ``seed``: for an FP8 checkpoint (block-scaled, ``quant_method: "fp8"``, or
+      compressed-tensors FP8; ``portllm.fp8_formats``), how merged weights are requantized
+      ("nearest" or "stochastic", seeded); the output keeps
       the input's format, and the report says how much of the patch survived requantization. With
       ``dtype``, an FP8 checkpoint is written dequantized instead (nothing is requantized).
     * ``base``: the checkpoint directory the patch was trained on, for the report's measure of how far
@@ -124,10 +125,10 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             log(f"portllm port: not copied: {link} is a symbolic link (links are not followed)")
     watch = InputWatch()
     try:
-        fp8_block, fp8_scales = fp8.checkpoint_format(model_dir) or (None, "float")
+        fmt = fp8_formats.checkpoint_format(model_dir)
     except fp8.FP8FormatError as e:
         raise IncompatiblePatchError(str(e)) from None
-    dequant = fp8_block is not None and out_dtype is not None  # FP8 in, a dequantized 16/32-bit checkpoint out
+    dequant = fmt is not None and out_dtype is not None  # FP8 in, a dequantized 16/32-bit checkpoint out
     if rounding not in fp8.ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(fp8.ROUNDINGS)}, got {rounding!r}")
     with Checkpoint(model_dir) as ckpt:
@@ -147,34 +148,32 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 log(f"portllm port: {line}")
         report.raise_for_errors()
         fp8_targets, fp8_pairs = {}, {}
-        if dequant:  # every FP8 weight is dequantized with its block scales, checked before any write
+        if dequant:  # every FP8 weight is dequantized with its scales, checked before any write
             for key in ckpt.keys():
                 info = ckpt.info(key)
                 if info.dtype not in (fp8.E4M3, torch.float8_e5m2):
                     continue
-                if info.dtype != fp8.E4M3 or key + "_scale_inv" not in ckpt.key_file:
+                if info.dtype != fp8.E4M3 or key + fmt.suffix not in ckpt.key_file:
                     raise IncompatiblePatchError(f"tensor {key}: {str(info.dtype).removeprefix('torch.')} without "
-                                                 "block scales (weight_scale_inv); portllm dequantizes block-scaled "
-                                                 "e4m3 weights only")
+                                                 f"its scales (weight{fmt.suffix}); portllm dequantizes e4m3 weights "
+                                                 f"with their scales only ({fmt.describe()})")
                 try:
-                    fp8.check_block_scales(torch.empty(info.shape, dtype=fp8.E4M3, device="meta"),
-                                           ckpt.tensor(key + "_scale_inv"), fp8_block, key)
+                    fmt.check(key, info.shape, info.dtype, ckpt.tensor(key + fmt.suffix))
                 except fp8.FP8FormatError as e:
                     raise IncompatiblePatchError(str(e)) from None
-                fp8_pairs[key] = key + "_scale_inv"
+                fp8_pairs[key] = key + fmt.suffix
         for name in patch:  # a weight the kernels cannot merge into: refused before any write
             key = tensor_target(weight_key(name))[0]
             info = ckpt.info(key)
-            if not dequant and fp8_block is not None and info.dtype == fp8.E4M3 and key + "_scale_inv" in ckpt.key_file:
+            if not dequant and fmt is not None and info.dtype == fp8.E4M3 and key + fmt.suffix in ckpt.key_file:
                 if patch[name].fan_in_fan_out or tensor_target(weight_key(name))[1] is not None:
                     raise IncompatiblePatchError(f"module {name}: portllm merges into FP8 weights stored [out, in], "
                                                  "one per module (not fan_in_fan_out, not fused experts)")
-                try:  # the block scales, checked before any write
-                    fp8.check_block_scales(torch.empty(info.shape, dtype=fp8.E4M3, device="meta"),
-                                           ckpt.tensor(key + "_scale_inv"), fp8_block, key)
+                try:  # the scales, checked before any write
+                    fmt.check(key, info.shape, info.dtype, ckpt.tensor(key + fmt.suffix))
                 except fp8.FP8FormatError as e:
                     raise IncompatiblePatchError(str(e)) from None
-                fp8_targets[key] = key + "_scale_inv"
+                fp8_targets[key] = key + fmt.suffix
                 continue
             dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
             check_weight_dtype(torch.empty(0, dtype=dt), f"module {name} (tensor {weight_key(name)})")
@@ -186,6 +185,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 for which, t in (("B", m.B), ("A", m.A)):
                     if finite.count(t):
                         raise NonFiniteMergeError(f"patch module {name}: lora_{which} has NaN or Inf values")
+        # The FP8 merge runs on the CPU: its backend is resolved there, before any write.
+        fp8_backend = fmt.backend(backend) if fp8_targets else None
+
         def last_checks():
             _check_out_dir(out_dir, inputs, force)
             ckpt.check_unchanged()  # a shard rewritten during the port: no output
@@ -194,18 +196,14 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         with staging_dir(out_dir, log=log, before_replace=last_checks) as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            # The FP8 merge runs on the CPU: its backend is resolved there, before any write (ue8m0
-            # scales take patch_add_ on the same backend; both ops have the reference and the C++ one).
-            requant = (_FP8Merges(ckpt, patch, fp8_block, fp8_targets, rounding, seed,
-                                  ops.resolve_backend(backend, "cpu", "fp8_merge"), fp8_scales)
-                       if fp8_targets else None)
-            dq = _Dequantize(ckpt, fp8_pairs, fp8_block) if dequant else None
+            requant = _FP8Merges(ckpt, patch, fmt, fp8_targets, rounding, seed, fp8_backend) if fp8_targets else None
+            dq = _Dequantize(ckpt, fp8_pairs, fmt) if dequant else None
             stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant, dq)
             if requant is not None and log:
                 for line in requant.lines():
                     log(f"portllm port: {line}")
             _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"], copies, watch,
-                              dropped=set(fp8_pairs.values()) if dequant else None)
+                              dropped=dq.dropped if dq is not None else None)
             write_json(os.path.join(tmp, "portllm_port.json"), {
                 "source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
                 "patch_modules": len(patch), "scale": scale,
@@ -304,28 +302,28 @@ def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, 
 
 class _Dequantize:
     """FP8 weights written dequantized (``port(..., dtype=...)`` on an FP8 checkpoint): each weight is
-    ``fp8.dequantize``'d with its block scales (read out of order); the scale tensors are dropped."""
+    dequantized with its scales (read out of order) as its format's loader does; the scale tensors
+    are dropped (with, for compressed-tensors, the quantized modules' activation scales)."""
 
-    def __init__(self, ckpt: Checkpoint, pairs: dict[str, str], block):
-        self.ckpt, self.pairs, self.block = ckpt, pairs, block
-        self.dropped = set(pairs.values())
+    def __init__(self, ckpt: Checkpoint, pairs: dict[str, str], fmt):
+        self.ckpt, self.pairs, self.fmt = ckpt, pairs, fmt
+        self.dropped = set(pairs.values()) | fmt.also_dropped(ckpt.keys(), pairs.keys())
 
     def owns(self, key: str) -> bool:
         return key in self.pairs
 
     def weight(self, key: str, q: torch.Tensor) -> torch.Tensor:
-        return fp8.dequantize(q, self.ckpt.tensor(self.pairs[key]), self.block)
+        return self.fmt.dequantize(q, self.ckpt.tensor(self.pairs[key]))
 
 
 class _FP8Merges:
-    """The FP8 weights a port merges into (``portllm.fp8``): each weight and its new block scales are
+    """The FP8 weights a port merges into (``portllm.fp8_formats``): each weight and its new scales are
     computed when the first of the two comes up in file order (the other read out of order), and
     handed out when each one's turn to be written comes; the retention is summed per module."""
 
-    def __init__(self, ckpt: Checkpoint, patch: Patch, block, targets: dict[str, str], rounding: str, seed: int,
-                 backend, scale_fmt: str = "float"):
-        self.ckpt, self.block, self.rounding, self.seed, self.backend = ckpt, block, rounding, seed, backend
-        self.scale_fmt = scale_fmt
+    def __init__(self, ckpt: Checkpoint, patch: Patch, fmt, targets: dict[str, str], rounding: str, seed: int,
+                 backend):
+        self.ckpt, self.fmt, self.rounding, self.seed, self.backend = ckpt, fmt, rounding, seed, backend
         self.weights = targets  # weight key -> scale key
         self.scales = {v: k for k, v in targets.items()}
         self.modules = {weight_key(name): name for name in patch}
@@ -348,8 +346,8 @@ class _FP8Merges:
         # Each weight's stream from the seed and its own name: not from file order, and two seeds never
         # share streams between tensors.
         seed = zlib.crc32(f"{self.seed}|{wkey}".encode())
-        q2, s2, st = fp8.merge_(q, s, m.B, m.A, scale, self.block, rounding=self.rounding, seed=seed,
-                                backend=self.backend, scale_fmt=self.scale_fmt)
+        q2, s2, st = self.fmt.merge(q, s, m.B, m.A, scale, rounding=self.rounding, seed=seed, backend=self.backend,
+                                    name=wkey)
         self.stats[name] = st
         other = self.weights[wkey] if key == wkey else wkey
         self.pending[other] = s2 if key == wkey else q2
@@ -369,7 +367,7 @@ class _FP8Merges:
     def lines(self) -> list[str]:
         tot = self.total()
         worst = min(self.stats.items(), key=lambda kv: kv[1].retained) if self.stats else None
-        out = [f"FP8 ({self.rounding} rounding, blocks {self.block[0]}x{self.block[1]}): {tot.retained:.1%} of the "
+        out = [f"FP8 ({self.rounding} rounding, {self.fmt.describe()}): {tot.retained:.1%} of the "
                f"patch survived requantization over {len(self.stats)} weights (noise {tot.noise:.2f} of the "
                f"patch's norm); least: {worst[0]} {worst[1].retained:.1%}" if worst else "FP8: nothing merged"]
         if tot.retained < 0.5:

@@ -225,7 +225,7 @@ def test_cli_port_fp8_stochastic(tmp_path, capsys):
     assert cli.main(["port", "--model", str(tmp_path / "m"), "--patch", str(tmp_path / "p"), "--out",
                      str(tmp_path / "o"), "--rounding", "stochastic", "--seed", "5"]) == 0
     out = capsys.readouterr().out
-    assert "FP8 (stochastic rounding, blocks 128x128):" in out and "survived requantization" in out
+    assert "FP8 (stochastic rounding, block-FP8, blocks 128x128):" in out and "survived requantization" in out
 
 
 @pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])

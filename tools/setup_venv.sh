@@ -47,6 +47,11 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   "${PIP[@]}" install -q ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} torch==2.13.0
 fi
 "${PIP[@]}" install -q ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} ${UPGRADE[@]+"${UPGRADE[@]}"} -r requirements-dev.txt
+# compressed-tensors: what transformers loads compressed-tensors FP8 checkpoints with; the tests of
+# the port into that format compare against its quantizer and loader. Optional: where it cannot be
+# installed (no package registry), those checks skip and say why; nothing else needs it.
+"${PIP[@]}" install -q --retries 0 --timeout 15 ${CONSTRAINTS[@]+"${CONSTRAINTS[@]}"} "compressed-tensors>=0.12" \
+  || echo "portllm: compressed-tensors not installed: the checks against its quantizer and loader will skip"
 # --no-build-isolation: compile against the torch installed above, not a second one.
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c 'import portllm, portllm.ops as o; print("portllm", portllm.__version__, "|", portllm._ext.build_info(), "| backends on cpu:", o.available_backends("cpu"))'
