@@ -4,6 +4,7 @@ uint8 pass: 1 byte read and written per element; a copy), in one run: ``ops.fp8_
 reference (PyTorch, band by band) and the C++ kernel (block by block, one pass), both roundings; and
 the compressed-tensors FP8 merge (portllm.fp8_compressed.merge_, PyTorch ops only) on the same weight
 quantized per output channel with bf16 scales (provider ``ct_merge-reference``, FP8_DYNAMIC's layout).
+On a GPU: the passes, the reference and the Triton kernel (one program per block), on the GPU.
 The floor on a CPU is not the pass but the arithmetic: r=16 products per element in float64
 (exact products, so that every backend's bits agree) is 16 fused multiply-adds per weight byte.
 """
@@ -12,7 +13,7 @@ import os
 
 import pytest
 import torch
-from benchutil import DEVICE, QUICK
+from benchutil import DEVICE, QUICK, sync
 from suite import Suite, fmt
 
 from portllm import _ext, fp8, fp8_compressed, ops
@@ -30,39 +31,44 @@ def weight():
     W = fp8.dequantize(q, s, BLOCK).to(torch.bfloat16)  # the same weight, quantized per channel (bf16 scales)
     cs = fp8_compressed.scales_for(W.abs().amax(dim=1, keepdim=True), torch.bfloat16)
     cq = (W / cs).clamp(-448, 448).to(fp8.E4M3)
-    return q, s, B, A, cq, cs
+    return tuple(t.to(DEVICE) for t in (q, s, B, A)) + (cq, cs)
 
 
 _ISA_ORDER = ("generic", "avx2", "avx512", "avx512bf16")
 ISAS = ([i for i in reversed(_ISA_ORDER[: _ISA_ORDER.index(_ext.cpu_isa()) + 1])]
         if _ext.cpu_isa() in _ISA_ORDER and ops.backend_unavailable_reason("cpp", "cpu", "fp8_merge") is None else [])
 PASSES = ["in-place uint8", "copy"]
-PROVIDERS = PASSES + ["fp8_merge-reference"] + [f"fp8_merge-cpp@{isa}" for isa in ISAS] + ["ct_merge-reference"]
+PROVIDERS = PASSES + (["fp8_merge-reference", "fp8_merge-triton"] if DEVICE.type == "cuda" else
+                      ["fp8_merge-reference"] + [f"fp8_merge-cpp@{isa}" for isa in ISAS] + ["ct_merge-reference"])
 
 
 @pytest.mark.parametrize("rounding", fp8.ROUNDINGS)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_fp8_merge(benchmark, weight, provider, rounding):
-    if DEVICE.type != "cpu":
-        pytest.skip("the FP8 merge runs on the CPU only")
     if provider in PASSES and rounding != "nearest":
         pytest.skip("a pass does not round: measured once")
     q, s, B, A, cq, cs = weight
-    sc = torch.full((16,), 0.5)
+    sc = torch.full((16,), 0.5, device=DEVICE)
     qi = q.view(torch.uint8)
     base, _, isa = provider.partition("@")
     backend = base.removeprefix("fp8_merge-") if base.startswith("fp8_merge-") else None
     if provider in PASSES:
-        fn = {"in-place uint8": lambda: qi.add_(0), "copy": lambda: qi.clone()}[provider]
+        op = {"in-place uint8": lambda: qi.add_(0), "copy": lambda: qi.clone()}[provider]
+
+        def fn():
+            op()
+            sync()
     elif provider == "ct_merge-reference":
         def fn():
-            return fp8_compressed.merge_(cq, cs, B, A, sc, (1, N), rounding=rounding)
+            return fp8_compressed.merge_(cq, cs, B.cpu(), A.cpu(), sc.cpu(), (1, N), rounding=rounding)
     else:
         def fn():
             if isa:
                 os.environ["PORTLLM_CPU_ISA"] = isa
             try:
-                return fp8.merge_(q, s, B, A, sc, BLOCK, rounding=rounding, backend=backend)
+                out = fp8.merge_(q, s, B, A, sc, BLOCK, rounding=rounding, backend=backend)
+                sync()
+                return out
             finally:
                 os.environ.pop("PORTLLM_CPU_ISA", None)
     benchmark.group = "fp8 merge"

@@ -37,14 +37,16 @@ class BlockFP8:
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return fp8.dequantize(q, scale, self.block)
 
-    def backend(self, backend):
+    def backend(self, backend, device):
         from portllm import ops
 
-        return ops.resolve_backend(backend, "cpu", "fp8_merge")
+        return ops.resolve_backend(backend, device, "fp8_merge")
 
-    def merge(self, q, scale, B, A, s, *, rounding, seed, backend, name):
-        return fp8.merge_(q, scale, B, A, s, self.block, rounding=rounding, seed=seed, backend=backend,
-                          scale_fmt=self.scale_fmt)
+    def merge(self, q, scale, B, A, s, *, rounding, seed, backend, name, device):
+        """On ``device`` (the port's), the results back on the CPU."""
+        q2, s2, st = fp8.merge_(q.to(device), scale.to(device), B.to(device), A.to(device), s.to(device),
+                                self.block, rounding=rounding, seed=seed, backend=backend, scale_fmt=self.scale_fmt)
+        return q2.cpu(), s2.cpu(), st
 
     def also_dropped(self, keys, weights) -> set[str]:
         return set()
@@ -70,13 +72,14 @@ class CompressedFP8:
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return fp8_compressed.dequantize(q, scale, self._block(q.shape)).float()
 
-    def backend(self, backend):
+    def backend(self, backend, device):
         if backend not in (None, "reference"):
             raise ValueError(f"backend {backend!r}: the compressed-tensors FP8 merge runs on the reference backend "
                              "only (PyTorch ops, bit for bit compressed-tensors' quantizer); leave --backend out")
         return "reference"
 
-    def merge(self, q, scale, B, A, s, *, rounding, seed, backend, name):
+    def merge(self, q, scale, B, A, s, *, rounding, seed, backend, name, device):
+        """On the CPU (PyTorch ops), whatever the port's device."""
         return fp8_compressed.merge_(q, scale, B, A, s, self._block(q.shape), rounding=rounding, seed=seed,
                                      name=name)
 

@@ -185,8 +185,8 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 for which, t in (("B", m.B), ("A", m.A)):
                     if finite.count(t):
                         raise NonFiniteMergeError(f"patch module {name}: lora_{which} has NaN or Inf values")
-        # The FP8 merge runs on the CPU: its backend is resolved there, before any write.
-        fp8_backend = fmt.backend(backend) if fp8_targets else None
+        # The FP8 merge's backend, resolved on the port's device before any write.
+        fp8_backend = fmt.backend(backend, device) if fp8_targets else None
 
         def last_checks():
             _check_out_dir(out_dir, inputs, force)
@@ -196,7 +196,8 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         with staging_dir(out_dir, log=log, before_replace=last_checks) as tmp:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            requant = _FP8Merges(ckpt, patch, fmt, fp8_targets, rounding, seed, fp8_backend) if fp8_targets else None
+            requant = (_FP8Merges(ckpt, patch, fmt, fp8_targets, rounding, seed, fp8_backend, device)
+                       if fp8_targets else None)
             dq = _Dequantize(ckpt, fp8_pairs, fmt) if dequant else None
             stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant, dq)
             if requant is not None and log:
@@ -322,8 +323,9 @@ class _FP8Merges:
     handed out when each one's turn to be written comes; the retention is summed per module."""
 
     def __init__(self, ckpt: Checkpoint, patch: Patch, fmt, targets: dict[str, str], rounding: str, seed: int,
-                 backend):
+                 backend, device="cpu"):
         self.ckpt, self.fmt, self.rounding, self.seed, self.backend = ckpt, fmt, rounding, seed, backend
+        self.device = device
         self.weights = targets  # weight key -> scale key
         self.scales = {v: k for k, v in targets.items()}
         self.modules = {weight_key(name): name for name in patch}
@@ -347,7 +349,7 @@ class _FP8Merges:
         # share streams between tensors.
         seed = zlib.crc32(f"{self.seed}|{wkey}".encode())
         q2, s2, st = self.fmt.merge(q, s, m.B, m.A, scale, rounding=self.rounding, seed=seed, backend=self.backend,
-                                    name=wkey)
+                                    name=wkey, device=self.device)
         self.stats[name] = st
         other = self.weights[wkey] if key == wkey else wkey
         self.pending[other] = s2 if key == wkey else q2

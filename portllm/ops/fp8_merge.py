@@ -3,8 +3,9 @@ recompute the block's scale as transformers' quantizer does, requantize (nearest
 and the sums that say how much of the update survived.
 
 Math: ``portllm.fp8`` (module docstring) and :func:`fp8_merge`. Reference: ``portllm.reference.fp8_merge``
-(PyTorch, band by band). Kernel: ``csrc/cpu/fp8_merge.cpp`` (one pass over the weight, block by block,
-every output bit the reference's). Used by ``portllm.fp8.merge_`` (the port into FP8 checkpoints). Tests:
+(PyTorch, band by band). Kernels: ``csrc/cpu/fp8_merge.cpp`` (one pass over the weight, block by block,
+every output bit the reference's) and ``kernels/fp8_merge.py`` (Triton, one program per block, every
+output bit the reference's; ``tests/test_fp8_triton.py``). Used by ``portllm.fp8.merge_`` (the port into FP8 checkpoints). Tests:
 ``tests/test_fp8.py``. Benchmark: ``benchmarks/bench_fp8.py``.
 """
 
@@ -65,7 +66,25 @@ if _ext.has_kernel("fp8_merge", "CPU"):
         return torch.empty_like(q), torch.empty_like(s), s.new_empty(3, dtype=torch.float64)
 
 
+@torch.library.custom_op("portllm::fp8_merge_triton", mutates_args=())
+def _fp8_merge_triton(q: torch.Tensor, s: torch.Tensor, Bs: torch.Tensor, A: torch.Tensor, bm: int, bn: int,
+                      stochastic: bool, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from portllm.kernels.fp8_merge import fp8_merge_forward
+
+    return fp8_merge_forward(q, s, Bs, A, bm, bn, stochastic, key & ((1 << 64) - 1))
+
+
+@_fp8_merge_triton.register_fake
+def _fp8_merge_triton_fake(q, s, Bs, A, bm, bn, stochastic, key):
+    return torch.empty_like(q), torch.empty_like(s), s.new_empty(3, dtype=torch.float64)
+
+
+def _triton(q, s, Bs, A, bm, bn, stochastic, key):
+    qo, so, st = torch.ops.portllm.fp8_merge_triton(q.view(torch.uint8), s, Bs, A, bm, bn, stochastic, _signed64(key))
+    return qo.view(E4M3), so, st
+
+
 registry.register("fp8_merge", *registry.standard_impls(
-    "fp8_merge", source="fp8_merge", triton=None, extension_devices=("cpu",),
+    "fp8_merge", source="fp8_merge", kernel="fp8_merge_forward", triton=_triton, extension_devices=("cpu",),
     reference=lambda q, s, Bs, A, bm, bn, stochastic, key: reference.fp8_merge(q, s, Bs, A, (bm, bn), stochastic, key),
     extension=_cpp))
