@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from portllm import ops
+from portllm.pmss import sharded
 
 
 # The layer's ways to run the skeleton products: "gemm", the default, or a backend of skeleton_mm.
@@ -186,6 +187,10 @@ class PMSSLinear(nn.Module):
         return self.I.numel()
 
     def forward(self, x):
+        if sharded.is_sharded(self.weight):
+            raise RuntimeError("PMSSLinear: its weight is a shard (an FSDP2 DTensor) at forward time: call the model "
+                               "through the fully_shard module that holds this layer (shard each decoder layer and the "
+                               "root after pmss.inject), which gathers the whole weight for forward")
         return pmss_linear(x, self.weight, self.bias, self.I, self.J, self.U, self.scale, self.backend)
 
     def delta(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ from portllm import fingerprint as fp
 from portllm._version import __version__
 from portllm.merge import prepare_merge
 from portllm.patch import Patch, PatchModule
+from portllm.pmss import sharded
 from portllm.pmss.layer import PMSSLinear
 from portllm.pmss.select import select_skeleton
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
@@ -61,6 +62,11 @@ def inject(model: nn.Module, rank: int, target_modules=None, method: str = "deim
     ``backend``: how the layers run the skeleton products (``portllm.pmss.layer.resolve_backend``):
     ``"gemm"`` (the default) or a ``skeleton_mm`` backend. Returns the model."""
     names = _targets(model, target_modules)
+    wrapped = sharded.fsdp_module(model)
+    if wrapped is not None or any(sharded.is_sharded(model.get_submodule(n).weight) for n in names):
+        raise ValueError(f"module {wrapped or 'the root'} is already sharded by FSDP2 (fully_shard ran): call "
+                         "portllm.pmss.inject before fully_shard, so that the skeleton is selected from the whole "
+                         "weight and FSDP2 shards U with the other parameters")
     by_shape: dict[tuple, list[str]] = {}
     for name in names:
         by_shape.setdefault(tuple(model.get_submodule(name).weight.shape), []).append(name)
@@ -82,25 +88,41 @@ def save(model: nn.Module, path: str, *, overwrite: bool = False) -> str:
     """Writes only what PMSS trained and needs: per module I, J, U, and rank, scale, a sketch and the
     SHA-256 of the base weight, as one safetensors file at ``path``. Written whole to a temporary
     name beside it and renamed into place, so an interrupted save leaves nothing (or the previous
-    file) under ``path``. An existing file is replaced only with ``overwrite=True``; a directory never."""
+    file) under ``path``. An existing file is replaced only with ``overwrite=True``; a directory never.
+    A model sharded by FSDP2: every rank calls it (the weights and U are gathered); rank 0 writes,
+    the others return once the file is in place (``portllm.pmss.sharded``)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path} is a directory: pmss.save writes one file; give a file name such as "
-                                f"{os.path.join(path, 'pmss.safetensors')}")
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     mods = pmss_modules(model)
-    if not mods:
-        raise ValueError("the model has no PMSSLinear modules (call portllm.pmss.inject first)")
+    shard = sharded.any_sharded(model)
+
+    def check():
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory: pmss.save writes one file; give a file name such as "
+                                    f"{os.path.join(path, 'pmss.safetensors')}")
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+        if not mods:
+            raise ValueError("the model has no PMSSLinear modules (call portllm.pmss.inject first)")
+
+    sharded.on_rank0(check) if shard else check()
     tensors, info = {}, {}
     for name, m in mods.items():
+        W = sharded.full(m.weight.detach())
         tensors[f"{name}.I"] = m.I.cpu()
         tensors[f"{name}.J"] = m.J.cpu()
-        tensors[f"{name}.U"] = m.U.detach().cpu()
-        info[name] = {"rank": m.rank, "scale": m.scale, "sketch": fp.sketch(m.weight),
-                      "sha256": fp.content_hash(m.weight)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_tensors(path, tensors, {"format": "pt", "portllm_pmss": json.dumps({"version": __version__, "modules": info})})
+        tensors[f"{name}.U"] = sharded.full(m.U.detach()).cpu()
+        info[name] = {"rank": m.rank, "scale": m.scale, "sketch": fp.sketch(W), "sha256": fp.content_hash(W)}
+
+    def write():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_tensors(path, tensors, {"format": "pt",
+                                      "portllm_pmss": json.dumps({"version": __version__, "modules": info})})
+
+    if shard:
+        sharded.on_rank0(write)  # (a failed write raises on every rank)
+        sharded.barrier()
+    else:
+        write()
     return path
 
 
@@ -150,7 +172,11 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
     model from that directory with ``from_pretrained`` first: it holds the base weights). The base
     weights must be those the skeleton was selected from; otherwise ``PMSSLoadError`` (use
     ``to_patch`` to carry a PMSS fine-tune to other weights)."""
+    shard = sharded.any_sharded(model)
     if os.path.isdir(os.fspath(path)):
+        if shard:
+            raise PMSSLoadError(f"{path}: a Trainer directory cannot be loaded into a model sharded by FSDP2; load "
+                                "it before fully_shard, or load a pmss.save file")
         return _load_trainer_dir(model, os.fspath(path), backend)
     try:
         with SafetensorsReader(os.fspath(path)) as rd:
@@ -172,7 +198,12 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
             mod = model.get_submodule(name)
         except AttributeError:
             raise PMSSLoadError(f"{path}: the model has no module {name}") from None
-        bases[name] = mod.restored_base() if isinstance(mod, PMSSLinear) else mod
+        if shard and not isinstance(mod, PMSSLinear):
+            raise PMSSLoadError(f"{path}: module {name} of this sharded model is not a PMSSLinear: under FSDP2, "
+                                "pmss.load puts the fine-tune into layers pmss.inject made before fully_shard")
+        bases[name] = mod if shard else (mod.restored_base() if isinstance(mod, PMSSLinear) else mod)
+        if shard:
+            continue
         if not isinstance(bases[name], nn.Linear):
             raise PMSSLoadError(f"{path}: {name} is a {type(bases[name]).__name__}, not a Linear layer")
     for name, mi in info.items():
@@ -188,7 +219,7 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
         if not U.is_floating_point() or not bool(torch.isfinite(U).all()):
             raise PMSSLoadError(f"{path}: module {name}: U holds NaN or Inf values (or is not floating point)")
     for name, mi in info.items():
-        W = bases[name].weight
+        W = sharded.full(bases[name].weight.detach())
         # Files since 0.1.0 carry the weights' SHA-256: any changed element is caught. Older files only
         # a 64-element sample, which misses changes elsewhere.
         same = list(W.shape) == mi["sketch"]["shape"] and (
@@ -198,6 +229,21 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
                 f"{path}: the weights of {name} are not the ones this PMSS skeleton was selected from "
                 "(its indices I, J point into those weights). To carry the fine-tune to other weights, "
                 "export it with portllm.pmss.to_patch(model) on the original model and port the patch.")
+    if shard:  # in place: FSDP2 holds these layers and their parameters
+        for name, mi in info.items():
+            mod = bases[name]
+            I, J, U = tensors[f"{name}.I"], tensors[f"{name}.J"], tensors[f"{name}.U"]
+            if I.shape != mod.I.shape or J.shape != mod.J.shape or tuple(U.shape) != tuple(mod.U.shape):
+                raise PMSSLoadError(f"{path}: module {name} has rank {I.numel()} in the file, {mod.rank} in the model "
+                                    "(inject the same rank before fully_shard)")
+        for name, mi in info.items():
+            mod = bases[name]
+            for part in ("I", "J"):
+                sharded.copy_into_(getattr(mod, part), tensors[f"{name}.{part}"])
+            sharded.copy_into_(mod.U, tensors[f"{name}.U"])
+            mod.s.fill_(float(mi["scale"]))
+            mod.scale = float(mi["scale"])
+        return model
     for name, mi in info.items():
         mod = model.get_submodule(name)
         base = mod.restored_base() if isinstance(mod, PMSSLinear) else mod
@@ -208,11 +254,12 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
 
 
 def _factors(m: PMSSLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """B = C·U (fp32) and A = R: gathered copies, read before W changes."""
-    W = m.weight.detach()
+    """B = C·U (fp32) and A = R: gathered copies, read before W changes (of the whole W and U where
+    FSDP2 shards them: a collective)."""
+    W = sharded.full(m.weight.detach())
     C = W.index_select(1, m.J).float()
     R = W.index_select(0, m.I).clone()
-    return C @ m.U.detach().float(), R
+    return C @ sharded.full(m.U.detach()).float(), R
 
 
 def merge(model: nn.Module, *, backend: str | None = None) -> nn.Module:
@@ -221,6 +268,10 @@ def merge(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     # All or nothing: every module's factors are gathered and its merge checked (NaN/Inf, overflow)
     # before any weight is written.
     mods = pmss_modules(model)
+    if sharded.any_sharded(model):
+        raise ValueError(f"module {sharded.fsdp_module(model) or 'the root'} is sharded by FSDP2, which holds the PMSS "
+                         "layers merge would replace; take the merged weights with portllm.pmss.merged_state_dict(model) "
+                         "(every rank calls it), or pmss.save on every rank and merge the file on one process")
     merges = []
     for name, m in mods.items():
         B, A = _factors(m)
@@ -240,8 +291,35 @@ def to_patch(model: nn.Module) -> Patch:
     for name, m in pmss_modules(model).items():
         B, A = _factors(m)
         mods[name] = PatchModule((m.scale * B).contiguous(), A.float().contiguous(), 1.0)
-        sketches[name] = fp.sketch(m.weight)
+        sketches[name] = fp.sketch(sharded.full(m.weight.detach()))
     if not mods:
         raise ValueError("the model has no PMSSLinear modules")
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return Patch(mods, base_model=base, base_sketches=sketches, source="pmss")
+
+
+def merged_state_dict(model: nn.Module, *, rank0_only: bool = True, backend: str | None = None) -> dict:
+    """The state dict ``merge`` would leave, as whole CPU tensors: every PMSSLinear's weight with
+    W + s·C·U·R merged (by the same kernels and checks as ``merge``) and its I, J, U, s left out; every
+    other entry as it is. For a model sharded by FSDP2 every rank calls it (each tensor is gathered in
+    turn); with ``rank0_only`` the other ranks return an empty dict (save it from rank 0, e.g.
+    ``save_pretrained(dir, state_dict=sd)``). The model is not modified."""
+    mods = pmss_modules(model)
+    keep = sharded.is_rank0() or not rank0_only
+    extra = {f"{name}.{part}" for name in mods for part in ("I", "J", "U", "s")}
+    out = {}
+    for key, t in model.state_dict().items():
+        if key in extra:
+            continue
+        t = sharded.full(t.detach() if isinstance(t, torch.Tensor) else t)
+        if keep:
+            out[key] = t.cpu().clone()
+    runs = []
+    for name, m in mods.items():
+        B, A = _factors(m)  # (collective where sharded: every rank, in the same order)
+        if keep:
+            W = out[f"{name}.weight"]
+            runs.append(prepare_merge(W, [(PatchModule(B.cpu(), A.cpu(), m.scale), 1.0)], backend=backend, name=name))
+    for run in runs:
+        run()
+    return out
