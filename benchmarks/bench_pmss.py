@@ -19,7 +19,7 @@ from suite import Suite, fmt
 
 from portllm import ops
 from portllm.pmss import PMSSLinear, select_skeleton
-from portllm.pmss.select import _top_singular_vectors, deim_lstsq
+from portllm.pmss.select import _top_singular_vectors, deim_incremental, deim_lstsq
 
 DIM = 256 if QUICK else 4096
 TOKENS = 256 if QUICK else (8192 if DEVICE.type == "cuda" else 2048)
@@ -125,10 +125,11 @@ LAYER_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 409
             "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
 
 
-@pytest.mark.parametrize("provider", ["deim", "deim-lstsq"])
+@pytest.mark.parametrize("provider", ["deim", "deim-incremental", "deim-lstsq"])
 def test_select_one_7b_layer(benchmark, provider):
-    """select_skeleton's DEIM (incremental: one rank-1 elimination per step) against the direct form
-    it replaced (growing least-squares solves), the same randomized SVD in front of both."""
+    """select_skeleton's DEIM (the pivots of an LU factorisation) against the forms it replaced: one
+    rank-1 elimination per step, and growing least-squares solves; the same randomized SVD in front of
+    each."""
     shapes = {k: (s[0] // 16, s[1] // 16) for k, s in LAYER_7B.items()} if QUICK else LAYER_7B
     r = 16 if QUICK else 256
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -144,7 +145,8 @@ def test_select_one_7b_layer(benchmark, provider):
                 select_skeleton(Ws, r, "deim")
             else:
                 U, V = _top_singular_vectors(Ws, r, 0, 4)
-                deim_lstsq(U), deim_lstsq(V)
+                pick = deim_incremental if provider == "deim-incremental" else deim_lstsq
+                pick(U), pick(V)
         sync()
 
     benchmark.group = "select 7B layer"

@@ -63,8 +63,9 @@ def tables(d: dict) -> str:
         L.append("")
     for r in rows:
         if r["op"] == "pmss_select":
-            how = ("incremental DEIM" if r["provider"] == "deim" else
-                   "DEIM by growing least-squares solves (the form it replaced)")
+            how = {"deim": "DEIM as the pivots of an LU factorisation",
+                   "deim-incremental": "DEIM by one rank-1 elimination per step (the form it replaced)"}.get(
+                r["provider"], "DEIM by growing least-squares solves (the first form)")
             L += [f"Skeleton selection ({how}, r={r['r']}) of one 7B-Llama layer's seven projections: "
                   f"{r['median_ms'] / 1e3:.2f} s.", ""]
     serve = [r for r in rows if r["op"] == "serve_layer"]

@@ -42,17 +42,22 @@ def test_deim_picks_the_dominant_subspace():
 
 
 @pytest.mark.parametrize("b,m,r", [(1, 7, 7), (3, 50, 12), (2, 300, 64), (1, 2000, 40)])
-def test_incremental_deim_equals_the_definition(b, m, r):
-    """deim (one rank-1 elimination per step) picks the indices of deim_lstsq (growing solves)."""
-    from portllm.pmss.select import deim, deim_lstsq
+def test_deim_equals_the_definition(b, m, r):
+    """deim (the pivots of an LU factorisation with partial pivoting) and deim_incremental (one rank-1
+    elimination per step) pick the indices of deim_lstsq (growing solves), in order."""
+    from portllm.pmss.select import deim, deim_incremental, deim_lstsq
 
     g = torch.Generator().manual_seed(m + r)
     U = torch.linalg.qr(torch.randn(b, m, r, generator=g, dtype=torch.float64)).Q.float()
-    assert torch.equal(deim(U), deim_lstsq(U))
+    want = deim_lstsq(U)
+    assert torch.equal(deim(U), want) and torch.equal(deim_incremental(U), want)
     # singular vectors of a real weight, as inject sees them
     W = torch.randn(b, m, max(r, m // 2), generator=g)
     Uw = torch.linalg.svd(W, full_matrices=False).U[..., :r]
-    assert torch.equal(deim(Uw), deim_lstsq(Uw))
+    want = deim_lstsq(Uw)
+    assert torch.equal(deim(Uw), want) and torch.equal(deim_incremental(Uw), want)
+    # the batch is not mixed up: each matrix's indices are its own
+    assert torch.equal(deim(Uw[-1:]), want[-1:])
 
 
 def test_select_errors():

@@ -29,8 +29,9 @@ from portllm.pmss import sharded
 # "pmss-reference" in that result, from before 2026-12-04). On the 2-core AMD EPYC the forms are level
 # within its noise: on 2026-11-22 gemm 215.6 ms against cpp 211.5 ms; on 2026-12-04 medians gemm 401.7,
 # reference 402.0, cpp 401.3 ms, while the ratios to PEFT's LoRA layer timed alternately in the same
-# tests put gemm last (0.88 against 0.85 and 0.83). So the CPU default is not measured to be the
-# fastest there. The skeleton_mm kernels stay named, tested options (tests/test_pmss_ops.py).
+# tests put gemm last (0.88 against 0.85 and 0.83); a later run that day (the committed results) put it
+# first: gemm 398.3, reference 416.4, cpp 443.1 ms (0.78, 0.80, 0.82 of LoRA). So on the CPU the forms
+# are within the machine's run-to-run spread, gemm not measured to be reliably the fastest. The skeleton_mm kernels stay named, tested options (tests/test_pmss_ops.py).
 GEMM = "gemm"
 
 
