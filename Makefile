@@ -8,7 +8,7 @@ STAMP := $(VENV)/.portllm-built
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(LOCK) tools/setup_venv.sh \
 	$(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo test test-latest lock bench check-cuda clean
+.PHONY: install demo test test-latest lock bench check-cuda gpu-check clean
 
 $(STAMP): $(SOURCES)
 	bash tools/setup_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
@@ -39,6 +39,11 @@ lock:
 # Benchmarks: one run, all providers side by side; JSON under benchmarks/results/<device>.json.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# On a lent GPU machine, one command within 8 minutes: build, the CUDA tests, the GPU benchmark suites,
+# the defaults regenerated (tools/gpu_check.py). `make gpu-check ARGS=--dry-run` checks its plumbing anywhere.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --python $(PYTHON) $(ARGS)
 
 # Compile every .cu file with nvcc for sm_80 and sm_90a (no GPU needed).
 check-cuda: $(STAMP)
