@@ -9,7 +9,8 @@ dtype ``sd``:
 
     W     = q.to(sd) · scale                                   (its dequantization: what the model computes with)
     scale = amax(|W|) / 448, in sd; a zero scale becomes finfo(sd).eps
-    q     = clamp(W / scale, ±448).to(e4m3), the division in sd
+    q     = clamp(W / scale + 0, ±448).to(e4m3), the division in sd (+ 0: the zero point of zeros
+            llm-compressor's compression passes, which turns −0 into +0)
 
 The merge, band by band of rows (no M×N temporary beyond a band; a per-tensor scale takes a first
 pass for the amax):
@@ -95,8 +96,8 @@ def quantize(W: torch.Tensor, block: tuple[int, int], sd: torch.dtype, rounding:
     if scale is None:
         scale = scales_for(_amax(Ws, block), sd)
     S = fp8._expand(scale, W.shape[0], W.shape[1], block)
-    if rounding == "nearest":
-        return (Ws / S).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3), scale
+    if rounding == "nearest":  # (+ 0: the symmetric zero point llm-compressor adds; −0 becomes +0, as there)
+        return (Ws / S + 0.0).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3), scale
     N = W.shape[1] if row_len is None else row_len
     index = (torch.arange(first_row, first_row + W.shape[0], dtype=torch.int64)[:, None] * N
              + torch.arange(W.shape[1], dtype=torch.int64)[None, :])

@@ -102,9 +102,15 @@ def test_bit_for_bit_compressed_tensors(strategy, block, sd):
     amax = fc._amax(W1.to(sd), blk)
     theirs_s, _ = calculate_qparams(-amax, amax, args)
     theirs_s = theirs_s.reshape(scale.shape)
-    theirs_q = quantize(W1.to(sd), theirs_s, None, args, dtype=E4M3)
+    zp = torch.zeros_like(theirs_s)  # llm-compressor compresses with the symmetric zero point of zeros
+    theirs_q = quantize(W1.to(sd), theirs_s, zp, args, dtype=E4M3)
     assert torch.equal(out_s, theirs_s)
     assert torch.equal(out_q.view(torch.uint8), theirs_q.view(torch.uint8))
+    W1[0, :3] = torch.tensor([-0.0, 0.0, -1e-30])  # signed zeros and a tiny negative: +0 codes, as theirs
+    theirs_q = quantize(W1.to(sd), theirs_s, zp, args, dtype=E4M3)
+    grid = fc.scale_grid(theirs_s, (M, N), blk)
+    mine_q, _ = fc.quantize(W1, blk, sd, scale=grid)
+    assert torch.equal(mine_q.view(torch.uint8), theirs_q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("strategy,block", STRATEGIES)

@@ -150,3 +150,10 @@ def test_triton_custom_op_passes_opcheck():
     Bs = (B * sc[None, :]).contiguous()
     args = (q.view(torch.uint8).to(DEV), s.to(DEV), Bs.to(DEV), A.to(DEV), 16, 32, True, -12345)
     torch.library.opcheck(torch.ops.portllm.fp8_merge_triton, args)
+
+
+def test_a_scale_of_the_wrong_shape_is_refused_on_every_backend():
+    q, s, B, A, sc = _case(256, 64, (128, 64), 2, seed=1)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=r"scale_inv has shape \(1, 1\); a 256x64 weight in blocks of 128x64 has \[2, 1\]"):
+            ops.fp8_merge(q.to(DEV), s[:1].to(DEV), B.to(DEV), A.to(DEV), sc.to(DEV), (128, 64), backend=backend)

@@ -26,8 +26,8 @@ def fp8_merge(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torc
     """(q', scale_inv', sums) for W' = dequantize(q, scale_inv) + B·diag(scale)·A, requantized per
     block; q, scale_inv are not modified.
 
-    q: float8_e4m3fn [M, N]; scale_inv: float32 [ceil(M/bm), ceil(N/bn)] (checked by the caller,
-    ``fp8.check_block_scales``); B [M, r], A [r, N] (float32, float16 or bfloat16); scale float32 [r].
+    q: float8_e4m3fn [M, N]; scale_inv: float32 [ceil(M/bm), ceil(N/bn)] (its shape checked here for
+    every backend, its values by the caller, ``fp8.check_block_scales``); B [M, r], A [r, N] (float32, float16 or bfloat16); scale float32 [r].
     W' is float32(float64(W) + Σ_k float64(float32(B[:,k]·scale[k]))·float64(A[k,:])), k ascending.
     ``stochastic``: rounding from 20 random bits per element, a hash of ``key`` (a 64-bit stream key,
     ``fp8.stream_key``) and the element's flat index, so deterministic per key and the same on every
@@ -43,6 +43,9 @@ def fp8_merge(q: torch.Tensor, scale_inv: torch.Tensor, B: torch.Tensor, A: torc
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"fp8_merge: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
     bm, bn = (int(b) for b in block)
+    if bm < 1 or bn < 1 or tuple(scale_inv.shape) != (-(-M // bm), -(-N // bn)):
+        raise ValueError(f"fp8_merge: scale_inv has shape {tuple(scale_inv.shape)}; a {M}x{N} weight in blocks of "
+                         f"{bm}x{bn} has [{-(-M // max(bm, 1))}, {-(-N // max(bn, 1))}]")
     Bs = (B.to(torch.float32) * scale.to(torch.float32)[None, :]).contiguous()
     name = registry.resolve_backend(backend, q.device, "fp8_merge")
     return registry.run("fp8_merge", name, q.contiguous(), scale_inv.to(torch.float32).contiguous(), Bs,
