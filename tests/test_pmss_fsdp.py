@@ -33,10 +33,11 @@ def _model(u_seed=0):
     return model
 
 
-def _shard(model, mp=None):
+def _shard(model, mp=None, **kw):
     from torch.distributed.fsdp import fully_shard
 
-    kw = {"mp_policy": mp} if mp is not None else {}
+    if mp is not None:
+        kw["mp_policy"] = mp
     for layer in model.model.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
@@ -69,16 +70,41 @@ def _worker(rank, world, port, out):
         ids = _batch(7)
         with torch.no_grad():
             res["logits"] = model(input_ids=ids).logits
-        # load into another sharded model (different U): its outputs become the trained model's
-        other = _shard(_model(u_seed=5))
+        # load into another sharded model (different U): its outputs become the trained model's. Its
+        # layers stay whole after forward (reshard_after_forward=False), as the root's always do: the
+        # load must land in the shards, not in whole copies FSDP2 frees at the next reshard.
+        other = _shard(_model(u_seed=5), reshard_after_forward=False)
+        with torch.no_grad():
+            other(input_ids=ids)
         pmss.load(other, os.path.join(out, "pmss.safetensors"))
         with torch.no_grad():
             res["loaded_logits"] = other(input_ids=ids).logits
+        from portllm.pmss import sharded
+
+        sharded.reshard_all(other)
+        with torch.no_grad():
+            res["loaded_logits_after_reshard"] = other(input_ids=ids).logits
+        if rank == 0:  # a file whose I repeats an index, and a file only rank 0 has
+            from safetensors.torch import load_file, save_file
+            from safetensors import safe_open
+
+            t = load_file(os.path.join(out, "pmss.safetensors"))
+            with safe_open(os.path.join(out, "pmss.safetensors"), "pt") as f:
+                meta = f.metadata()
+            k = next(k for k in t if k.endswith(".I"))
+            t[k][1] = t[k][0]
+            save_file(t, os.path.join(out, "bad.safetensors"), metadata=meta)
+            save_file(load_file(os.path.join(out, "pmss.safetensors")), os.path.join(out, "only0.safetensors"),
+                      metadata=meta)
+        dist.barrier()
         # refusals, raised on every rank alike
         errs = {}
         for what, fn in (("merge", lambda: pmss.merge(model)),
                          ("inject", lambda: pmss.inject(model, rank=4, target_modules=["lm_head"])),
                          ("save", lambda: pmss.save(model, os.path.join(out, "pmss.safetensors"))),
+                         ("repeated index", lambda: pmss.load(other, os.path.join(out, "bad.safetensors"))),
+                         ("missing on one rank", lambda: pmss.load(
+                             other, os.path.join(out, "only0.safetensors" if rank == 0 else "nowhere.safetensors"))),
                          ("forward", lambda: next(iter(pmss.pmss_modules(model).values()))(torch.randn(1, 64)))):
             try:
                 fn()
@@ -153,7 +179,9 @@ def test_fsdp2_save_patch_merge_load_match_unsharded(spawned):
     with torch.no_grad():
         logits = plain(input_ids=_batch(7)).logits
     torch.testing.assert_close(r0["logits"], logits, rtol=1e-4, atol=1e-5)
-    assert torch.equal(r0["loaded_logits"], r0["logits"]) and torch.equal(r1["loaded_logits"], r1["logits"])
+    for r in (r0, r1):
+        assert torch.equal(r["loaded_logits"], r["logits"])
+        assert torch.equal(r["loaded_logits_after_reshard"], r["logits"])
 
 
 def test_fsdp2_misuse_is_refused_by_name(spawned):
@@ -163,6 +191,9 @@ def test_fsdp2_misuse_is_refused_by_name(spawned):
         assert "already sharded by FSDP2" in errs["inject"] and "before fully_shard" in errs["inject"]
         assert errs["save"].startswith("FileExistsError") and "pmss.safetensors exists" in errs["save"]
         assert "a shard (an FSDP2 DTensor)" in errs["forward"] and "fully_shard" in errs["forward"]
+        assert errs["repeated index"].startswith("PMSSLoadError") and "I has repeated indices" in errs["repeated index"]
+        # rank 1 cannot read its file: both ranks raise its error (rank 0 does not wait in a gather)
+        assert "nowhere.safetensors" in errs["missing on one rank"]
 
 
 def test_fsdp2_mixed_precision_step_tracks_fp32(spawned):

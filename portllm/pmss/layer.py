@@ -107,6 +107,20 @@ def pmss_linear(x, W, bias, I, J, U, scale: float = 1.0, backend: str | None = N
     return _PMSSFunction.apply(x, W, bias, I, J, U, float(scale), backend)
 
 
+def check_indices(I: torch.Tensor, J: torch.Tensor, m: int, n: int):
+    """TypeError / ValueError unless I (rows of an m×n weight) and J (its columns) are 1-D integer
+    tensors of equal length, in range, without repeats."""
+    for name, idx, size in (("I", I, m), ("J", J, n)):
+        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"PMSSLinear: {name} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+            raise ValueError(f"PMSSLinear: {name} has indices outside 0..{size - 1}")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError(f"PMSSLinear: {name} has repeated indices")
+    if I.numel() != J.numel():
+        raise ValueError(f"PMSSLinear: I has {I.numel()} indices, J {J.numel()}: both must have r")
+
+
 class PMSSLinear(nn.Module):
     """Wraps an ``nn.Linear`` whose weight (and bias) stay frozen; U [r, r] is the only Parameter,
     I and J are int64 buffers. U starts at zero: the layer starts as the base layer.
@@ -123,15 +137,7 @@ class PMSSLinear(nn.Module):
         super().__init__()
         m, n = base.weight.shape
         I, J = torch.as_tensor(I), torch.as_tensor(J)
-        for name, idx, size in (("I", I, m), ("J", J, n)):
-            if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"PMSSLinear: {name} must be a 1-D int64 tensor, got {idx.dtype} {tuple(idx.shape)}")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
-                raise ValueError(f"PMSSLinear: {name} has indices outside 0..{size - 1}")
-            if idx.unique().numel() != idx.numel():
-                raise ValueError(f"PMSSLinear: {name} has repeated indices")
-        if I.numel() != J.numel():
-            raise ValueError(f"PMSSLinear: I has {I.numel()} indices, J {J.numel()}: both must have r")
+        check_indices(I, J, m, n)
         r = I.numel()
         base.weight.requires_grad_(False)
         if base.bias is not None:

@@ -14,7 +14,7 @@ from portllm._version import __version__
 from portllm.merge import prepare_merge
 from portllm.patch import Patch, PatchModule
 from portllm.pmss import sharded
-from portllm.pmss.layer import PMSSLinear
+from portllm.pmss.layer import PMSSLinear, check_indices
 from portllm.pmss.select import select_skeleton
 from portllm.safetensors_io import SafetensorsError, SafetensorsReader, write_tensors
 from portllm.targets import describe, matches
@@ -94,6 +94,8 @@ def save(model: nn.Module, path: str, *, overwrite: bool = False) -> str:
     path = os.fspath(path)
     mods = pmss_modules(model)
     shard = sharded.any_sharded(model)
+    if shard:
+        sharded.reshard_all(model)
 
     def check():
         if os.path.isdir(path):
@@ -178,6 +180,50 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
             raise PMSSLoadError(f"{path}: a Trainer directory cannot be loaded into a model sharded by FSDP2; load "
                                 "it before fully_shard, or load a pmss.save file")
         return _load_trainer_dir(model, os.fspath(path), backend)
+    if shard:
+        sharded.reshard_all(model)  # (parameters FSDP2 left whole after a forward would be freed over a copy)
+        info, tensors, bases = sharded.on_every_rank(lambda: _read_pmss_file(model, path, shard))
+    else:
+        info, tensors, bases = _read_pmss_file(model, path, shard)
+    bad = []
+    for name, mi in info.items():
+        W = sharded.full(bases[name].weight.detach())  # (a collective where sharded: every rank, in order)
+        # Files since 0.1.0 carry the weights' SHA-256: any changed element is caught. Older files only
+        # a 64-element sample, which misses changes elsewhere.
+        same = list(W.shape) == mi["sketch"]["shape"] and (
+            fp.content_hash(W) == mi["sha256"] if "sha256" in mi else fp.same_weights(mi["sketch"], fp.sketch(W)["sample"]))
+        if not same:
+            bad.append(name)
+
+    def verdict():
+        if bad:
+            raise PMSSLoadError(
+                f"{path}: the weights of {bad[0]} are not the ones this PMSS skeleton was selected from "
+                "(its indices I, J point into those weights). To carry the fine-tune to other weights, "
+                "export it with portllm.pmss.to_patch(model) on the original model and port the patch.")
+
+    sharded.on_every_rank(verdict) if shard else verdict()
+    if shard:  # in place: FSDP2 holds these layers and their parameters
+        for name, mi in info.items():
+            mod = bases[name]
+            for part in ("I", "J"):
+                sharded.copy_into_(getattr(mod, part), tensors[f"{name}.{part}"])
+            sharded.copy_into_(mod.U, tensors[f"{name}.U"])
+            mod.s.fill_(float(mi["scale"]))
+            mod.scale = float(mi["scale"])
+        return model
+    for name, mi in info.items():
+        mod = model.get_submodule(name)
+        base = mod.restored_base() if isinstance(mod, PMSSLinear) else mod
+        new = PMSSLinear(base, tensors[f"{name}.I"], tensors[f"{name}.J"], mi["scale"],
+                         backend if backend is not None else getattr(mod, "backend", None), U=tensors[f"{name}.U"])
+        model.set_submodule(name, new)
+    return model
+
+
+def _read_pmss_file(model: nn.Module, path, shard: bool):
+    """(modules' metadata, tensors, the layers they go into) of a pmss.save file, every check that needs
+    no collective done (on a sharded model: the layers' ranks, and I, J as PMSSLinear checks them)."""
     try:
         with SafetensorsReader(os.fspath(path)) as rd:
             meta = rd.metadata.get("portllm_pmss")
@@ -218,39 +264,18 @@ def load(model: nn.Module, path: str, *, backend: str | None = None) -> nn.Modul
         U = tensors[f"{name}.U"]
         if not U.is_floating_point() or not bool(torch.isfinite(U).all()):
             raise PMSSLoadError(f"{path}: module {name}: U holds NaN or Inf values (or is not floating point)")
-    for name, mi in info.items():
-        W = sharded.full(bases[name].weight.detach())
-        # Files since 0.1.0 carry the weights' SHA-256: any changed element is caught. Older files only
-        # a 64-element sample, which misses changes elsewhere.
-        same = list(W.shape) == mi["sketch"]["shape"] and (
-            fp.content_hash(W) == mi["sha256"] if "sha256" in mi else fp.same_weights(mi["sketch"], fp.sketch(W)["sample"]))
-        if not same:
-            raise PMSSLoadError(
-                f"{path}: the weights of {name} are not the ones this PMSS skeleton was selected from "
-                "(its indices I, J point into those weights). To carry the fine-tune to other weights, "
-                "export it with portllm.pmss.to_patch(model) on the original model and port the patch.")
-    if shard:  # in place: FSDP2 holds these layers and their parameters
-        for name, mi in info.items():
+    if shard:
+        for name in info:
             mod = bases[name]
             I, J, U = tensors[f"{name}.I"], tensors[f"{name}.J"], tensors[f"{name}.U"]
             if I.shape != mod.I.shape or J.shape != mod.J.shape or tuple(U.shape) != tuple(mod.U.shape):
                 raise PMSSLoadError(f"{path}: module {name} has rank {I.numel()} in the file, {mod.rank} in the model "
                                     "(inject the same rank before fully_shard)")
-        for name, mi in info.items():
-            mod = bases[name]
-            for part in ("I", "J"):
-                sharded.copy_into_(getattr(mod, part), tensors[f"{name}.{part}"])
-            sharded.copy_into_(mod.U, tensors[f"{name}.U"])
-            mod.s.fill_(float(mi["scale"]))
-            mod.scale = float(mi["scale"])
-        return model
-    for name, mi in info.items():
-        mod = model.get_submodule(name)
-        base = mod.restored_base() if isinstance(mod, PMSSLinear) else mod
-        new = PMSSLinear(base, tensors[f"{name}.I"], tensors[f"{name}.J"], mi["scale"],
-                         backend if backend is not None else getattr(mod, "backend", None), U=tensors[f"{name}.U"])
-        model.set_submodule(name, new)
-    return model
+            try:
+                check_indices(I, J, *mod.weight.shape)
+            except (TypeError, ValueError) as e:
+                raise PMSSLoadError(f"{path}: module {name}: {e}") from None
+    return info, tensors, bases
 
 
 def _factors(m: PMSSLinear) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +313,8 @@ def to_patch(model: nn.Module) -> Patch:
     the base weights; it ports onto an evolved model like a LoRA patch."""
     mods = {}
     sketches = {}
+    if sharded.any_sharded(model):
+        sharded.reshard_all(model)
     for name, m in pmss_modules(model).items():
         B, A = _factors(m)
         mods[name] = PatchModule((m.scale * B).contiguous(), A.float().contiguous(), 1.0)
@@ -305,6 +332,8 @@ def merged_state_dict(model: nn.Module, *, rank0_only: bool = True, backend: str
     turn); with ``rank0_only`` the other ranks return an empty dict (save it from rank 0, e.g.
     ``save_pretrained(dir, state_dict=sd)``). The model is not modified."""
     mods = pmss_modules(model)
+    if sharded.any_sharded(model):
+        sharded.reshard_all(model)
     keep = sharded.is_rank0() or not rank0_only
     extra = {f"{name}.{part}" for name in mods for part in ("I", "J", "U", "s")}
     out = {}
@@ -314,12 +343,17 @@ def merged_state_dict(model: nn.Module, *, rank0_only: bool = True, backend: str
         t = sharded.full(t.detach() if isinstance(t, torch.Tensor) else t)
         if keep:
             out[key] = t.cpu().clone()
-    runs = []
+    factors = []
     for name, m in mods.items():
         B, A = _factors(m)  # (collective where sharded: every rank, in the same order)
         if keep:
-            W = out[f"{name}.weight"]
-            runs.append(prepare_merge(W, [(PatchModule(B.cpu(), A.cpu(), m.scale), 1.0)], backend=backend, name=name))
-    for run in runs:
-        run()
+            factors.append((name, B.cpu(), A.cpu(), m.scale))
+
+    def merge_all():  # after every collective; all or nothing, as merge
+        runs = [prepare_merge(out[f"{name}.weight"], [(PatchModule(B, A, s), 1.0)], backend=backend, name=name)
+                for name, B, A, s in factors]
+        for run in runs:
+            run()
+
+    sharded.on_every_rank(merge_all) if sharded.any_sharded(model) else merge_all()
     return out

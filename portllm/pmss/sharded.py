@@ -87,6 +87,37 @@ def on_rank0(fn):
         raise err
 
 
+def on_every_rank(fn):
+    """Runs ``fn`` on every rank and returns its result; if it raised on any rank, every rank raises
+    the lowest failing rank's exception (one rank leaving alone would leave the others waiting in
+    the next collective)."""
+    result, err = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+        err = e
+    dist = _dist()
+    if dist is not None:
+        errs = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+        err = next((e for e in errs if e is not None), None)
+    if err is not None:
+        raise err
+    return result
+
+
+def reshard_all(model: nn.Module):
+    """Every fully_shard module back to its shards: after a forward FSDP2 may leave some (the root's)
+    whole, and a value written into a whole copy would be lost when it is freed."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def copy_into_(dst: torch.Tensor, src: torch.Tensor):
     """``dst`` (a parameter or buffer, sharded or not) takes the values of the whole tensor ``src``:
     each rank its own shard."""
