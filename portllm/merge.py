@@ -119,10 +119,11 @@ class MergePlan:
 
 
 def plan_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
-               check_finite: bool | None = True, name: str = "") -> MergePlan:
+               check_finite: bool | None = True, name: str = "", factors_checked: bool = False) -> MergePlan:
     """Plans the merge of ``entries`` ``[(PatchModule, w_i)]`` into W (see ``merge_into``): the
     orientation, the weight's dtype, the factors and scales, the backend (an unavailable one fails
-    here), and the factors' NaN/Inf check. Changes nothing."""
+    here), and the factors' NaN/Inf check (skipped for ``factors_checked``: the caller checked every
+    factor once, as ``port`` does for the whole patch). Changes nothing."""
     what = f"module {name}" if name else "merge"
     if len({m.fan_in_fan_out for m, _ in entries}) > 1:
         raise ValueError(f"{what}: the patches disagree on fan_in_fan_out")
@@ -130,7 +131,7 @@ def plan_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *,
     fan_in_fan_out = entries[0][0].fan_in_fan_out
     B, A, s = merge_factors(entries, W.device, what)
     check = finite.enabled(check_finite)
-    if check:
+    if check and not factors_checked:
         check_factors(B, A, s, what)
     target = W.t() if fan_in_fan_out else W
     return MergePlan(target, B, A, s, ops.resolve_backend(backend, W.device, "patch_add_"), check, what,
@@ -138,12 +139,14 @@ def plan_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *,
 
 
 def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
-                  check_finite: bool | None = True, name: str = "", scratch: bool = False) -> Callable[[], None]:
+                  check_finite: bool | None = True, name: str = "", scratch: bool = False,
+                  factors_checked: bool = False) -> Callable[[], None]:
     """Checks a merge (see ``merge_into``) without changing W, and returns the function that
     performs it. Several weights are merged all-or-nothing by preparing every one first."""
     if not entries:
         return lambda: None
-    plan = plan_merge(W, entries, backend=backend, check_finite=check_finite, name=name)
+    plan = plan_merge(W, entries, backend=backend, check_finite=check_finite, name=name,
+                      factors_checked=factors_checked)
     # One read for the bound (aminmax) instead of two non-finite scans: torch's bf16 isfinite-sum
     # took 344 ms for 4096x14336 on this repository's EPYC (2 threads), aminmax 3.6 ms. Only a
     # merge the bound cannot clear (a huge delta, or W already holding NaN/Inf) pays the scans.
@@ -164,7 +167,8 @@ def prepare_merge(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]],
 
 
 def merge_into(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *, backend: str | None = None,
-               check_finite: bool | None = True, name: str = "", scratch: bool = False) -> torch.Tensor:
+               check_finite: bool | None = True, name: str = "", scratch: bool = False,
+               factors_checked: bool = False) -> torch.Tensor:
     """W += Σ_i w_i · ΔW_i in place, for entries ``[(PatchModule, w_i)]`` that all touch the weight W
     (as stored: for ``fan_in_fan_out`` modules the update goes to Wᵀ); returns W.
 
@@ -175,18 +179,21 @@ def merge_into(W: torch.Tensor, entries: Sequence[tuple[PatchModule, float]], *,
     after (and is then garbage if refused). Otherwise a bound from max|W| and the factors decides
     first; only a merge that might overflow runs on a copy of W, written back if the result is finite.
     """
-    prepare_merge(W, entries, backend=backend, check_finite=check_finite, name=name, scratch=scratch)()
+    prepare_merge(W, entries, backend=backend, check_finite=check_finite, name=name, scratch=scratch,
+                  factors_checked=factors_checked)()
     return W
 
 
 def merge_experts_into(W: torch.Tensor, per_expert: dict[int, Sequence[tuple[PatchModule, float]]], *,
                        backend: str | None = None, check_finite: bool | None = True, name: str = "",
-                       scratch: bool = False) -> torch.Tensor:
+                       scratch: bool = False, factors_checked: bool = False, first: int = 0) -> torch.Tensor:
     """``merge_into`` for every expert e of a fused weight W [E, ., .] at once: ``per_expert[e]`` are the
     entries of expert e's 2-D view W[e]. Planned and checked per expert (``plan_merge``), merged in one
     ``patch_add_experts_`` call when every expert is patched alike (same rank and orientation), with one
-    overflow bound for the whole tensor; otherwise expert by expert. Returns W."""
-    plans = {e: plan_merge(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{e}]")
+    overflow bound for the whole tensor; otherwise expert by expert. ``first``: W is experts
+    ``first``, ``first + 1``, ... of the tensor ``name`` (a port's slice), for the errors. Returns W."""
+    plans = {e: plan_merge(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{first + e}]",
+                           factors_checked=factors_checked)
              for e, entries in sorted(per_expert.items()) if entries}
     first = next(iter(plans.values()), None)
     alike = (first is not None and len(plans) == W.shape[0]
@@ -194,7 +201,7 @@ def merge_experts_into(W: torch.Tensor, per_expert: dict[int, Sequence[tuple[Pat
                       and p.fan_in_fan_out == first.fan_in_fan_out and p.backend == first.backend
                       for p in plans.values()))
     if not alike:
-        return _expert_by_expert(W, per_expert, backend, check_finite, name, scratch)
+        return _expert_by_expert(W, per_expert, backend, check_finite, name, scratch, factors_checked, first)
     target = W.transpose(1, 2) if first.fan_in_fan_out else W
     B = torch.stack([p.B for p in plans.values()])
     A = torch.stack([p.A for p in plans.values()])
@@ -204,15 +211,17 @@ def merge_experts_into(W: torch.Tensor, per_expert: dict[int, Sequence[tuple[Pat
         wmax = max(-float(lo), float(hi))
         dmax = float((s.double().abs() * B.abs().amax(1).double() * A.abs().amax(2).double()).sum(1).max())
         if not wmax + dmax * (1 + 1e-3) < torch.finfo(W.dtype).max:  # the bound cannot clear it: expert by expert
-            return _expert_by_expert(W, per_expert, backend, True, name, scratch)
+            return _expert_by_expert(W, per_expert, backend, True, name, scratch, factors_checked, first)
     ops.patch_add_experts_(target, B, A, s, backend=first.backend, check_finite=False)
     return W
 
 
-def _expert_by_expert(W, per_expert, backend, check_finite, name, scratch) -> torch.Tensor:
+def _expert_by_expert(W, per_expert, backend, check_finite, name, scratch, factors_checked=False,
+                      first=0) -> torch.Tensor:
     """Every expert's merge prepared (checked) first, then all run: a refused expert leaves W unchanged."""
-    merges = [prepare_merge(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{e}]",
-                            scratch=scratch) for e, entries in sorted(per_expert.items())]
+    merges = [prepare_merge(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{first + e}]",
+                            scratch=scratch, factors_checked=factors_checked)
+              for e, entries in sorted(per_expert.items())]
     for merge in merges:
         merge()
     return W

@@ -1,7 +1,8 @@
 """``port``: stream a checkpoint directory through patch_add_, tensor by tensor, into a new one.
 
-Memory stays near one tensor whatever the model's size: each tensor is read with plain reads,
-merged on the chosen device if the patch touches it, written, and dropped. The result is written
+Memory stays at a few chunks of rows whatever the model's size (``portllm.port_stream``): tensors
+the patch leaves alone are copied file to file by the kernel; patched ones are read, merged on the
+chosen device and written chunk by chunk, the three stages overlapped. The result is written
 into a temporary directory beside ``out_dir`` and renamed at the end, so an interrupted port never
 leaves a half-written model that looks complete; ``model_dir`` is only ever read.
 """
@@ -14,21 +15,20 @@ import os
 import stat
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from portllm import finite, fp8, fp8_formats
-from portllm.atomic import UnsafePathError, check_disjoint, safe_join, staging_dir, write_json
+from portllm.atomic import UnsafePathError, check_disjoint, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, tensor_target, weight_key
 from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility, resolve_fan_in_fan_out
 from portllm.experts import ExpertPatchError
 from portllm.files import (InputWatch, NotARegularFileError, copy_file, copy_tree, kind, link_scope, open_regular,
                            within)
-from portllm.merge import NonFiniteMergeError, check_weight_dtype, merge_experts_into, merge_into
+from portllm.merge import NonFiniteMergeError, check_weight_dtype
 from portllm.patch import Patch
-from portllm.safetensors_io import SafetensorsWriter
+from portllm.port_stream import write_weights
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -199,7 +199,8 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             requant = (_FP8Merges(ckpt, patch, fmt, fp8_targets, rounding, seed, fp8_backend, device)
                        if fp8_targets else None)
             dq = _Dequantize(ckpt, fp8_pairs, fmt) if dequant else None
-            stats = _write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant, dq)
+            stats = write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant,
+                                  dq)
             if requant is not None and log:
                 for line in requant.lines():
                     log(f"portllm port: {line}")
@@ -214,91 +215,6 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PortResult(out_dir, report, stats["tensors"], stats["merged"], stats["total_size"],
                       time.perf_counter() - t0, str(device), peak, skipped)
-
-
-def _write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, backend, progress,
-                   check_finite: bool = True, requant: "_FP8Merges | None" = None,
-                   dequant: "_Dequantize | None" = None) -> dict:
-    """Reads, merges and writes every tensor, in file order. Reading the next tensor and writing the
-    previous one run in two threads while this one merges (file I/O and torch ops release the GIL):
-    at most three tensors are held at once. ``dequant``: FP8 weights are dequantized (fp32), merged,
-    then converted once to ``out_dtype``; their scale tensors are not written."""
-    dropped = dequant.dropped if dequant is not None else set()
-    targets: dict[str, list[tuple[int | None, str]]] = {}  # tensor -> (expert index or None, module)
-    for name in patch:
-        key, index = tensor_target(weight_key(name))
-        targets.setdefault(key, []).append((index, name))
-    jobs = [(fname, k) for fname in ckpt.files for k in ckpt.reader(fname).tensors if k not in dropped]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(ckpt.info(k).nbytes for _, k in jobs), unit="B", unit_scale=True,
-                   desc="portllm port", leave=False)
-    stats = {"tensors": 0, "merged": 0, "total_size": 0}
-    writers: dict[str, SafetensorsWriter] = {}
-
-    def writer(fname: str) -> SafetensorsWriter:
-        if fname not in writers:
-            rd = ckpt.reader(fname)
-            layout = [(k, out_dtype if (out_dtype is not None and i.dtype.is_floating_point) else i.dtype, i.shape)
-                      for k, i in rd.tensors.items() if k not in dropped]
-            writers[fname] = SafetensorsWriter(safe_join(tmp, fname, what="shard name"), layout,
-                                               rd.metadata or {"format": "pt"})
-        return writers[fname]
-
-    def write(fname: str, k: str, t: torch.Tensor):
-        w = writer(fname)
-        w.write(k, t)
-        if w.complete:
-            w.close()
-        if bar is not None:
-            bar.update(ckpt.info(k).nbytes)
-
-    try:
-        with ThreadPoolExecutor(1) as reads, ThreadPoolExecutor(1) as writes:
-            nxt = reads.submit(ckpt.tensor, jobs[0][1]) if jobs else None
-            pending = None
-            for i, (fname, k) in enumerate(jobs):
-                t = nxt.result()
-                nxt = reads.submit(ckpt.tensor, jobs[i + 1][1]) if i + 1 < len(jobs) else None
-                late_cast = dequant is not None and dequant.owns(k)
-                if late_cast:
-                    t = dequant.weight(k, t)  # fp32: merged below, then converted once
-                elif out_dtype is not None and t.dtype.is_floating_point and t.dtype != out_dtype:
-                    t = _cast(t, out_dtype, k)
-                if requant is not None and requant.owns(k):
-                    t = requant.result(k, t)  # an FP8 weight merged and requantized, or its new block scales
-                    stats["merged"] += int(k in targets)
-                elif k in targets:
-                    # t is this port's own buffer (scratch): merged in place, checked after.
-                    W = t.to(device)
-                    experts = {index: [(patch[name], 1.0)] for index, name in targets[k] if index is not None}
-                    if experts:  # a fused [experts, ., .] tensor: one batched merge
-                        merge_experts_into(W, experts, backend=backend, check_finite=check_finite, name=k,
-                                           scratch=True)
-                    for index, name in targets[k]:
-                        if index is None:
-                            merge_into(W, [(patch[name], 1.0)], backend=backend, check_finite=check_finite,
-                                       name=name, scratch=True)
-                    t = W.cpu()
-                    stats["merged"] += 1
-                if late_cast:
-                    t = _cast(t, out_dtype, k)
-                stats["tensors"] += 1
-                stats["total_size"] += t.numel() * t.element_size()
-                if pending is not None:
-                    pending.result()  # one write in flight at a time, in order
-                pending = writes.submit(write, fname, k, t)
-                del t
-            if pending is not None:
-                pending.result()
-    finally:
-        if bar is not None:
-            bar.close()
-        for w in writers.values():
-            w.abort()
-    return stats
 
 
 class _Dequantize:
@@ -376,19 +292,6 @@ class _FP8Merges:
             out.append("warning: less than half of the patch survived requantization"
                        + ("; try --rounding stochastic" if self.rounding == "nearest" else ""))
         return out
-
-
-def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
-    """``t.to(dtype)``, refused (naming the tensor) where a finite value becomes Inf."""
-    out = t.to(dtype)
-    if torch.finfo(dtype).max < torch.finfo(t.dtype).max:
-        # Non-finite after, finite before: an overflow. (Compared as counts: one pass each.)
-        if int(torch.isinf(out).sum()) != int(torch.isinf(t).sum()):
-            big = float(t.float().abs().nan_to_num(0, 0, 0).max())
-            raise ValueError(f"tensor {key}: converting {str(t.dtype).removeprefix('torch.')} to "
-                             f"{str(dtype).removeprefix('torch.')} overflows (|value| up to {big:.6g}, above "
-                             f"{torch.finfo(dtype).max:.6g}); choose a wider --dtype or none")
-    return out
 
 
 def _plan_copy(model_dir: str) -> tuple[list[tuple[str, str]], list[str]]:

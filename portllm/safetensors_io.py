@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from portllm.direct_file import SequentialFile
 from portllm.files import NotARegularFileError, open_regular
 
 DTYPES = {
@@ -146,17 +147,29 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    def fileno(self) -> int:
+        return self._f.fileno()
+
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        self.read_into(name, 0, buf)
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def read_into(self, name: str, offset: int, buf: torch.Tensor):
+        """Fills the uint8 CPU tensor ``buf`` with tensor ``name``'s bytes from byte ``offset`` on."""
+        info = self.tensors[name]
+        n = buf.numel()
+        if offset < 0 or offset + n > info.nbytes:
+            raise ValueError(f"{self.path}: bytes [{offset}, {offset + n}) are outside tensor {name!r} "
+                             f"({info.nbytes} bytes)")
         view, got = memoryview(buf.numpy()), 0
         # Positional reads (no shared file position): tensors may be read from two threads at once.
-        while got < info.nbytes:
-            n = os.preadv(self._f.fileno(), [view[got:]], info.begin + got)
-            if n <= 0:
+        while got < n:
+            k = os.preadv(self._f.fileno(), [view[got:]], info.begin + offset + got)
+            if k <= 0:
                 raise SafetensorsError(f"{self.path}: truncated while reading {name!r}")
-            got += n
-        return buf.view(info.dtype).reshape(info.shape)
+            got += k
 
     def elements(self, name: str, positions: list[int]) -> torch.Tensor:
         """Elements of a tensor at flat positions, read one by one (no whole-tensor read)."""
@@ -182,7 +195,9 @@ class SafetensorsReader:
 
 class SafetensorsWriter:
     """Writes a .safetensors file whose tensors' names, dtypes and shapes are known up front; the
-    data then follow one tensor at a time, in the declared order."""
+    data then follow in the declared order: a whole tensor (``write``), or a tensor in consecutive
+    parts (``write_part``, ``copy_part``: bytes read from another file), through
+    ``portllm.direct_file.SequentialFile`` (O_DIRECT where the file system has it; fsync at close)."""
 
     def __init__(self, path: str, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
@@ -200,18 +215,42 @@ class SafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as safetensors writes it
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
+        head = struct.pack("<Q", len(raw)) + raw
+        self._out = SequentialFile(path, len(head) + offset)  # O_DIRECT where the file system has it
+        self._next = 0  # the tensor being written, and how many of its bytes are
+        self._part = 0
+        self._out.append(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+
+    def _advance(self, name: str, nbytes: int):
+        """Checks that ``nbytes`` more bytes of tensor ``name`` come next, and counts them."""
+        if self._next == len(self._order):
+            raise ValueError(f"{self.path}: every declared tensor is written; got more bytes of {name!r}")
+        exp_name, _, _, total = self._order[self._next]
+        if name != exp_name or self._part + nbytes > total:
+            raise ValueError(f"{self.path}: expected {total - self._part} more bytes of tensor {exp_name!r}, got "
+                             f"{nbytes} of {name!r}")
+        self._part += nbytes
+        if self._part == total:
+            self._next, self._part = self._next + 1, 0
 
     def write(self, name: str, t: torch.Tensor):
-        exp_name, dtype, shape, nbytes = self._order[self._next]
-        if name != exp_name or t.dtype != dtype or tuple(t.shape) != shape:
+        exp_name, dtype, shape, nbytes = self._order[self._next] if self._next < len(self._order) else (
+            None, None, None, 0)
+        if name != exp_name or t.dtype != dtype or tuple(t.shape) != shape or self._part:
             raise ValueError(f"{self.path}: expected tensor {exp_name!r} {shape} {dtype}, got {name!r} "
                              f"{tuple(t.shape)} {t.dtype}")
-        data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self._f.write(memoryview(data.numpy()))
-        self._next += 1
+        self.write_part(name, t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8))
+
+    def write_part(self, name: str, data: torch.Tensor):
+        """The next bytes of tensor ``name``: ``data``, a contiguous uint8 CPU tensor."""
+        self._advance(name, data.numel())
+        self._out.append(data)
+
+    def copy_part(self, name: str, src_fd: int, offset: int, nbytes: int):
+        """The next ``nbytes`` bytes of tensor ``name``, read from the file ``src_fd`` at ``offset``
+        straight into the output's staging buffer."""
+        self._advance(name, nbytes)
+        self._out.append_from(src_fd, offset, nbytes, f"{self.path}: the source of tensor {name!r}")
 
     @property
     def complete(self) -> bool:
@@ -220,16 +259,14 @@ class SafetensorsWriter:
 
     def abort(self):
         """Closes the file without completing it (the caller removes it)."""
-        if not self._f.closed:
-            self._f.close()
+        self._out.abort()
 
     def close(self):
+        """Writes the rest, fsyncs and closes the file; a file closed before its last tensor is refused."""
         if not self.complete:
-            self._f.close()
+            self._out.abort()
             raise ValueError(f"{self.path}: closed after {self._next} of {len(self._order)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        self._out.close()
 
     def __enter__(self):
         return self

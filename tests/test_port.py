@@ -141,15 +141,15 @@ def test_interrupted_port_leaves_nothing(setup, tmp_path, monkeypatch):
     from portllm import safetensors_io
 
     calls = {"n": 0}
-    real = safetensors_io.SafetensorsWriter.write
+    real = safetensors_io.SafetensorsWriter._advance  # every write, whole, in parts or copied, goes through it
 
-    def failing(self, name, t):
+    def failing(self, name, n):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(self, name, t)
+        return real(self, name, n)
 
-    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "write", failing)
+    monkeypatch.setattr(safetensors_io.SafetensorsWriter, "_advance", failing)
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
         portllm.port(setup["evolved_dir"], setup["adapter"], str(out), device="cpu", progress=False, log=None)
