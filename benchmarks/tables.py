@@ -41,15 +41,31 @@ def tables(d: dict) -> str:
         L.append("")
     ports = [r for r in rows if r["op"] == "port"]
     if ports:
-        L += [f"Port of a rank-16 patch (all seven projections) onto a Llama-shaped bf16 checkpoint of "
-              f"{ports[0]['params'] / 1e9:.2f}B random weights ({ports[0]['checkpoint_bytes'] / 1e9:.2f} GB, "
-              "sharded), each job in its own process:", "",
-              "| job | seconds | peak RSS above the interpreter's, MiB | × copying the files | PEFT's time / this |",
-              "|---|---:|---:|---:|---:|"]
+        sizes = {r["size"]: r for r in ports}
+        L += ["Port of a rank-16 patch (all seven projections) onto Llama-shaped bf16 checkpoints of random weights ("
+              + "; ".join(f"{k}: {r['params'] / 1e9:.2f}B parameters, {r['checkpoint_bytes'] / 1e9:.2f} GB"
+                          for k, r in sizes.items())
+              + f"), each job in its own process; the copy, the port and the command interleaved, median of "
+              f"{ports[0].get('rounds', 1)} rounds:", "",
+              "| size | job | seconds | peak RSS above the interpreter's, MiB | × copy+fsync | PEFT's time / this | "
+              "PEFT's memory / this |",
+              "|---|---|---:|---:|---:|---:|---:|"]
         for r in ports:
-            L.append(f"| {r['provider']} | {r['seconds']:.2f} | {r['peak_rss_above_baseline'] / 2**20:.0f} | "
-                     f"{_f(r, 'time_vs_copy')} | {_f(r, 'speedup_vs_peft')} |")
+            if r["case"] == "stages":
+                continue
+            rss = r.get("peak_rss_above_baseline")
+            L.append(f"| {r['size']} | {r['provider']} | {r['seconds']:.2f} | "
+                     f"{'' if rss is None else f'{rss / 2**20:.0f}'} | {_f(r, 'time_vs_copy')} | "
+                     f"{_f(r, 'speedup_vs_peft')} | {_f(r, 'peft_memory_vs_this')} |")
         L.append("")
+        stages = [r for r in ports if r["case"] == "stages"]
+        if stages:
+            L += ["Each stage of the port's stream alone, over the same bytes (GB/s): "
+                  + "; ".join(f"{r['size']}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_gbps"].items())
+                              for r in stages)
+                  + "; and the port, all stages overlapped: "
+                  + "; ".join(f"{r['size']}: {r['checkpoint_bytes'] / r['seconds'] / 1e9:.2f}" for r in ports
+                              if r["provider"] == "portllm port (job)") + ".", ""]
     layers = [r for r in rows if r["op"] == "pmss_layer"]
     if layers:
         r0 = layers[0]

@@ -1,21 +1,40 @@
 """portllm: portable LoRA patches (PortLLM) and skeleton fine-tuning (PMSS), with Triton, C++ and
-CUDA kernels behind a thin PyTorch layer."""
+CUDA kernels behind a thin PyTorch layer.
+
+The names below load on first use (PEP 562), so that ``import portllm`` alone, and the command
+line's ``--help`` and ``--version``, do not import torch (about a second); ``portllm.port`` loads the
+port alone, without PMSS's torch.distributed (half a second more). The kernels (``portllm._C``)
+load with the first op, and say then, once, if they were not built.
+"""
+
+import importlib
 
 from portllm._version import __version__  # noqa: F401
-from portllm import _ext  # noqa: E402,F401  (loads portllm._C first, warns once if missing)
-from portllm import ops  # noqa: E402
-from portllm.ops import BackendUnavailableError, available_backends, patch_add_  # noqa: E402
 
-__all__ = ["BackendUnavailableError", "available_backends", "ops", "patch_add_", "__version__"]
+_WHERE = {
+    "BackendUnavailableError": "portllm.ops", "available_backends": "portllm.ops", "patch_add_": "portllm.ops",
+    "apply_patch": "portllm.apply", "exact_merges": "portllm.apply", "remove_patch": "portllm.apply",
+    "ExactUndoError": "portllm.exact",
+    "CompatReport": "portllm.compat", "IncompatiblePatchError": "portllm.compat",
+    "check_compatibility": "portllm.compat",
+    "extract_patch": "portllm.extract",
+    "Patch": "portllm.patch", "PatchFormatError": "portllm.patch", "PatchModule": "portllm.patch",
+    "port": "portllm.port",
+}
+_SUBMODULES = ("ops", "pmss", "serve")
 
-from portllm.apply import apply_patch, exact_merges, remove_patch  # noqa: E402
-from portllm.exact import ExactUndoError  # noqa: E402
-from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility  # noqa: E402
-from portllm.extract import extract_patch  # noqa: E402
-from portllm.patch import Patch, PatchFormatError, PatchModule  # noqa: E402
-from portllm.port import port  # noqa: E402
-from portllm import pmss  # noqa: E402
-from portllm import serve  # noqa: E402
+__all__ = sorted([*_WHERE, *_SUBMODULES, "__version__"])
 
-__all__ += ["CompatReport", "ExactUndoError", "exact_merges", "IncompatiblePatchError", "Patch", "PatchFormatError", "PatchModule",
-            "apply_patch", "check_compatibility", "extract_patch", "pmss", "port", "remove_patch", "serve"]
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"portllm.{name}")
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'portllm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

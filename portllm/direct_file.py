@@ -22,6 +22,7 @@ import torch
 
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffer addresses: a multiple of every common block size
 STAGE_BYTES = 8 << 20
+BUFFERS = 2  # staging buffers: one filling, the others' writes in flight (one thread each)
 MIN_DIRECT = 1 << 20  # smaller files go through the page cache
 
 
@@ -34,7 +35,7 @@ class SequentialFile:
     ``append_from`` a range of another file, then ``close`` (which fsyncs) or ``abort``.
     ``size_hint``: the file's expected size (small files skip O_DIRECT and get small buffers)."""
 
-    def __init__(self, path: str, size_hint: int, stage_bytes: int = STAGE_BYTES):
+    def __init__(self, path: str, size_hint: int, stage_bytes: int = STAGE_BYTES, buffers: int = BUFFERS):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self._dfd = None
@@ -44,12 +45,12 @@ class SequentialFile:
             except OSError:
                 self._dfd = None
         n = min(_round_up(stage_bytes, ALIGN), _round_up(max(size_hint, 1), ALIGN))
-        self._maps = [mmap.mmap(-1, n) for _ in range(2 if self._dfd is not None else 1)]
+        self._maps = [mmap.mmap(-1, n) for _ in range(max(2, buffers) if self._dfd is not None else 1)]
         self._stages = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
         self._cur = 0  # the staging buffer being filled, how full it is, and its file offset
         self._fill = 0
         self._base = 0
-        self._disk = ThreadPoolExecutor(1) if self._dfd is not None else None
+        self._disk = ThreadPoolExecutor(len(self._maps) - 1) if self._dfd is not None else None
         self._inflight = [None] * len(self._maps)  # each buffer's write on its way to the disk
         self.closed = False
 
