@@ -38,6 +38,7 @@ SIZES = {"quick": dict(hidden_size=256, intermediate_size=704, num_hidden_layers
     "4GB": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=10, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=32000)}
 PEFT_SIZES = {"quick", "1GB"}
+OTHER_ISAS = ("avx512", "avx2", "generic")  # the C++ kernel's paths below this machine's (PORTLLM_CPU_ISA)
 ROUNDS = 1 if QUICK else 3
 RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -85,15 +86,20 @@ def files_for(size: str) -> dict:
     return {"ckpt": ckpt, "patch": patch, "bytes": nbytes, "params": sum(torch.Size(s).numel() for s in shapes.values())}
 
 
-def run_job(job, files, device="cpu"):
+def run_job(job, files, device="cpu", isa=None):
     out = os.path.join(CACHE, f"out-{job}")
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
+    old = os.environ.get("PORTLLM_CPU_ISA")
+    if isa:
+        os.environ["PORTLLM_CPU_ISA"] = isa
     try:
         return run_measured([sys.executable, os.path.join(HERE, "port_jobs.py"), job, files["ckpt"], files["patch"],
                              out, device], f"job {job}")
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        if isa:
+            os.environ.pop("PORTLLM_CPU_ISA") if old is None else os.environ.__setitem__("PORTLLM_CPU_ISA", old)
 
 
 # Runs argv and prints its wall seconds and peak RSS: a small launcher, because a process forked from this
@@ -149,6 +155,9 @@ def measured(request):
     if size in PEFT_SIZES:
         for job in ("peft", "apply", "peft_merge"):
             res[job] = run_job(job, files)
+        if DEVICE.type == "cpu":  # the other CPU classes' merge paths, forced (one round each)
+            for isa in OTHER_ISAS:
+                res[f"port-{isa}"] = run_job("port", files, isa=isa)
     return res
 
 
@@ -158,7 +167,7 @@ def _median(runs: list[dict], key: str) -> float:
 
 PROVIDERS = ["copy+fsync", "portllm port (job)", "portllm port (command)", "stages",
              "peft load+merge_and_unload+save", "portllm apply_patch (in memory)", "peft merge_and_unload (in memory)",
-             "portllm port --device cuda (job)"]
+             "portllm port --device cuda (job)", *[f"portllm port (job), PORTLLM_CPU_ISA={isa}" for isa in OTHER_ISAS]]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -185,6 +194,11 @@ def test_port(benchmark, measured, provider):
         info.update(case="stages", seconds=sum(st["stages"].values()), stage_seconds=st["stages"],
                     stage_gbps={k: round(st["bytes"] / v / 1e9, 3) for k, v in st["stages"].items() if v},
                     peak_rss_above_baseline=None)
+    elif provider.startswith("portllm port (job), PORTLLM_CPU_ISA="):
+        r = m.get(f"port-{provider.rsplit('=', 1)[1]}")
+        if r is None:
+            pytest.skip("the forced CPU paths are measured on the first size, on CPU runs")
+        info.update(seconds=r["job_seconds"], peak_rss_above_baseline=r["peak_rss_above_baseline"], rounds=1)
     elif provider == "portllm port --device cuda (job)":
         if "port_cuda" not in m:
             pytest.skip("no CUDA device")

@@ -8,6 +8,8 @@ load with the first op, and say then, once, if they were not built.
 """
 
 import importlib
+import sys
+import types
 
 from portllm._version import __version__  # noqa: F401
 
@@ -38,3 +40,16 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``portllm.port`` is the function, as it always was: the import system's binding of the
+    submodule ``portllm.port`` onto the package, when that module first loads, is not kept."""
+
+    def __setattr__(self, name, value):
+        if name == "port" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
