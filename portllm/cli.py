@@ -64,6 +64,11 @@ def _process_seconds() -> float | None:
         return None
 
 
+def _command_line() -> bool:
+    """Whether this process is the ``portllm`` command (its console script, or ``python -m portllm.cli``)."""
+    return __name__ == "__main__" or os.path.basename(sys.argv[0]) in ("portllm", "portllm.exe")
+
+
 def _port(args) -> int:
     from portllm.port import port
 
@@ -284,7 +289,7 @@ def main(argv=None) -> int:
         # job; not for a caller of main(argv), whose process started long before.
         args.startup = _process_seconds() if argv is None and args.command == "port" else None
         code = args.fn(args)
-        if argv is None and code == 0 and args.command in ("port", "extract"):
+        if argv is None and code == 0 and args.command in ("port", "extract") and _command_line():
             # The command line (not a caller of main): the output is complete, fsynced and renamed into
             # place; skip Python's teardown of torch, which took 0.5-0.6 s on this repository's EPYC.
             sys.stdout.flush()

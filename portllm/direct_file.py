@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -53,6 +54,7 @@ class SequentialFile:
         self._disk = ThreadPoolExecutor(len(self._maps) - 1) if self._dfd is not None else None
         self._inflight = [None] * len(self._maps)  # each buffer's write on its way to the disk
         self.closed = False
+        self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -102,8 +104,10 @@ class SequentialFile:
         if self._disk is not None:
             self._inflight[self._cur] = self._disk.submit(self._write_direct, view, base)
         else:
-            self._write(self._fd, view, base)
-            view.release()
+            try:
+                self._write(self._fd, view, base)
+            finally:
+                view.release()
         self._cur = (self._cur + 1) % len(self._maps)
         self._base, self._fill = base + n, 0
 
@@ -111,13 +115,17 @@ class SequentialFile:
     def _write(fd: int, view: memoryview, offset: int):
         done = 0
         while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+            with view[done:] as rest:
+                n = os.pwrite(fd, rest, offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"a write of {len(view) - done} bytes at {offset + done} wrote nothing")
+            done += n
 
     def _write_direct(self, view: memoryview, offset: int):
         try:
             self._write(self._dfd, view, offset)
         except OSError as e:  # a file system that opens with O_DIRECT but refuses these writes
-            if e.errno != errno.EINVAL:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
             self._write(self._fd, view, offset)
         finally:
@@ -148,14 +156,18 @@ class SequentialFile:
 
     def abort(self):
         """Closes the file as it is (the caller removes it)."""
-        if self.closed:
-            return
-        self.closed = True
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
         if self._disk is not None:
-            self._disk.shutdown(wait=True)
+            self._disk.shutdown(wait=True)  # (no write in flight once the file is closed or unmapped)
         for fd in (self._fd, self._dfd):
             if fd is not None:
                 os.close(fd)
         del self._stages
         for m in self._maps:
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # a view still held by an error's traceback: unmapped when it goes
+                pass

@@ -195,24 +195,24 @@ def merge_experts_into(W: torch.Tensor, per_expert: dict[int, Sequence[tuple[Pat
     plans = {e: plan_merge(W[e], entries, backend=backend, check_finite=check_finite, name=f"{name}[{first + e}]",
                            factors_checked=factors_checked)
              for e, entries in sorted(per_expert.items()) if entries}
-    first = next(iter(plans.values()), None)
-    alike = (first is not None and len(plans) == W.shape[0]
-             and all(p.B.shape == first.B.shape and p.B.dtype == first.B.dtype and p.A.dtype == first.A.dtype
-                      and p.fan_in_fan_out == first.fan_in_fan_out and p.backend == first.backend
+    p0 = next(iter(plans.values()), None)
+    alike = (p0 is not None and len(plans) == W.shape[0]
+             and all(p.B.shape == p0.B.shape and p.B.dtype == p0.B.dtype and p.A.dtype == p0.A.dtype
+                      and p.fan_in_fan_out == p0.fan_in_fan_out and p.backend == p0.backend
                       for p in plans.values()))
     if not alike:
         return _expert_by_expert(W, per_expert, backend, check_finite, name, scratch, factors_checked, first)
-    target = W.transpose(1, 2) if first.fan_in_fan_out else W
+    target = W.transpose(1, 2) if p0.fan_in_fan_out else W
     B = torch.stack([p.B for p in plans.values()])
     A = torch.stack([p.A for p in plans.values()])
     s = torch.stack([p.s for p in plans.values()])
-    if first.check_finite:
+    if p0.check_finite:
         lo, hi = torch.aminmax(W)
         wmax = max(-float(lo), float(hi))
         dmax = float((s.double().abs() * B.abs().amax(1).double() * A.abs().amax(2).double()).sum(1).max())
         if not wmax + dmax * (1 + 1e-3) < torch.finfo(W.dtype).max:  # the bound cannot clear it: expert by expert
             return _expert_by_expert(W, per_expert, backend, True, name, scratch, factors_checked, first)
-    ops.patch_add_experts_(target, B, A, s, backend=first.backend, check_finite=False)
+    ops.patch_add_experts_(target, B, A, s, backend=p0.backend, check_finite=False)
     return W
 
 

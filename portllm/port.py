@@ -1,8 +1,8 @@
 """``port``: stream a checkpoint directory through patch_add_, tensor by tensor, into a new one.
 
 Memory stays at a few chunks of rows whatever the model's size (``portllm.port_stream``): tensors
-the patch leaves alone are copied file to file by the kernel; patched ones are read, merged on the
-chosen device and written chunk by chunk, the three stages overlapped. The result is written
+the patch leaves alone are read straight into the output's write buffer; patched ones are read,
+merged on the chosen device and written chunk by chunk, the three stages overlapped. The result is written
 into a temporary directory beside ``out_dir`` and renamed at the end, so an interrupted port never
 leaves a half-written model that looks complete; ``model_dir`` is only ever read.
 """

@@ -1,16 +1,18 @@
 """The port's weight stream: every tensor of a checkpoint read, merged where the patch touches it, and
 written, through a bounded pipeline that keeps the disk busy (``write_weights``).
 
-* A tensor the port leaves as it is (not patched, no dtype conversion) is copied file to file inside
-  the kernel (``copy_file_range``): its bytes never pass through this process.
+* A tensor the port leaves as it is (not patched, no dtype conversion) is read straight into the
+  output's write buffer (``SafetensorsWriter.copy_part``): no tensor, no extra copy.
 * A patched (or converted) tensor goes through in chunks of rows of about ``CHUNK_BYTES``: rows of W
   need only the same rows of B (whole experts of a fused expert tensor), and every element gets the
   bits a whole-tensor merge gives it (``_plan`` says how).
   Three stages run at once: a reader thread fills the next chunk, this thread merges the current one
-  in place, a writer thread writes the previous one. The buffers come from a fixed pool, so the memory
-  held is a few chunks whatever the checkpoint's size, and no buffer's pages are faulted in twice.
-* A finished shard's fsync runs in a thread of its own while the next shard is written; all are done
-  before ``write_weights`` returns.
+  in place, a writer thread writes the previous one. The buffers come from two pools of three (read,
+  and converted where ``dtype`` changes), each buffer the largest chunk: 16 MiB, or one row (one
+  expert of a fused expert tensor) where that is larger. So the memory held does not grow with the
+  checkpoint, and no buffer's pages are faulted in twice.
+* A finished shard's fsync runs in a thread of its own while the next shard is written (one at a
+  time: a shard waits for the previous one's); all are done before ``write_weights`` returns.
 * FP8 weights that the port requantizes or dequantizes go through whole (their scales are per block
   and per tensor), as do weights stored [in, out] and 0-d tensors.
 """
@@ -229,6 +231,8 @@ def write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, b
         else:
             w.write(u.key, payload)
         if w.complete:
+            if closing:
+                closing[-1].result()  # at most one shard's fsync waiting: shards do not pile up
             closing.append(syncs.submit(w.close))  # fsync while the next shard is written
         if bar is not None:
             bar.update(info.nbytes if u.kind != "rows" else info.nbytes // info.shape[0] * (u.hi - u.lo))

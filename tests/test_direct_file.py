@@ -83,3 +83,25 @@ def test_tmpfs(tmp_path):
             assert r.read() == bytes(data.numpy())
     finally:
         os.unlink(path)
+
+
+@pytest.mark.parametrize("hint", [100, 5 << 20], ids=["page-cache", "direct"])
+def test_write_error_is_the_error(tmp_path, monkeypatch, hint):
+    """A full disk: the OSError itself reaches the caller (not a BufferError from unmapping), and abort
+    afterwards closes the file quietly."""
+    real = os.pwrite
+    f = SequentialFile(str(tmp_path / "out"), hint, stage_bytes=ALIGN)
+
+    def pwrite(fd, view, offset):
+        if offset >= 2 * ALIGN:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data, _ = pieces(3, 6 * ALIGN + 5)
+    with pytest.raises(OSError) as e:
+        f.append(data)
+        f.close()
+    assert e.value.errno == errno.ENOSPC
+    f.abort()
+    assert f.closed

@@ -96,3 +96,25 @@ def test_merge_experts_into_is_all_or_nothing():
     with pytest.raises(NonFiniteMergeError, match=r"w\[2\]"):
         merge_experts_into(W, per_expert, name="w")
     assert torch.equal(W, W0)
+
+
+def test_merge_experts_into_names_experts_from_first_and_merges_past_a_nan():
+    """A slice of a fused weight (experts 5.. of the tensor, as a port's chunk): a refusal names the
+    tensor's own expert index; a weight already holding a NaN (the bound cannot clear it) is merged
+    expert by expert, each expert as patch_add_ merges it, the NaN left as it was."""
+    from portllm.merge import NonFiniteMergeError, merge_experts_into
+    from portllm.patch import PatchModule
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(3, 8, 6, generator=g).half()
+    mods = {e: PatchModule(torch.randn(8, 2, generator=g) * (1e5 if e == 1 else 0.1), torch.randn(2, 6, generator=g),
+                           1.0) for e in range(3)}
+    with pytest.raises(NonFiniteMergeError, match=r"w\[6\]"):
+        merge_experts_into(W.clone(), {e: [(m, 1.0)] for e, m in mods.items()}, name="w", first=5)
+    W[0, 3, 2] = float("nan")
+    ok = {e: [(mods[e], 1.0)] for e in (0, 2)}  # expert 1 unpatched: not every expert alike either
+    want = W.clone()
+    for e in (0, 2):
+        ops.patch_add_(want[e], mods[e].B, mods[e].A, 1.0)
+    got = merge_experts_into(W.clone(), ok, name="w", first=5)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())

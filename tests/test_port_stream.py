@@ -102,12 +102,13 @@ def test_gpt2_fan_in_fan_out_chunked(tmp_path, monkeypatch, backend):
         assert torch.equal(got[k], v), k
 
 
-def test_moe_experts_chunked(tmp_path, monkeypatch, backend):
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # experts one tensor each on disk; fused [E, ., .]
+def test_moe_experts_chunked(tmp_path, monkeypatch, backend, family):
     from test_moe import adapter, build
 
-    model = build("mixtral", dtype=torch.bfloat16)
+    model = build(family, dtype=torch.bfloat16)
     adapter(model.float(), tmp_path / "a")
-    model = build("mixtral", dtype=torch.bfloat16)
+    model = build(family, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "src")
     out = ports_agree(tmp_path / "src", str(tmp_path / "a"), tmp_path, monkeypatch, backend)
     portllm.apply_patch(model, Patch.load(tmp_path / "a"), backend=backend)

@@ -61,7 +61,7 @@ def test_kill_9_mid_port_then_the_next_run_cleans_up(world, capsys):
     before = snapshot(model, patch)
     # A port that stops (SIGSTOP-free: it sleeps inside the staging directory) and is killed -9.
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time, portllm
+        import sys, time, portllm.port
         P = sys.modules["portllm.port"]
         real = P._copy_other_files
         def slow(*a, **k):
