@@ -72,7 +72,9 @@ def _command_line() -> bool:
 def _port(args) -> int:
     from portllm.port import port
 
-    startup = getattr(args, "startup", None)
+    # The command line's start-up (the interpreter, torch and portllm's imports: the import above), stated
+    # apart from the job; not for a caller of main(argv), whose process started long before.
+    startup = _process_seconds() if getattr(args, "command_line", False) else None
     res = port(args.model, args.patch, args.out, scale=args.scale, device=args.device, dtype=args.dtype,
                force=args.force, backend=args.backend, progress=not args.quiet,
                log=None if args.quiet else print, base=args.base, rounding=args.rounding, seed=args.seed)
@@ -285,9 +287,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         require(args.command)
-        # The command line's start-up (the interpreter, torch and portllm's imports), stated apart from the
-        # job; not for a caller of main(argv), whose process started long before.
-        args.startup = _process_seconds() if argv is None and args.command == "port" else None
+        args.command_line = argv is None
         code = args.fn(args)
         if argv is None and code == 0 and args.command in ("port", "extract") and _command_line():
             # The command line (not a caller of main): the output is complete, fsynced and renamed into

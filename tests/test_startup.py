@@ -58,4 +58,6 @@ def test_port_command_states_its_start_up(tmp_path):
     assert res.returncode == 0, res.stderr
     last = res.stdout.strip().splitlines()[-1]
     assert "merged 1 modules" in last and "; start-up (Python, torch, portllm)" in last, last
+    startup = float(last.rsplit("start-up (Python, torch, portllm) ", 1)[1].split()[0])
+    assert startup >= 0.2, f"start-up {startup} s: torch's import alone takes longer than that ({last})"
     assert os.path.exists(tmp_path / "o" / "model.safetensors")
