@@ -74,6 +74,15 @@ def versions() -> dict:
     return v
 
 
+def _gen_defaults():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_defaults", os.path.join(ROOT, "tools", "gen_defaults.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def summarise(raw: dict, suites: dict) -> list[dict]:
     """The rows of a pytest-benchmark run, with each suite's derived figures (its ``rows``)."""
     rows = []
@@ -89,6 +98,9 @@ def summarise(raw: dict, suites: dict) -> list[dict]:
         info.update(median_ms=round(median * 1e3, 4), min_ms=round(b["stats"]["min"] * 1e3, 4),
                     rounds=b["stats"]["rounds"], gbps=round(info["bytes"] / median / 1e9, 2))
         rows.append(info)
+    stamp = _gen_defaults().stamp
+    for row in rows:  # the source each row timed (tools/gen_defaults.py counts only rows of the current source)
+        stamp(row)
     order = {op: k for k, s in enumerate(suites.values()) for op in sorted(s.ops)}
     rows.sort(key=lambda r: order.get(r["op"], len(order)))  # (stable: a suite's rows keep their order)
     for suite in suites.values():

@@ -195,7 +195,11 @@ def _info(args) -> int:
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         print(f"backends on {dev}: {', '.join(ops.available_backends(dev))} (device class {defaults.device_class(dev)})")
         for op, impls in ops.IMPLEMENTATIONS.items():
-            print(f"  {op}: backends {', '.join(ops.available_backends(dev, op))} (default first)")
+            fresh = defaults.measured_on_current_source(op, dev)
+            said = "; ".join(f"{b} measured on this source" if ok else f"{b} measured on another source"
+                             if ok is False else f"{b}: no source here to compare" for b, ok in fresh.items())
+            print(f"  {op}: backends {', '.join(ops.available_backends(dev, op))} (default first; "
+                  + (said or "no kernel measured faster than the reference on this device class, as its source is now") + ")")
             for name, impl in impls.items():
                 why = ops.backend_unavailable_reason(name, dev, op)
                 print(f"    {name:<9} {impl.where}" + (f"  [unavailable: {why}]" if why else ""))

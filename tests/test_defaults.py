@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 
+import pytest
 import torch
 
 from portllm import defaults, ops
@@ -65,3 +66,73 @@ def test_results_record_the_cpu_path():
         with open(path) as f:
             d = json.load(f)
         assert "cpu=" in d["versions"]["portllm_build"]
+
+
+def _result(rows, isa="avx2"):
+    return {"device": {"type": "cpu"}, "versions": {"portllm_build": f"cpu={isa}"}, "results": rows}
+
+
+def _rows(cpp_ms=1.0, hashes=None):
+    base = dict(op="patch_add_", case="single", m=64, n=64, r=16, dtype="bfloat16", factor_dtype="bfloat16")
+    ref = dict(base, provider="portllm-reference", median_ms=2.0)
+    cpp = dict(base, provider="portllm-cpp", isa="avx2", median_ms=cpp_ms)
+    if hashes is not None:
+        cpp["source_hashes"] = hashes
+    return [ref, cpp]
+
+
+def test_only_rows_of_the_current_source_count(tmp_path):
+    """A row records the hash of the kernel source it timed; a row of another source (the kernel edited
+    since), or of none, is stale: its backend is no default until it is measured again."""
+    from portllm import sources
+
+    gen = _gen()
+    now = sources.source_hash("patch_add_", "cpp")
+    if now is None:
+        pytest.skip("no csrc/ here (an installed package): nothing to hash")
+    stamped = gen.stamp(_rows()[1])
+    assert stamped["source_hashes"] == {"patch_add_": now}
+    for hashes, want in ((None, ["reference"]), ({"patch_add_": "0" * 16}, ["reference"]),
+                         ({"patch_add_": now}, ["cpp", "reference"])):
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps(_result(_rows(hashes=hashes))))
+        table, made = gen.generate([str(path)], with_sources=True)
+        # (a class with nothing fresh has no entry: defaults.order then gives the reference alone)
+        assert table.get("cpu-avx2", {}).get("patch_add_", ["reference"]) == want, hashes
+        assert made.get("cpu-avx2", {}).get("patch_add_", {}) == ({"cpp": now} if "cpp" in want else {})
+
+
+def test_source_hash_follows_the_kernel_files(tmp_path):
+    """The hash covers the op's kernel files of that backend (and their shared headers), nothing else."""
+    import shutil
+
+    from portllm import sources
+
+    if not os.path.isdir(os.path.join(ROOT, "csrc")):
+        pytest.skip("no csrc/ here")
+    for d in ("csrc", "kernels"):
+        shutil.copytree(os.path.join(ROOT, d), tmp_path / d)
+    before = {(op, b): sources.source_hash(op, b, str(tmp_path)) for op in ("patch_add_", "fp8_merge")
+              for b in ("cpp", "triton")}
+    assert before == {k: sources.source_hash(*k) for k in before} and all(before.values())
+    with open(tmp_path / "csrc" / "cpu" / "patch_add.cpp", "a") as f:
+        f.write("\n// edited\n")
+    after = {k: sources.source_hash(*k, str(tmp_path)) for k in before}
+    assert after[("patch_add_", "cpp")] != before[("patch_add_", "cpp")]
+    assert {k: v for k, v in after.items() if k != ("patch_add_", "cpp")} == \
+        {k: v for k, v in before.items() if k != ("patch_add_", "cpp")}
+    assert sources.source_hash("patch_add_", "reference") is None
+
+
+def test_every_default_was_measured_on_the_current_source():
+    """What portllm info says: each default ahead of the reference was measured on its kernel as it is now."""
+    from portllm._defaults_table import SOURCES, TABLE
+
+    for cls, per in TABLE.items():
+        for op, order in per.items():
+            for b in order[:-1]:
+                assert SOURCES[cls][op][b] is not None
+    if os.path.isdir(os.path.join(ROOT, "csrc")):
+        for dev in ("cpu",):
+            for op in ops.IMPLEMENTATIONS:
+                assert all(v is True for v in defaults.measured_on_current_source(op, dev).values()), op
