@@ -72,6 +72,8 @@ class CompatReport:
             out.append(f"base: another model (evolved): weights moved by {self.mean_relative_change:.2%} on average "
                        f"(relative Frobenius norm, estimated), at most {max(self.relative_change.values()):.2%}"
                        + against)
+            out.append("how far the weights moved does not tell whether the patch still helps on this model (a "
+                       "small move can undo it, a large one leave it whole): evaluate the ported model on your task")
         return out
 
     def __str__(self) -> str:

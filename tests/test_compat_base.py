@@ -69,3 +69,14 @@ def test_out_may_not_be_the_base(world, capsys):
     code = cli.main(["port", "--model", evolved, "--patch", str(root / "p"), "--out", base, "--force", "--base", base,
                      "--device", "cpu", "--quiet"])
     assert code == 1 and "is the input --base" in capsys.readouterr().err
+
+
+def test_the_drift_is_not_offered_as_a_forecast(world, capsys):
+    """Weights alone do not predict whether a port helps: the report says so beside the drift it measures."""
+    root, base, evolved = world
+    make_patch().save(str(root / "p"))
+    for model, out, says in ((evolved, "o3", True), (base, "o4", False)):
+        code = cli.main(["port", "--model", model, "--patch", str(root / "p"), "--out", str(root / out),
+                         "--device", "cpu", "--base", base])
+        text = capsys.readouterr().out
+        assert code == 0 and ("does not tell whether the patch still helps" in text) == says, text
