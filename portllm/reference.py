@@ -34,30 +34,6 @@ def patch_add_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.T
     return W
 
 
-def patch_add_addmm_(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> bool:
-    """W += s·B·A as a single ``addmm_``, where that keeps the kernels' contract: a 16-bit W, factors
-    of W's dtype, and one scale s for every rank (one patch). The GEMM (cuBLAS on a GPU) forms the
-    products exactly and sums them in fp32 (reduced-precision reductions turned off for the call),
-    and rounds W + s·(B·A) once, as the tensor-core kernels do. Returns False, doing nothing,
-    otherwise. On CUDA this is the reference's path: one pass of plain PyTorch, where the chunked
-    fp32 path reads and writes W's bytes twice more."""
-    if W.dtype not in (torch.bfloat16, torch.float16) or B.dtype != W.dtype or A.dtype != W.dtype:
-        return False
-    if W.numel() == 0 or B.shape[1] == 0:
-        return True
-    s = scale.to(torch.float32)
-    if not bool((s == s[0]).all()):
-        return False
-    m = torch.backends.cuda.matmul
-    saved = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
-    try:
-        m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
-        W.addmm_(B, A, alpha=float(s[0]))
-    finally:
-        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
-    return True
-
-
 def patch_add_exact(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale) -> torch.Tensor:
     """W + B·diag(scale)·A computed in float64, not rounded: the ground truth for error bounds."""
     s = torch.as_tensor(scale, dtype=torch.float64, device=W.device)

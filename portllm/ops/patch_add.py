@@ -142,8 +142,6 @@ if _ext.available():
 
 registry.register("patch_add_", *registry.standard_impls(
     "patch_add_", source="patch_add", kernel="patch_add_forward",
-    # (on CUDA, one patch with 16-bit factors merges in one addmm_: reference.patch_add_addmm_)
-    reference=lambda W, B, A, s: (W.is_cuda and reference.patch_add_addmm_(W, B, A, s)) or reference.patch_add_(
-        W, B, A, s),
+    reference=lambda W, B, A, s: reference.patch_add_(W, B, A, s),
     extension=lambda W, B, A, s: torch.ops.portllm.patch_add_(W, B, A, s),
     triton=_triton))
