@@ -17,14 +17,18 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# op -> the file-name stems of its kernels (the serving ops share their grouping code)
+# op -> the file-name stems of its kernels. The two serving ops are measured together (one benchmark
+# times shrink and expand in one layer), so each one's source is both's.
+_SERVING = ["lora_shrink", "lora_expand", "lora_groups", "lora_slots"]
 _STEMS = {"patch_add_": ["patch_add"], "patch_add_experts_": ["patch_add"], "skeleton_mm": ["skeleton_mm"],
-          "lora_shrink": ["lora_shrink", "lora_groups", "lora_slots"],
-          "lora_expand_": ["lora_expand", "lora_groups", "lora_slots"],
-          "bit_misses": ["bit_misses"], "fp8_merge": ["fp8_merge"]}
-_SHARED = {"cpp": ["csrc/cpu/isa.cpp", "csrc/cpu/isa.h"], "cuda": ["csrc/cuda/*.cuh"],
-           "triton": ["kernels/rounding.py"]}
+          "lora_shrink": _SERVING, "lora_expand_": _SERVING, "bit_misses": ["bit_misses"], "fp8_merge": ["fp8_merge"]}
+# (backend, stem) -> the shared files those kernels include: the vector-path dispatch (csrc/cpu/isa.h),
+# the CUDA headers, the Triton rounding helpers
+_SHARED = {("cpp", "patch_add"): ["csrc/cpu/isa.cpp", "csrc/cpu/isa.h"],
+           ("cpp", "fp8_merge"): ["csrc/cpu/isa.cpp", "csrc/cpu/isa.h"],
+           ("cuda", None): ["csrc/cuda/*.cuh"], ("triton", None): ["kernels/rounding.py"]}
 _DIRS = {"cpp": "csrc/cpu", "cuda": "csrc/cuda", "triton": "kernels"}
+_EXTENSIONS = {"cpp": (".cpp", ".h"), "cuda": (".cu", ".cuh"), "triton": (".py",)}  # (not editor leftovers)
 
 
 def select(names: list[str], op: str, backend: str) -> list[str]:
@@ -33,10 +37,12 @@ def select(names: list[str], op: str, backend: str) -> list[str]:
     if backend not in _DIRS:
         return []
     stems = _STEMS.get(op, [op.rstrip("_")])
+    names = [n for n in names if n.endswith(_EXTENSIONS[backend])]
     own = {n for n in names for stem in stems if fnmatch.fnmatch(n, f"{_DIRS[backend]}/{stem}*")}
     if not own:
         return []
-    own.update(n for n in names for pattern in _SHARED.get(backend, []) if fnmatch.fnmatch(n, pattern))
+    for stem in [None, *stems]:
+        own.update(n for n in names for pattern in _SHARED.get((backend, stem), []) if fnmatch.fnmatch(n, pattern))
     return sorted(own)
 
 
