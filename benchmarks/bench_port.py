@@ -19,12 +19,11 @@ again). PORTLLM_BENCH_QUICK=1 uses a small model, one round.
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 
 import pytest
 import torch
-from benchutil import DEVICE, QUICK, write_checkpoint
+from benchutil import DEVICE, QUICK, timed_command, write_checkpoint
 from suite import Suite, fmt
 
 from portllm.memory import run_measured
@@ -90,28 +89,11 @@ def run_job(job, files, device="cpu", isa=None):
     out = os.path.join(CACHE, f"out-{job}")
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    old = os.environ.get("PORTLLM_CPU_ISA")
-    if isa:
-        os.environ["PORTLLM_CPU_ISA"] = isa
     try:
         return run_measured([sys.executable, os.path.join(HERE, "port_jobs.py"), job, files["ckpt"], files["patch"],
-                             out, device], f"job {job}")
+                             out, device], f"job {job}", env=dict(os.environ, PORTLLM_CPU_ISA=isa) if isa else None)
     finally:
         shutil.rmtree(out, ignore_errors=True)
-        if isa:
-            os.environ.pop("PORTLLM_CPU_ISA") if old is None else os.environ.__setitem__("PORTLLM_CPU_ISA", old)
-
-
-# Runs argv and prints its wall seconds and peak RSS: a small launcher, because a process forked from this
-# one (pytest, hundreds of MB) would report this one's RSS as its own peak (Linux keeps the high-water
-# mark across fork and exec).
-_LAUNCHER = """
-import os, sys, time
-t0 = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
-"""
 
 
 def run_command(files, device="cpu") -> dict:
@@ -122,20 +104,15 @@ def run_command(files, device="cpu") -> dict:
     argv = [os.path.join(os.path.dirname(sys.executable), "portllm"), "port", "--model", files["ckpt"], "--patch",
             files["patch"], "--out", out, "--quiet", "--device", device]
     try:
-        res = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *argv], capture_output=True, text=True)
-        seconds, rss, code = res.stdout.split()[-3:]
-        if res.returncode != 0 or int(code) != 0:
-            raise RuntimeError(f"portllm port failed: {res.stderr[-2000:]}")
-        return {"seconds": float(seconds), "peak_rss": int(rss)}
+        seconds, rss = timed_command(argv)
+        return {"seconds": seconds, "peak_rss": rss}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def interpreter_rss() -> int:
     """Peak RSS of a process that imports what the port's command imports, and does nothing."""
-    res = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, sys.executable, "-c", "import torch, portllm.port"],
-                         capture_output=True, text=True)
-    return int(res.stdout.split()[-2])
+    return timed_command([sys.executable, "-c", "import torch, portllm.port"])[1]
 
 
 @pytest.fixture(scope="module", params=sorted(SIZES))

@@ -13,12 +13,11 @@ q_proj/v_proj). The checkpoint is generated once into PORTLLM_BENCH_CACHE (defau
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
-from benchutil import QUICK, write_checkpoint
+from benchutil import QUICK, timed_command, write_checkpoint
 from suite import Suite, fmt
 
 CACHE = os.environ.get("PORTLLM_BENCH_CACHE", "/tmp/portllm-bench-cache")
@@ -90,27 +89,6 @@ def files():
     return {"ckpt": ckpt, "adapter": adapter, "bytes": nbytes}
 
 
-# Runs argv and prints its wall seconds and peak RSS: a small launcher, because a process forked from this
-# one (pytest, hundreds of MB) would report this one's RSS as its own peak (Linux keeps the high-water
-# mark across fork and exec).
-_LAUNCHER = """
-import os, sys, time
-t0 = time.perf_counter()
-pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
-_, status, usage = os.wait4(pid, 0)
-print(time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
-"""
-
-
-def _timed(argv) -> tuple[float, int]:
-    """Wall seconds of a whole command and its peak RSS (bytes; the largest of its processes)."""
-    res = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *argv], capture_output=True, text=True)
-    seconds, rss, code = res.stdout.split()[-3:]
-    if res.returncode != 0 or int(code) != 0:
-        raise RuntimeError(f"{argv[0]} failed: {res.stderr[-2000:]}")
-    return float(seconds), int(rss)
-
-
 @pytest.mark.parametrize("provider", ["cp + sync", "portllm port"])
 def test_port_moe(benchmark, files, provider):
     out = os.path.join(CACHE, "out-moe")
@@ -122,7 +100,7 @@ def test_port_moe(benchmark, files, provider):
 
     def job():
         shutil.rmtree(out, ignore_errors=True)
-        result["seconds"], result["rss"] = _timed(argv)
+        result["seconds"], result["rss"] = timed_command(argv)
 
     try:
         benchmark.pedantic(job, rounds=1, iterations=1)

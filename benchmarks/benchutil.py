@@ -38,6 +38,30 @@ def extra_peak_memory(fn) -> int | None:
     return max(0, rss("VmHWM") - base)
 
 
+# Runs argv and prints its wall seconds and peak RSS: a small launcher, because a process forked from the
+# benchmark's (pytest, hundreds of MB) would report that one's RSS as its own peak (Linux keeps the
+# high-water mark across fork and exec).
+_LAUNCHER = """
+import os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+print(time.perf_counter() - t0, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status))
+"""
+
+
+def timed_command(argv: list[str]) -> tuple[float, int]:
+    """Wall seconds of a whole command, from launch to exit, and its peak RSS in bytes."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *argv], capture_output=True, text=True)
+    seconds, rss, code = res.stdout.split()[-3:] if res.stdout.split() else ("0", "0", "1")
+    if res.returncode != 0 or int(code) != 0:
+        raise RuntimeError(f"{argv[0]} failed: {res.stderr[-2000:]}")
+    return float(seconds), int(rss)
+
+
 def write_checkpoint(path: str, config, shapes: dict, shard_bytes: int):
     """A checkpoint directory of random bf16 weights (2-D: N(0, 0.02); others: ones) under the given
     names and shapes, in shards of at most ``shard_bytes``, written tensor by tensor into a temporary

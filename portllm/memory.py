@@ -39,13 +39,14 @@ def measure(fn) -> dict:
     return {"seconds": seconds, "peak_rss_above_baseline": max(0, rss("VmHWM") - base), "baseline_rss": base}
 
 
-def run_measured(argv: list[str], what: str) -> dict:
-    """Runs a measurement job in a process of its own (so that its peak memory is its own) and returns
-    the JSON object of the last line it prints; RuntimeError naming ``what`` with its stderr if it fails."""
+def run_measured(argv: list[str], what: str, env: dict | None = None) -> dict:
+    """Runs a measurement job in a process of its own (so that its peak memory is its own), with the
+    environment ``env`` (default: this one's), and returns the JSON object of the last line it prints;
+    RuntimeError naming ``what`` with its stderr if it fails."""
     import json
     import subprocess
 
-    res = subprocess.run(argv, capture_output=True, text=True)
+    res = subprocess.run(argv, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"measurement {what} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -234,7 +234,7 @@ class SafetensorsWriter:
             self._next, self._part = self._next + 1, 0
 
     def write(self, name: str, t: torch.Tensor):
-        exp_name, dtype, shape, nbytes = self._order[self._next] if self._next < len(self._order) else (
+        exp_name, dtype, shape, _ = self._order[self._next] if self._next < len(self._order) else (
             None, None, None, 0)
         if name != exp_name or t.dtype != dtype or tuple(t.shape) != shape or self._part:
             raise ValueError(f"{self.path}: expected tensor {exp_name!r} {shape} {dtype}, got {name!r} "
