@@ -27,6 +27,12 @@ TORCH_LIBRARY(portllm, m) {
   // returns the new codes, the new inverse scales and float64 [<Q-W, D>, |D|^2, |Q-W-D|^2].
   m.def("fp8_merge(Tensor q, Tensor scale_inv, Tensor Bs, Tensor A, int bm, int bn, bool stochastic, int key) "
         "-> (Tensor, Tensor, Tensor)");
+  // A patch merged into one expert's MXFP4 weight (portllm/mxfp4.py): blocks uint8 [R, G, 16] (two e2m1
+  // codes a byte), scales uint8 [R, G] (e8m0), Bs = B.diag(s) float32 [R, r], A float32 [r, 32 G]; fresh:
+  // recompute every block's scale, else keep those that still fit; returns the new blocks and scales,
+  // float64 [2, 3] sums (the rounding asked for, then the other) and the blocks rescaled (bool [R, G]).
+  m.def("mxfp4_merge(Tensor blocks, Tensor scales, Tensor Bs, Tensor A, bool fresh, bool stochastic, int key, "
+        "int first) -> (Tensor, Tensor, Tensor, Tensor)");
   // Human-readable description of what this build contains (ISA paths, CUDA, OpenMP).
   m.def("build_info() -> str", [] { return portllm::build_info(); });
   // The vector path the CPU kernels take now: the machine's best, or lower if PORTLLM_CPU_ISA says so.

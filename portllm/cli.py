@@ -77,7 +77,8 @@ def _port(args) -> int:
     startup = _process_seconds() if getattr(args, "command_line", False) else None
     res = port(args.model, args.patch, args.out, scale=args.scale, device=args.device, dtype=args.dtype,
                force=args.force, backend=args.backend, progress=not args.quiet,
-               log=None if args.quiet else print, base=args.base, rounding=args.rounding, seed=args.seed)
+               log=None if args.quiet else print, base=args.base, rounding=args.rounding, seed=args.seed,
+               fp4_scales=args.fp4_scales, fp4_clip=args.fp4_clip, allow_low_retention=args.allow_low_retention)
     gpu = f", peak GPU memory {res.peak_device_bytes / 2**20:.1f} MiB" if res.peak_device_bytes is not None else ""
     print(f"portllm port: merged {res.merged} modules of {res.tensors} tensors into {res.out_dir} "
           f"({res.bytes_written / 1e9:.2f} GB) on {res.device} in {res.seconds:.1f} s{gpu}"
@@ -255,9 +256,17 @@ def main(argv=None) -> int:
                    "measures how far --model moved from it (default: the adapter's base_model_name_or_path, "
                    "if that is a local directory)")
     p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"],
-                   help="FP8 checkpoints: how merged weights are requantized (default nearest; stochastic keeps "
+                   help="FP8 and MXFP4 checkpoints: how merged weights are requantized (default nearest; stochastic keeps "
                         "the patch in expectation; the report says how much survived)")
     p.add_argument("--seed", type=int, default=0, help="seed of --rounding stochastic (default 0)")
+    p.add_argument("--fp4-scales", default="reuse", choices=["reuse", "fresh"],
+                   help="MXFP4 checkpoints: keep each block's scale (default) or recompute it as the format's "
+                        "quantizer does")
+    p.add_argument("--fp4-clip", default="rescale", choices=["rescale", "refuse"],
+                   help="MXFP4 with --fp4-scales reuse: a block the merge no longer fits in its scale is rescaled "
+                        "(default) or refused")
+    p.add_argument("--allow-low-retention", action="store_true",
+                   help="MXFP4: write the port even if less than half of the patch survived requantization")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.set_defaults(fn=_port)
 

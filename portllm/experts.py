@@ -23,7 +23,8 @@ model they apply to:
   save-side conversion (``revert_weight_conversion``, the rules ``from_pretrained`` reverses) on a
   probe that numbers the rows of P, so that each on-disk tensor is known to hold rows ``rows`` of
   expert ``e``: its update is ``s · B[rows, e::E] · A[e·r:(e+1)·r]``. A checkpoint that stores
-  the fused parameter itself gets the indexed names.
+  the fused parameter itself gets the indexed names; one that stores it as MXFP4 (``P_blocks`` and
+  ``P_scales``, GPT-OSS) gets ``"P_blocks[e]"``, merged by ``portllm.port_mxfp4``.
 
 Nothing is guessed from names: the parameter a factor pair belongs to is the model's own
 registration order, its orientation the experts module's ``is_transposed``, and the on-disk layout
@@ -265,6 +266,9 @@ def for_checkpoint(experts: list[ExpertLoRA], model: torch.nn.Module, keys) -> d
         # fused tensor as held in memory (some families store it under the same name transposed).
         layout = probe_layout(model, x.param, x.num_experts, x.B.shape[0])
         if not layout:
+            if x.param not in keys and x.param + "_blocks" in keys:
+                mods.update(_packed(x))
+                continue
             if x.param not in keys:
                 raise ExpertPatchError(f"{x.param}: the checkpoint holds no tensor {x.param}")
             mods.update(for_model([x]))
@@ -283,4 +287,21 @@ def for_checkpoint(experts: list[ExpertLoRA], model: torch.nn.Module, keys) -> d
             sel = slice(int(rows[0]), int(rows[0]) + rows.numel()) if contiguous else rows
             B, A = x.factors(e, sel)
             mods[key[: -len(".weight")]] = PatchModule(B, A, x.scale)
+    return mods
+
+
+def _packed(x: ExpertLoRA) -> dict:
+    """Patch modules ``"P_blocks[e]"`` for a parameter stored packed as MXFP4 (``P_blocks`` [E, out, in/32,
+    16], ``portllm.mxfp4``): transformers dequantizes it to [E, out, in] and transposes that into the
+    [E, in, out] parameter, so expert e's update B_e·A_e applies to the stored [out, in] untransposed."""
+    from portllm.patch import PatchModule
+
+    if not x.transposed:
+        raise ExpertPatchError(f"{x.param}: stored as MXFP4 blocks ({x.param}_blocks) for a parameter held "
+                               "[experts, out, in]; portllm merges into MXFP4 experts held [experts, in, out] "
+                               "(GPT-OSS's layout) only")
+    mods = {}
+    for e in range(x.num_experts):
+        B, A = x.factors(e)
+        mods[f"{x.param}_blocks[{e}]"] = PatchModule(B, A, x.scale)
     return mods

@@ -7,7 +7,8 @@
   (``portllm.fp8_compressed``).
 
 Each one checks a weight's scales, dequantizes, merges and requantizes as its own loader and
-quantizer do. Any other quantization is refused in one line naming it.
+quantizer do. ``quant_method: "mxfp4"`` (GPT-OSS's experts) is ported by ``portllm.port_mxfp4``. Any
+other quantization is refused in one line naming it.
 """
 
 from __future__ import annotations
@@ -144,9 +145,10 @@ def _compressed(qc: dict, path: str) -> CompressedFP8:
     return CompressedFP8(strategy, block, bool(qc.get("kv_cache_scheme")))
 
 
-def checkpoint_format(model_dir: str) -> BlockFP8 | CompressedFP8 | None:
-    """The FP8 format of a checkpoint (config.json's ``quantization_config``), None for an unquantized
-    one; FP8FormatError, naming the field, for a quantization portllm cannot merge into."""
+def checkpoint_format(model_dir: str):
+    """The quantized format of a checkpoint (config.json's ``quantization_config``): BlockFP8,
+    CompressedFP8, ``port_mxfp4.MXFP4Checkpoint``, or None for an unquantized one; FP8FormatError, naming
+    the field, for a quantization portllm cannot merge into."""
     from portllm.files import open_regular
 
     path = os.path.join(model_dir, "config.json")
@@ -173,5 +175,9 @@ def checkpoint_format(model_dir: str) -> BlockFP8 | CompressedFP8 | None:
         return BlockFP8((block[0], block[1]), scale_fmt)
     if method == "compressed-tensors":
         return _compressed(qc, path)
+    if method == "mxfp4":
+        from portllm.port_mxfp4 import MXFP4Checkpoint
+
+        return MXFP4Checkpoint()
     raise fp8.FP8FormatError(f"{path}: the checkpoint is quantized (quant_method {method!r}), which portllm cannot "
                              "merge into; port onto the 16-bit release of the model instead")

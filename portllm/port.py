@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from portllm import finite, fp8, fp8_formats
+from portllm import finite, fp8, fp8_formats, mxfp4, ops
 from portllm.atomic import UnsafePathError, check_disjoint, staging_dir, write_json
 from portllm.checkpoint import INDEX, Checkpoint, tensor_target, weight_key
 from portllm.compat import CompatReport, IncompatiblePatchError, check_compatibility, resolve_fan_in_fan_out
@@ -28,6 +28,7 @@ from portllm.files import (InputWatch, NotARegularFileError, copy_file, copy_tre
                            within)
 from portllm.merge import NonFiniteMergeError, check_weight_dtype
 from portllm.patch import Patch
+from portllm.port_mxfp4 import MXFP4Checkpoint, MXFP4Merges, split
 from portllm.port_stream import write_weights
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -87,7 +88,8 @@ def _resolve_device(device) -> torch.device:
 def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, device: str | None = None,
          dtype=None, *, force: bool = False, backend: str | None = None, check_finite: bool = True,
          progress: bool = True, log=print, base: str | None = None, rounding: str = "nearest",
-         seed: int = 0) -> PortResult:
+         seed: int = 0, fp4_scales: str = "reuse", fp4_clip: str = "rescale",
+         allow_low_retention: bool = False) -> PortResult:
     """Writes ``model_dir`` with ``W += scale · ΔW`` merged into every patch module, to ``out_dir``.
 
     * ``patch``: a Patch or a path to one (PEFT adapter directory).
@@ -100,6 +102,10 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
       ("nearest" or "stochastic", seeded); the output keeps
       the input's format, and the report says how much of the patch survived requantization. With
       ``dtype``, an FP8 checkpoint is written dequantized instead (nothing is requantized).
+    * ``fp4_scales``, ``fp4_clip``, ``allow_low_retention``: for an MXFP4 checkpoint (GPT-OSS's experts,
+      ``portllm.port_mxfp4``): keep each block's scale ("reuse") or recompute it ("fresh"); a block the
+      merge no longer fits in its scale is rescaled ("rescale") or refused ("refuse"); a port that keeps
+      less than half of the patch is refused (nothing written) unless ``allow_low_retention``.
     * ``base``: the checkpoint directory the patch was trained on, for the report's measure of how far
       ``model_dir`` moved from it (patches portllm made carry that themselves; for a PEFT adapter the
       patch's ``base_model_name_or_path`` is used where it is a local checkpoint directory).
@@ -128,6 +134,13 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         fmt = fp8_formats.checkpoint_format(model_dir)
     except fp8.FP8FormatError as e:
         raise IncompatiblePatchError(str(e)) from None
+    packed = isinstance(fmt, MXFP4Checkpoint)
+    if packed and out_dtype is not None:
+        raise IncompatiblePatchError(f"{model_dir}: an MXFP4 checkpoint is written MXFP4; portllm does not write it "
+                                     "dequantized (leave out --dtype)")
+    for what, value, allowed in (("fp4_scales", fp4_scales, mxfp4.POLICIES), ("fp4_clip", fp4_clip, mxfp4.ON_CLIP)):
+        if value not in allowed:
+            raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
     dequant = fmt is not None and out_dtype is not None  # FP8 in, a dequantized 16/32-bit checkpoint out
     if rounding not in fp8.ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(fp8.ROUNDINGS)}, got {rounding!r}")
@@ -141,6 +154,10 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         if log and experts:
             log(f"portllm port: LoRA on {experts} expert parameters, mapped onto {len(patch) - before} of the "
                 "checkpoint's tensors as transformers saves them")
+        mx_targets = {}
+        if packed:  # the MXFP4 experts apart: merged packed (port_mxfp4), the rest as usual
+            full = patch
+            patch, mx_targets = split(ckpt, patch)
         patch = resolve_fan_in_fan_out(ckpt, patch)
         report = check_compatibility(ckpt, patch, base=base)
         if log:
@@ -179,14 +196,16 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             check_weight_dtype(torch.empty(0, dtype=dt), f"module {name} (tensor {weight_key(name)})")
         # Validate every factor before writing anything (a NaN found half-way would waste the work).
         if finite.enabled(check_finite):
-            for name, m in patch.items():
+            for name, m in (full if packed else patch).items():
                 if not math.isfinite(m.scale):
                     raise NonFiniteMergeError(f"patch module {name}: scale {m.scale} is not finite")
                 for which, t in (("B", m.B), ("A", m.A)):
                     if finite.count(t):
                         raise NonFiniteMergeError(f"patch module {name}: lora_{which} has NaN or Inf values")
-        # The FP8 merge's backend, resolved on the port's device before any write.
+        # The FP8 merge's backend, resolved on the port's device before any write; the MXFP4 merge's on
+        # the CPU, where it runs whatever the port's device (its kernels are the reference and C++).
         fp8_backend = fmt.backend(backend, device) if fp8_targets else None
+        mx_backend = ops.resolve_backend(backend, "cpu", "mxfp4_merge") if mx_targets else None
 
         def last_checks():
             _check_out_dir(out_dir, inputs, force)
@@ -198,20 +217,26 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 torch.cuda.reset_peak_memory_stats(device)
             requant = (_FP8Merges(ckpt, patch, fmt, fp8_targets, rounding, seed, fp8_backend, device)
                        if fp8_targets else None)
+            if mx_targets:
+                requant = MXFP4Merges(ckpt, mx_targets, policy=fp4_scales, on_clip=fp4_clip, rounding=rounding,
+                                      seed=seed, backend=mx_backend)
             dq = _Dequantize(ckpt, fp8_pairs, fmt) if dequant else None
             stats = write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant,
                                   dq)
             if requant is not None and log:
                 for line in requant.lines():
                     log(f"portllm port: {line}")
+            if mx_targets:
+                requant.check_retention(allow_low_retention)
+                stats["merged"] += len(mx_targets)  # (each packed parameter, all its experts, is one merged tensor)
             _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"], copies, watch,
                               dropped=dq.dropped if dq is not None else None)
             write_json(os.path.join(tmp, "portllm_port.json"), {
                 "source": os.path.abspath(model_dir), "patch_base_model": patch.base_model,
-                "patch_modules": len(patch), "scale": scale,
+                "patch_modules": len(full if packed else patch), "scale": scale,
                 "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
                 "report": report.lines() + (requant.lines() if requant is not None else []),
-                **({"fp8": requant.summary()} if requant is not None else {})}, indent=2)
+                **({"mxfp4" if mx_targets else "fp8": requant.summary()} if requant is not None else {})}, indent=2)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PortResult(out_dir, report, stats["tensors"], stats["merged"], stats["total_size"],
                       time.perf_counter() - t0, str(device), peak, skipped)

@@ -129,3 +129,45 @@ def fp8_merge(q: torch.Tensor, scale_inv: torch.Tensor, Bs: torch.Tensor, A: tor
         moved = fp8.dequantize(qb, sb, block).double() - Wd
         sums += torch.stack([(moved * delta).sum(), (delta * delta).sum(), ((moved - delta) ** 2).sum()])
     return out_q, out_s, sums
+
+
+def mxfp4_merge(blocks: torch.Tensor, scales: torch.Tensor, Bs: torch.Tensor, A: torch.Tensor, fresh: bool,
+                stochastic: bool, key: int, first: int):
+    """The MXFP4 merge of one expert (``portllm.ops.mxfp4_merge``; the math in ``portllm.mxfp4``), band by
+    band of rows: W = dequantize(blocks, scales) (fp32, exact); W' = float32(float64(W) + Σ_k
+    float64(Bs[:, k])·float64(A[k]), k ascending); the block scales (fresh, or kept where they fit, else
+    fresh: ``clipped``); the codes for both roundings, the asked-for one written. Returns (blocks',
+    scales', float64 [2, 3] sums [⟨Q−W, Δ⟩, ‖Δ‖², ‖Q−W−Δ‖²] for the rounding asked for then the other,
+    clipped bool [R, G])."""
+    from portllm import mxfp4
+
+    R, G, _ = blocks.shape
+    K = G * mxfp4.GROUP
+    out_b, out_s = torch.empty_like(blocks), torch.empty_like(scales)
+    sums = torch.zeros(2, 3, dtype=torch.float64, device=blocks.device)
+    clipped = torch.zeros(R, G, dtype=torch.bool, device=blocks.device)
+    Ad = A.double()
+    rows = max(1, _CHUNK_ELEMS // K)
+    for i0 in range(0, R, rows):
+        i1 = min(R, i0 + rows)
+        W = mxfp4.dequantize(blocks[i0:i1], scales[i0:i1])
+        Wd = W.double()
+        acc = Wd.clone()
+        for k in range(Bs.shape[1]):
+            acc += Bs[i0:i1, k:k + 1].double() * Ad[k:k + 1]
+        W1 = acc.float()
+        sc = mxfp4.fresh_scales(W1)
+        if not fresh:
+            amax = W1.reshape(i1 - i0, G, mxfp4.GROUP).abs().amax(-1).double()
+            over = ~(amax * torch.pow(2.0, 127 - scales[i0:i1].double()) < mxfp4.CLIP)  # (NaN: over)
+            clipped[i0:i1] = over
+            sc = torch.where(over, sc, scales[i0:i1])
+        out_s[i0:i1] = sc
+        delta = W1.double() - Wd
+        for j, st in enumerate((stochastic, not stochastic)):
+            qb = mxfp4.quantize(W1, sc, st, key=key, first=first + i0 * K)
+            if j == 0:
+                out_b[i0:i1] = qb
+            moved = mxfp4.dequantize(qb, sc).double() - Wd
+            sums[j] += torch.stack([(moved * delta).sum(), (delta * delta).sum(), ((moved - delta) ** 2).sum()])
+    return out_b, out_s, sums, clipped

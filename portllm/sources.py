@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # times shrink and expand in one layer), so each one's source is both's.
 _SERVING = ["lora_shrink", "lora_expand", "lora_groups", "lora_slots"]
 _STEMS = {"patch_add_": ["patch_add"], "patch_add_experts_": ["patch_add"], "skeleton_mm": ["skeleton_mm"],
-          "lora_shrink": _SERVING, "lora_expand_": _SERVING, "bit_misses": ["bit_misses"], "fp8_merge": ["fp8_merge"]}
+          "lora_shrink": _SERVING, "lora_expand_": _SERVING, "bit_misses": ["bit_misses"], "fp8_merge": ["fp8_merge"],
+          "mxfp4_merge": ["mxfp4_merge"]}
 # (backend, stem) -> the shared files those kernels include: the vector-path dispatch (csrc/cpu/isa.h),
 # the CUDA headers, the Triton rounding helpers
 _SHARED = {("cpp", "patch_add"): ["csrc/cpu/isa.cpp", "csrc/cpu/isa.h"],

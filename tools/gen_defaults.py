@@ -41,6 +41,7 @@ SOURCES = {
     "lora_expand_": ("serve_layer", "serve-", lambda r: True),
     "bit_misses": ("bit_misses", "bit_misses-", lambda r: True),
     "fp8_merge": ("fp8_merge", "fp8_merge-", lambda r: True),
+    "mxfp4_merge": ("mxfp4_merge", "mxfp4_merge-", lambda r: True),
 }
 # Only the ops' backends can be defaults (the PMSS layer's "pmss-gemm" form is measured beside them).
 BACKENDS = ("reference", "cpp", "cuda", "triton")

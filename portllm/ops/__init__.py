@@ -10,6 +10,7 @@ One file per op, each holding the op's checks, its implementations (registered w
 * ``lora_expand_``: y += s·h·B[slot]ᵀ per token, serving (``portllm/ops/lora_expand.py``)
 * ``bit_misses``: where two bit patterns differ, the exact undo (``portllm/ops/bit_misses.py``)
 * ``fp8_merge``: a patch merged into a block-scaled FP8 weight, requantized (``portllm/ops/fp8_merge.py``)
+* ``mxfp4_merge``: a patch merged into one expert's MXFP4 weight, requantized (``portllm/ops/mxfp4_merge.py``)
 
 Backends, their availability and the default choice: ``portllm/ops/registry.py``. This package is
 the only code that imports triton (lazily) or ``portllm._C``'s ops.
@@ -37,9 +38,10 @@ from portllm.ops.lora_expand import lora_expand_  # noqa: E402,F401
 from portllm.ops.lora_tiles import lora_tiles  # noqa: E402,F401
 from portllm.ops.bit_misses import bit_misses  # noqa: E402,F401
 from portllm.ops.fp8_merge import fp8_merge  # noqa: E402,F401
+from portllm.ops.mxfp4_merge import mxfp4_merge  # noqa: E402,F401
 
 __all__ = ["BACKENDS", "IMPLEMENTATIONS", "BackendUnavailableError", "Impl", "available_backends",
            "backend_unavailable_reason", "bit_misses", "check_factors_finite", "default_backend", "fp8_merge",
            "lora_expand_",
-           "lora_shrink", "lora_tiles", "patch_add_", "patch_add_experts_", "reference", "resolve_backend", "resolve_skeleton_backend",
+           "lora_shrink", "lora_tiles", "mxfp4_merge", "patch_add_", "patch_add_experts_", "reference", "resolve_backend", "resolve_skeleton_backend",
            "skeleton_mm"]

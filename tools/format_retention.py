@@ -1,0 +1,62 @@
+"""How much of a patch survives each quantized format a port writes, measured: the README's table of
+formats. One weight [1024, 2880] (N(0, 0.02), GPT-OSS's hidden size), quantized by each format's own
+quantizer, and a rank-16 update whose norm is ``--rel`` of the weight's (1% by default, a LoRA patch's
+usual size); the merge of each format (``portllm.fp8.merge_``, ``portllm.mxfp4.merge_``) with nearest
+and stochastic rounding, stochastic averaged over 8 seeds (mean and the spread, min to max).
+
+    retained = ⟨Q(W+Δ) − W, Δ⟩ / ‖Δ‖²          noise = ‖Q(W+Δ) − W − Δ‖ / ‖Δ‖
+
+Usage: python tools/format_retention.py [--rel 0.01]   (prints a Markdown table)
+"""
+
+import argparse
+
+import torch
+
+from portllm import fp8, mxfp4
+
+R, K, RANK, SEEDS = 1024, 2880, 16, 8
+
+
+def case(rel: float):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(R, K, generator=g) * 0.02
+    B, A = torch.randn(R, RANK, generator=g), torch.randn(RANK, K, generator=g)
+    B *= rel * float(W.norm() / (B @ A).norm())
+    return W, B, A
+
+
+def measure(rel: float) -> list[tuple[str, str, str, list]]:
+    W, B, A = case(rel)
+    rows = []
+    q, s = fp8.quantize(W, (128, 128))
+    ones = torch.ones(RANK)
+    for rounding in ("nearest", "stochastic"):
+        res = [fp8.merge_(q, s, B, A, ones, (128, 128), rounding=rounding, seed=seed)[2]
+               for seed in (range(SEEDS) if rounding == "stochastic" else [0])]
+        rows.append(("block FP8 (e4m3, float32 scale per 128x128)", "fresh (transformers' quantizer)", rounding, res))
+    sc = mxfp4.fresh_scales(W)
+    blocks = mxfp4.quantize(W, sc)
+    for policy in mxfp4.POLICIES:
+        for rounding in ("nearest", "stochastic"):
+            res = [mxfp4.merge_(blocks[None], sc[None], {0: (B, A, 1.0)}, policy=policy, rounding=rounding,
+                                seed=seed).kept for seed in (range(SEEDS) if rounding == "stochastic" else [0])]
+            rows.append(("MXFP4 (e2m1, e8m0 scale per 32)", policy, rounding, res))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rel", type=float, default=0.01, help="‖Δ‖ / ‖W‖ (default 0.01)")
+    args = ap.parse_args()
+    print(f"| format | scales | rounding | retained | noise |  (‖Δ‖ = {args.rel:g} ‖W‖, W {R}x{K}, rank {RANK})")
+    print("|---|---|---|---|---|")
+    for fmt_, policy, rounding, res in measure(args.rel):
+        kept = [r.retained for r in res]
+        noise = sum(r.noise for r in res) / len(res)
+        spread = f" ({min(kept):.1%} to {max(kept):.1%}, {len(res)} seeds)" if len(res) > 1 else ""
+        print(f"| {fmt_} | {policy} | {rounding} | {sum(kept) / len(kept):.1%}{spread} | {noise:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
