@@ -36,7 +36,17 @@ namespace {
 #define PORTLLM_MX_AVX2 __attribute__((target("avx2,fma")))
 
 constexpr int kGroup = 32;
-constexpr double kGrid[9] = {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 6.0};
+// e2m1 codes' values: bit 3 the sign (8 is -0)
+constexpr float kValue[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// 2^e for |e| <= 1022, from its bits (the library's ldexp is a call of tens of cycles, per block)
+inline double pow2(int e) {
+  const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
+  double x;
+  std::memcpy(&x, &bits, 8);
+  return x;
+}
 
 inline uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
@@ -56,18 +66,24 @@ inline uint8_t fresh_byte(float amax) {
   return static_cast<uint8_t>(((bits + 0x7FFFFF) & 0x7F800000) >> 23);
 }
 
-// |x| (already divided by its block's scale) to the e2m1 magnitude code 0..7, nearest, ties to the
-// even code (so the comparisons at .25, 1.25, 2.5, 5 are strict and at .75, 1.75, 3.5 are not).
-inline int nearest_code(double a) {
-  return (a > 0.25) + (a >= 0.75) + (a > 1.25) + (a >= 1.75) + (a > 2.5) + (a >= 3.5) + (a > 5.0);
+// The e2m1 grid by integer compares on the bits of |x| (a double >= 0: its bits order as its values). A
+// float compare keeps GCC from vectorizing a loop (it may trap), a table costs a gather per lane; the codes
+// are int32 (AVX2 has no int64 <-> double conversions).
+inline int64_t dbits(double x) {
+  int64_t b;
+  std::memcpy(&b, &x, 8);
+  return b;
 }
-
-inline int stochastic_code(double a, uint32_t u) {
-  const int low = (a >= 0.5) + (a >= 1.0) + (a >= 1.5) + (a >= 2.0) + (a >= 3.0) + (a >= 4.0) + (a >= 6.0);
-  if (low == 7) return 7;
-  const double t = std::floor((a - kGrid[low]) / (kGrid[low + 1] - kGrid[low]) * 1048576.0);
-  return low + (static_cast<int64_t>(t) + static_cast<int64_t>(u) >= 1048576);
-}
+// The midpoints .25, .75, 1.25, 1.75, 2.5, 3.5, 5 (nearest, ties to the even code: the compares at .25,
+// 1.25, 2.5, 5 are strict, at .75, 1.75, 3.5 not) and the grid points 0, .5, 1, 1.5, 2, 3, 4, 6.
+constexpr int64_t kB[7] = {0x3FD0000000000000, 0x3FE8000000000000, 0x3FF4000000000000, 0x3FFC000000000000,
+                           0x4004000000000000, 0x400C000000000000, 0x4014000000000000};
+constexpr int64_t kG[8] = {0, 0x3FE0000000000000, 0x3FF0000000000000, 0x3FF8000000000000,
+                           0x4000000000000000, 0x4008000000000000, 0x4010000000000000, 0x4018000000000000};
+// Twice the grid's value at magnitude code m (0, 1, 2, 3, 4, 6, 8, 12), and twice 1 / (the next value -
+// this one) (4, 4, 4, 4, 2, 2, 1, 0: 0 at the top, where nothing rounds up)
+inline int32_t grid2(int32_t m) { return m + (m >= 5) + (m >= 6) + 3 * (m >= 7); }  // (std::min would branch)
+inline int32_t inv_step2(int32_t m) { return 4 - ((m >> 2) << 1) - (m >= 6) - (m >= 7); }  // (m >> 2: m >= 4)
 
 struct Args {
   const uint8_t* blocks;
@@ -89,14 +105,12 @@ __attribute__((always_inline)) inline void merge_row(const Args& a, int64_t i, d
   const uint8_t* in = a.blocks + i * a.G * 16;
   const uint8_t* sc = a.scales + i * a.G;
   for (int64_t g = 0; g < a.G; ++g) {
-    const double s = std::ldexp(1.0, static_cast<int>(sc[g]) - 127);
+    const float s = static_cast<float>(pow2(static_cast<int>(sc[g]) - 127));  // (2^-127 for byte 0: exact, subnormal)
+    const uint8_t* bytes = in + g * 16;
+    float* w = w0 + g * kGroup;
     for (int j = 0; j < 16; ++j) {
-      const uint8_t byte = in[g * 16 + j];
-      for (int h = 0; h < 2; ++h) {
-        const int c = h ? byte >> 4 : byte & 15;
-        const double v = (c & 8) ? -kGrid[c & 7] : kGrid[c & 7];
-        w0[g * kGroup + 2 * j + h] = static_cast<float>(v * s);
-      }
+      w[2 * j] = kValue[bytes[j] & 15] * s;  // (every product exact in fp32)
+      w[2 * j + 1] = kValue[bytes[j] >> 4] * s;
     }
   }
   for (int64_t j = 0; j < a.K; ++j) acc[j] = static_cast<double>(w0[j]);
@@ -123,37 +137,73 @@ __attribute__((always_inline)) inline void merge_row(const Args& a, int64_t i, d
     bool clip = false;
     if (!a.fresh) {
       const uint8_t old = sc[g];
-      clip = !(static_cast<double>(am) * std::ldexp(1.0, 127 - static_cast<int>(old)) < 7.0);
+      clip = !(static_cast<double>(am) * pow2(127 - static_cast<int>(old)) < 7.0);
       if (!clip) byte = old;
     }
     a.clipped[i * a.G + g] = clip;
     a.scales_out[i * a.G + g] = byte;
-    const double up = std::ldexp(1.0, 127 - static_cast<int>(byte)), down = std::ldexp(1.0, static_cast<int>(byte) - 127);
-    uint8_t* out = a.blocks_out + (i * a.G + g) * 16;
+    const double up = pow2(127 - static_cast<int>(byte)), down = pow2(static_cast<int>(byte) - 127);
+    const float* x0 = w0 + g * kGroup;
+    const uint64_t base = row + static_cast<uint64_t>(g * kGroup);
+    // Both roundings' codes and values, then both sums, then the packed bytes: loops of integer compares
+    // and arithmetic (no table, no float compare, no branch), so that GCC vectorizes them.
+    int32_t cn[kGroup], cs[kGroup];
+    double qn[kGroup], qs[kGroup];
+#pragma omp simd
     for (int j = 0; j < kGroup; ++j) {
-      const float xf = x1[j];
-      const double x = static_cast<double>(xf) * up, ax = std::fabs(x);
-      const int sign = std::signbit(xf) ? 8 : 0;
-      const uint64_t idx = row + static_cast<uint64_t>(g * kGroup + j);
+      uint32_t bits;
+      std::memcpy(&bits, &x1[j], 4);
+      const int32_t neg = static_cast<int32_t>(bits >> 31);
+      const double ax = std::fabs(static_cast<double>(x1[j]) * up);
+      const int64_t b = dbits(ax);  // (|x| >= 0: its bits order as its values)
+      const int32_t mn = (b > kB[0]) + (b >= kB[1]) + (b > kB[2]) + (b >= kB[3]) + (b > kB[4]) + (b >= kB[5]) +
+                         (b > kB[6]);
+      const uint64_t idx = base + static_cast<uint64_t>(j);
       const uint32_t h = fmix32(static_cast<uint32_t>(idx) ^ a.key_lo);
       const uint32_t u = fmix32(h ^ static_cast<uint32_t>(idx >> 32) ^ a.key_hi) >> 12;
-      const int cn = nearest_code(ax) | sign, cs = stochastic_code(ax, u) | sign;
-      const int written = STOCHASTIC ? cs : cn, other = STOCHASTIC ? cn : cs;
-      if (j & 1)
-        out[j >> 1] = static_cast<uint8_t>(out[j >> 1] | (written << 4));
-      else
-        out[j >> 1] = static_cast<uint8_t>(written);
-      const double W = static_cast<double>(w0[g * kGroup + j]);
-      const double D = static_cast<double>(xf) - W;
-      const int codes[2] = {written, other};
-      for (int t = 0; t < 2; ++t) {
-        const double q = ((codes[t] & 8) ? -kGrid[codes[t] & 7] : kGrid[codes[t] & 7]) * down;
-        const double moved = static_cast<double>(static_cast<float>(q)) - W;
-        sums[t][0] += moved * D;
-        sums[t][1] += D * D;
-        sums[t][2] += (moved - D) * (moved - D);
-      }
+      const int32_t low = (b >= kG[1]) + (b >= kG[2]) + (b >= kG[3]) + (b >= kG[4]) + (b >= kG[5]) + (b >= kG[6]) +
+                          (b >= kG[7]);
+      // up with probability floor(2^20 (|x| - g) / step) / 2^20: floor(y) + u >= 2^20 is y >= 2^20 - u
+      // (u an integer); (|x| - g) / step is exact (a power-of-two step) and >= 0, 0 at the top of the grid
+      const double y = (ax - 0.5 * static_cast<double>(grid2(low))) * (0.5 * static_cast<double>(inv_step2(low))) *
+                       1048576.0;
+      // (at the top, y = 0 < 2^20 - u: no guard needed, and a guard here is a branch that stops GCC vectorizing)
+      const int32_t ms = low + (dbits(y) >= dbits(static_cast<double>(static_cast<int32_t>(1048576u - u))));
+      const int32_t sign = neg << 3;
+      cn[j] = mn | sign;
+      cs[j] = ms | sign;
+      const double sgn = static_cast<double>(1 - 2 * neg);
+      qn[j] = sgn * (0.5 * static_cast<double>(grid2(mn))) * down;  // (exact: the values as dequantized, -0 too)
+      qs[j] = sgn * (0.5 * static_cast<double>(grid2(ms))) * down;
     }
+    double sums_n[3], sums_s[3];
+    double dn = 0, d2 = 0, nn = 0, ds = 0, ns = 0;
+#pragma omp simd reduction(+ : dn, d2, nn, ds, ns)
+    for (int j = 0; j < kGroup; ++j) {
+      const double W = static_cast<double>(x0[j]);
+      const double D = static_cast<double>(x1[j]) - W;
+      const double mn = qn[j] - W, ms = qs[j] - W;
+      dn += mn * D;
+      nn += (mn - D) * (mn - D);
+      ds += ms * D;
+      ns += (ms - D) * (ms - D);
+      d2 += D * D;
+    }
+    sums_n[0] = dn;
+    sums_n[1] = d2;
+    sums_n[2] = nn;
+    sums_s[0] = ds;
+    sums_s[1] = d2;
+    sums_s[2] = ns;
+    const double* first_sums = STOCHASTIC ? sums_s : sums_n;
+    const double* other_sums = STOCHASTIC ? sums_n : sums_s;
+    for (int c = 0; c < 3; ++c) {
+      sums[0][c] += first_sums[c];
+      sums[1][c] += other_sums[c];
+    }
+    const int32_t* written = STOCHASTIC ? cs : cn;
+    uint8_t* out = a.blocks_out + (i * a.G + g) * 16;
+    for (int j = 0; j < 16; ++j) out[j] = static_cast<uint8_t>(written[2 * j] | (written[2 * j + 1] << 4));
   }
   double* p = a.partial + i * 6;
   for (int t = 0; t < 2; ++t)
