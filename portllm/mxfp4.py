@@ -168,11 +168,13 @@ class MergeResult:
 
 def merge_(blocks: torch.Tensor, scales: torch.Tensor, factors, *, policy: str = "reuse",
            on_clip: str = "rescale", rounding: str = "nearest", seed: int = 0, backend: str | None = None,
-           name: str = "weight") -> MergeResult:
+           name: str = "weight", first_expert: int = 0) -> MergeResult:
     """The MXFP4 merge (module docstring) of one parameter's experts: ``blocks`` [E, R, G, 16] and
     ``scales`` [E, R, G] (not modified), ``factors`` {expert: (B [R, r], A [r, K], s)}. Experts without
     factors are copied. ``seed`` makes stochastic rounding deterministic (``fp8.stream_key``); the flat
-    index of an element is its place in the [E, R, K] tensor. Runs ``ops.mxfp4_merge`` on ``backend``."""
+    index of an element is its place in the [E, R, K] tensor. ``first_expert``: the tensors are experts
+    ``first_expert``... of a larger one (a chunk: indices, names and streams are the whole tensor's).
+    Runs ``ops.mxfp4_merge`` on ``backend``."""
     from portllm import ops
 
     if policy not in POLICIES:
@@ -189,24 +191,26 @@ def merge_(blocks: torch.Tensor, scales: torch.Tensor, factors, *, policy: str =
         B, A, s = factors[e]
         Bs = (B.to(torch.float32) * torch.as_tensor(s, dtype=torch.float32)).contiguous()
         q2, s2, sums, clipped = ops.mxfp4_merge(blocks[e], scales[e], Bs, A.to(torch.float32), fresh=policy == "fresh",
-                                                stochastic=rounding == "stochastic", key=key, first=e * R * K,
+                                                stochastic=rounding == "stochastic", key=key,
+                                                first=(first_expert + e) * R * K,
                                                 backend=backend)
         if not all(math.isfinite(v) for v in sums.reshape(-1).tolist()) or bool((s2 > MAX_SCALE).any()):
             from portllm.merge import NonFiniteMergeError
 
-            raise NonFiniteMergeError(f"tensor {name}_blocks, expert {e}: the merged weight has NaN or Inf values, "
-                                      f"or values beyond what MXFP4 holds finite (a scale above 2^{MAX_SCALE - 127}); "
-                                      "nothing written")
+            raise NonFiniteMergeError(f"tensor {name}_blocks, expert {first_expert + e}: the merged weight has NaN or "
+                                      f"Inf values, or values beyond what MXFP4 holds finite (a scale above "
+                                      f"2^{MAX_SCALE - 127}); nothing written")
         n = int(clipped.sum())
         if n:
             where = clipped.reshape(-1).nonzero()[:, 0]
             if on_clip == "refuse":
                 r0, g0 = divmod(int(where[0]), G)
                 raise ClippedBlockError(
-                    f"tensor {name}_blocks: {n} block(s) of expert {e} do not fit their scale after the merge "
+                    f"tensor {name}_blocks: {n} block(s) of expert {first_expert + e} do not fit their scale after "
+                    f"the merge "
                     f"(first: row {r0}, columns {g0 * GROUP}:{(g0 + 1) * GROUP}, scale 2^{int(scales[e, r0, g0]) - 127}); "
                     "nothing written; let them be rescaled (on_clip='rescale') or use policy 'fresh'")
-            out.rescaled += (where[:max(0, 8 - len(out.rescaled))] + e * R * G).tolist()  # (the first few, named)
+            out.rescaled += (where[:max(0, 8 - len(out.rescaled))] + (first_expert + e) * R * G).tolist()  # (named)
             out.rescaled_count += n
         out.blocks[e], out.scales[e] = q2, s2
         out.kept.add(Retention(*sums[0].tolist()))

@@ -1,6 +1,8 @@
 """The port into an MXFP4 checkpoint (``quant_method: "mxfp4"``, GPT-OSS): the expert parameters a patch
-reaches are stored packed (``P_blocks``, ``P_scales``; ``portllm.mxfp4``), merged whole, one expert
-at a time, and written back packed; everything else (attention, in bf16) goes through the port as usual.
+reaches are stored packed (``P_blocks``, ``P_scales``; ``portllm.mxfp4``), merged one expert at a time,
+and written back packed: in chunks of experts where the blocks come before the scales in the file (the
+new scales, a sixteenth of the bytes, held until their turn), whole otherwise; everything else
+(attention, in bf16) goes through the port as usual.
 
 The patch reaches them as the modules ``"P_blocks[e]"`` (``portllm.experts``). What survives
 requantization is summed per parameter and in total; a port that keeps less than half of the patch
@@ -66,9 +68,10 @@ def split(ckpt: Checkpoint, patch: Patch) -> tuple[Patch, dict[str, dict[int, ob
 
 
 class MXFP4Merges:
-    """The packed parameters a port merges into (``requant`` of ``port_stream.write_weights``): a
-    parameter's blocks and scales are computed when the first of the two comes up in file order (the
-    other read out of order) and handed out in turn; the retention is summed per parameter."""
+    """The packed parameters a port merges into (``requant`` of ``port_stream.write_weights``): streamed
+    ones chunk by chunk (``streamed``, ``rows``); the others whole, blocks and scales computed when the
+    first of the two comes up in file order (the other read out of order) and handed out in turn. The
+    retention is summed per parameter."""
 
     def __init__(self, ckpt: Checkpoint, targets: dict, *, policy: str, on_clip: str, rounding: str, seed: int,
                  backend: str | None):
@@ -79,24 +82,52 @@ class MXFP4Merges:
         self.kept: dict[str, Retention] = {}
         self.other: dict[str, Retention] = {}
         self.rescaled: dict[str, tuple[int, list[int]]] = {}
+        self.stream: dict[str, torch.Tensor] = {}  # streamed parameter -> its new scales, filled chunk by chunk
 
     def owns(self, key: str) -> bool:
         return key in self.keys
+
+    def _merge(self, p: str, blocks: torch.Tensor, scales: torch.Tensor, lo: int = 0) -> mxfp4.MergeResult:
+        """Experts lo.. of parameter p (the given slices), merged; the retention added to p's."""
+        factors = {e - lo: (m.B, m.A, m.scale) for e, m in self.targets[p].items() if lo <= e < lo + blocks.shape[0]}
+        # Each tensor's stream from the seed and its own name (not from file order), as the FP8 port.
+        seed = zlib.crc32(f"{self.seed}|{p}_blocks".encode())
+        res = mxfp4.merge_(blocks, scales, factors, policy=self.policy, on_clip=self.on_clip, rounding=self.rounding,
+                           seed=seed, backend=self.backend, name=p, first_expert=lo)
+        self.kept.setdefault(p, Retention()).add(res.kept)
+        self.other.setdefault(p, Retention()).add(res.other)
+        if res.rescaled_count:
+            n, first = self.rescaled.get(p, (0, []))
+            self.rescaled[p] = (n + res.rescaled_count, (first + res.rescaled)[:8])
+        return res
+
+    def streamed(self, order: list[str]) -> set[str]:
+        """Of the blocks tensors, those that come before their scales in ``order`` (the port's write
+        order): merged chunk by chunk of experts (``rows``), their new scales held until their turn."""
+        where = {k: i for i, k in enumerate(order)}
+        out = set()
+        for p in self.targets:
+            if 0 <= where.get(p + "_blocks", -1) < where.get(p + "_scales", -1):
+                out.add(p + "_blocks")
+                self.stream[p] = self.ckpt.tensor(p + "_scales").clone()  # (the new bytes replace these)
+        return out
+
+    def rows(self, key: str, lo: int, hi: int, t: torch.Tensor) -> torch.Tensor:
+        """Experts lo:hi of a streamed blocks tensor (``t``, as read), merged: their new blocks."""
+        p = self.keys[key]
+        res = self._merge(p, t, self.ckpt.tensor(p + "_scales")[lo:hi], lo)
+        self.stream[p][lo:hi] = res.scales
+        return res.blocks
 
     def result(self, key: str, t: torch.Tensor) -> torch.Tensor:
         if key in self.pending:
             return self.pending.pop(key)
         p = self.keys[key]
+        if p in self.stream:  # its blocks went by in chunks: these are its new scales
+            return self.stream.pop(p)
         blocks = t if key.endswith("_blocks") else self.ckpt.tensor(p + "_blocks")
         scales = t if key.endswith("_scales") else self.ckpt.tensor(p + "_scales")
-        factors = {e: (m.B, m.A, m.scale) for e, m in self.targets[p].items()}
-        # Each tensor's stream from the seed and its own name (not from file order), as the FP8 port.
-        seed = zlib.crc32(f"{self.seed}|{p}_blocks".encode())
-        res = mxfp4.merge_(blocks, scales, factors, policy=self.policy, on_clip=self.on_clip, rounding=self.rounding,
-                           seed=seed, backend=self.backend, name=p)
-        self.kept[p], self.other[p] = res.kept, res.other
-        if res.rescaled_count:
-            self.rescaled[p] = (res.rescaled_count, res.rescaled)
+        res = self._merge(p, blocks, scales)
         if key.endswith("_blocks"):
             self.pending[p + "_scales"] = res.scales
             return res.blocks

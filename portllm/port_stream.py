@@ -14,7 +14,8 @@ written, through a bounded pipeline that keeps the disk busy (``write_weights``)
 * A finished shard's fsync runs in a thread of its own while the next shard is written (one at a
   time: a shard waits for the previous one's); all are done before ``write_weights`` returns.
 * FP8 weights that the port requantizes or dequantizes go through whole (their scales are per block
-  and per tensor), as do weights stored [in, out] and 0-d tensors.
+  and per tensor), as do weights stored [in, out] and 0-d tensors. MXFP4 experts stream in chunks of
+  whole experts where their blocks come before their scales in the file (``port_mxfp4``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
     return cast_into(t, torch.empty(t.shape, dtype=dtype, device=t.device), key)
 
 
-def _plan(ckpt: Checkpoint, jobs, targets, out_dtype, whole, patch_fif, chunk_bytes: int) -> tuple[list[_Unit], int, int]:
+def _plan(ckpt: Checkpoint, jobs, targets, out_dtype, whole, patch_fif, chunk_bytes: int,
+          streamed=frozenset()) -> tuple[list[_Unit], int, int]:
     """The units of ``jobs`` [(file, key)], and the largest chunk read and converted, in bytes.
 
     A chunk of a patched 2-D weight is a multiple of the reference backend's own row blocks
@@ -107,7 +109,7 @@ def _plan(ckpt: Checkpoint, jobs, targets, out_dtype, whole, patch_fif, chunk_by
         fif = k in targets and any(i is None and patch_fif(n) for i, n in targets[k])
         if whole(k) or fif or not info.shape or info.nbytes == 0:
             units.append(_Unit(fname, k, "whole"))
-        elif k not in targets and not converts:
+        elif k not in targets and k not in streamed and not converts:
             units.append(_Unit(fname, k, "copy"))
         else:
             n = info.shape[0]
@@ -128,7 +130,9 @@ def write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, b
                   check_finite: bool = True, requant=None, dequant=None, chunk_bytes: int | None = None) -> dict:
     """Reads, merges and writes every tensor of ``ckpt`` into ``tmp``, in file order (see the module's
     docstring); the patch's factors must have been checked already (``port`` checks them once).
-    ``requant``: FP8 weights merged and requantized whole (``port._FP8Merges``); ``dequant``: FP8 weights
+    ``requant``: FP8 weights merged and requantized whole (``port._FP8Merges``), or MXFP4 experts in
+    chunks of experts where their blocks come before their scales (``port_mxfp4.MXFP4Merges``: ``streamed``
+    and ``rows``), whole otherwise; ``dequant``: FP8 weights
     dequantized (fp32), merged, then converted once to ``out_dtype``, their scale tensors not written
     (``port._Dequantize``). ``chunk_bytes``: the chunk size (default ``CHUNK_BYTES``). Returns the
     counts of tensors, merged tensors and bytes written."""
@@ -139,10 +143,14 @@ def write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, b
         key, index = tensor_target(weight_key(name))
         targets.setdefault(key, []).append((index, name))
     jobs = [(fname, k) for fname in ckpt.files for k in ckpt.reader(fname).tensors if k not in dropped]
+    # MXFP4 experts whose blocks come before their scales stream in chunks of experts (the scales,
+    # a sixteenth of the bytes, are held until their turn); everything else requantized goes whole
+    streamed = requant.streamed([k for _, k in jobs]) if requant is not None and hasattr(requant, "streamed") else set()
     units, most_in, most_out = _plan(
         ckpt, jobs, targets, out_dtype,
-        lambda k: (requant is not None and requant.owns(k)) or (dequant is not None and dequant.owns(k)),
-        lambda name: patch[name].fan_in_fan_out, chunk_bytes)
+        lambda k: k not in streamed and ((requant is not None and requant.owns(k))
+                                         or (dequant is not None and dequant.owns(k))),
+        lambda name: patch[name].fan_in_fan_out, chunk_bytes, streamed)
     inputs, outputs = _Pool(most_in, 3), _Pool(most_out, 3)
     bar = None
     if progress:
@@ -197,7 +205,9 @@ def write_weights(ckpt: Checkpoint, patch: Patch, tmp: str, device, out_dtype, b
                 t = cast_into(t, out[:t.numel() * out_dtype.itemsize].view(out_dtype).view(t.shape), u.key)
                 inputs.put(buf)
                 held = (outputs, out)
-            if u.key in targets:
+            if u.key in streamed:
+                t.copy_(requant.rows(u.key, u.lo, u.hi, t))  # MXFP4 experts lo:hi, merged and requantized
+            elif u.key in targets:
                 W = t.to(device)  # (on the CPU: t itself, this port's own buffer, merged in place)
                 merge_rows(W, u)
                 if W is not t:

@@ -496,3 +496,41 @@ def _big_adapter(adapter, tmp_path):
     sd = load_file(os.path.join(d, "adapter_model.safetensors"))
     save_file({k: v * 30 if "lora_B" in k else v for k, v in sd.items()}, os.path.join(d, "adapter_model.safetensors"))
     return str(d)
+
+
+def test_streamed_in_chunks_and_whole_give_the_same_bytes(mx_checkpoint, tmp_path, monkeypatch):
+    """Blocks before scales (as save_file orders them) stream in chunks of experts; scales first go whole:
+    one expert per chunk, the default chunks, and the whole path write the same tensors and report."""
+    from safetensors.torch import load_file
+
+    from portllm import port_stream
+    from portllm.safetensors_io import SafetensorsWriter
+
+    ckpt, adapter, _, _ = mx_checkpoint
+    sd = load_file(os.path.join(ckpt, "model.safetensors"))
+    assert list(sd).index(K + "_blocks") < list(sd).index(K + "_scales")
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    for f in os.listdir(ckpt):
+        if f != "model.safetensors":
+            with open(os.path.join(ckpt, f), "rb") as src, open(flipped / f, "wb") as dst:
+                dst.write(src.read())
+    order = sorted(sd, key=lambda k: (k.replace("_scales", "_a").replace("_blocks", "_b")))  # scales first
+    with SafetensorsWriter(str(flipped / "model.safetensors"), [(k, sd[k].dtype, tuple(sd[k].shape)) for k in order],
+                           {"format": "pt"}) as w:
+        for k in order:
+            w.write(k, sd[k])
+    outs = {}
+    for name, model, chunk in (("default", ckpt, None), ("per-expert", ckpt, 1), ("whole", str(flipped), None)):
+        if chunk is not None:
+            monkeypatch.setattr(port_stream, "CHUNK_BYTES", chunk)
+        out = str(tmp_path / name)
+        portllm.port(model, adapter, out, rounding="stochastic", seed=5, progress=False, log=None)
+        monkeypatch.setattr(port_stream, "CHUNK_BYTES", 16 << 20)
+        outs[name] = (load_file(os.path.join(out, "model.safetensors")),
+                      json.load(open(os.path.join(out, "portllm_port.json")))["mxfp4"])
+    want, rep = outs["default"]
+    assert any(not torch.equal(want[k], sd[k]) for k in want if k.endswith("_blocks"))  # (the port changed codes)
+    for name, (got, r) in outs.items():
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+        assert r["retained"] == pytest.approx(rep["retained"], rel=1e-9), name

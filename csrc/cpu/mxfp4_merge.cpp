@@ -36,10 +36,6 @@ namespace {
 #define PORTLLM_MX_AVX2 __attribute__((target("avx2,fma")))
 
 constexpr int kGroup = 32;
-// e2m1 codes' values: bit 3 the sign (8 is -0)
-constexpr float kValue[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
-                              -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
-
 // 2^e for |e| <= 1022, from its bits (the library's ldexp is a call of tens of cycles, per block)
 inline double pow2(int e) {
   const uint64_t bits = static_cast<uint64_t>(e + 1023) << 52;
@@ -101,38 +97,57 @@ struct Args {
 };
 
 template <bool STOCHASTIC>
-__attribute__((always_inline)) inline void merge_row(const Args& a, int64_t i, double* acc, float* w0, float* w1) {
+__attribute__((always_inline)) inline void merge_row(const Args& a, int64_t i, float* w0, float* w1) {
   const uint8_t* in = a.blocks + i * a.G * 16;
   const uint8_t* sc = a.scales + i * a.G;
   for (int64_t g = 0; g < a.G; ++g) {
     const float s = static_cast<float>(pow2(static_cast<int>(sc[g]) - 127));  // (2^-127 for byte 0: exact, subnormal)
     const uint8_t* bytes = in + g * 16;
     float* w = w0 + g * kGroup;
+    float even[16], odd[16];
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) {  // (arithmetic, not a table: a table is a gather per lane)
+      const int32_t lo = bytes[j] & 15, hi = bytes[j] >> 4;
+      // (every product exact in fp32; code 8 is -0)
+      even[j] = static_cast<float>(1 - 2 * (lo >> 3)) * (0.5f * static_cast<float>(grid2(lo & 7))) * s;
+      odd[j] = static_cast<float>(1 - 2 * (hi >> 3)) * (0.5f * static_cast<float>(grid2(hi & 7))) * s;
+    }
     for (int j = 0; j < 16; ++j) {
-      w[2 * j] = kValue[bytes[j] & 15] * s;  // (every product exact in fp32)
-      w[2 * j + 1] = kValue[bytes[j] >> 4] * s;
+      w[2 * j] = even[j];
+      w[2 * j + 1] = odd[j];
     }
   }
-  for (int64_t j = 0; j < a.K; ++j) acc[j] = static_cast<double>(w0[j]);
-  for (int64_t k = 0; k < a.r; ++k) {
-    const double bk = static_cast<double>(a.Bs[i * a.r + k]);
-    const double* ar = a.Ad + k * a.K;
+  // W' a block (32 elements) at a time, its sums held in registers across the r products (k ascending,
+  // as the reference), not in a row-long array loaded and stored again for every k
+  const float* bs = a.Bs + i * a.r;
+  for (int64_t j0 = 0; j0 < a.K; j0 += kGroup) {
+    double t[kGroup];
 #pragma omp simd
-    for (int64_t j = 0; j < a.K; ++j) acc[j] += bk * ar[j];
+    for (int j = 0; j < kGroup; ++j) t[j] = static_cast<double>(w0[j0 + j]);
+    for (int64_t k = 0; k < a.r; ++k) {
+      const double bk = static_cast<double>(bs[k]);
+      const double* ar = a.Ad + k * a.K + j0;
+#pragma omp simd
+      for (int j = 0; j < kGroup; ++j) t[j] += bk * ar[j];
+    }
+#pragma omp simd
+    for (int j = 0; j < kGroup; ++j) w1[j0 + j] = static_cast<float>(t[j]);
   }
-  for (int64_t j = 0; j < a.K; ++j) w1[j] = static_cast<float>(acc[j]);
   double sums[2][3] = {{0, 0, 0}, {0, 0, 0}};
   const uint64_t row = a.first + static_cast<uint64_t>(i * a.K);
   for (int64_t g = 0; g < a.G; ++g) {
     const float* x1 = w1 + g * kGroup;
-    float amax = 0.0f;
-    bool nan = false;
+    // amax on the bits of |x| (ordered as the values; a NaN's bits are above every number's, so a NaN
+    // anywhere makes amax NaN, as the reference's: its byte is fresh_byte(NaN) and the block clips)
+    int32_t top = 0;
+#pragma omp simd reduction(max : top)
     for (int j = 0; j < kGroup; ++j) {
-      amax = std::max(amax, std::fabs(x1[j]));
-      nan |= x1[j] != x1[j];
+      uint32_t b;
+      std::memcpy(&b, &x1[j], 4);
+      top = std::max(top, static_cast<int32_t>(b & 0x7FFFFFFFu));
     }
-    // (a NaN anywhere: the reference's amax is NaN, so its byte is fresh_byte(NaN) and the block clips)
-    const float am = nan ? std::numeric_limits<float>::quiet_NaN() : amax;
+    float am;
+    std::memcpy(&am, &top, 4);
     uint8_t byte = fresh_byte(am);
     bool clip = false;
     if (!a.fresh) {
@@ -212,9 +227,8 @@ __attribute__((always_inline)) inline void merge_row(const Args& a, int64_t i, d
 
 template <bool STOCHASTIC>
 __attribute__((always_inline)) inline void run_rows(const Args& a, int64_t i0, int64_t i1) {
-  std::vector<double> acc(static_cast<size_t>(a.K));
   std::vector<float> w0(static_cast<size_t>(a.K)), w1(static_cast<size_t>(a.K));
-  for (int64_t i = i0; i < i1; ++i) merge_row<STOCHASTIC>(a, i, acc.data(), w0.data(), w1.data());
+  for (int64_t i = i0; i < i1; ++i) merge_row<STOCHASTIC>(a, i, w0.data(), w1.data());
 }
 
 template <bool S>
