@@ -63,7 +63,8 @@ def make_checkpoint(path):
         for k in keys:
             if k.endswith(EXPERTS):
                 E, K, R = shapes[k]  # GPT-OSS holds [E, in, out]; the blocks are [E, out, in/32, 16]
-                layout += [(k + "_blocks", torch.uint8, (E, R, K // 32, 16)), (k + "_scales", torch.uint8, (E, R, K // 32))]
+                layout += [(k + "_blocks", torch.uint8, (E, R, K // 32, 16)),
+                           (k + "_scales", torch.uint8, (E, R, K // 32))]
             else:
                 layout.append((k, torch.bfloat16, shapes[k]))
         with SafetensorsWriter(os.path.join(tmp, fname), layout, {"format": "pt"}) as w:
@@ -121,7 +122,8 @@ def make_adapter(path):
 @pytest.fixture(scope="module")
 def files():
     tag = "quick" if QUICK else "3l"
-    ckpt, adapter = os.path.join(CACHE, f"gptoss-mxfp4-{tag}"), os.path.join(CACHE, f"gptoss-mxfp4-{tag}-adapter-r{RANK}")
+    ckpt = os.path.join(CACHE, f"gptoss-mxfp4-{tag}")
+    adapter = os.path.join(CACHE, f"gptoss-mxfp4-{tag}-adapter-r{RANK}")
     os.makedirs(CACHE, exist_ok=True)
     if not os.path.exists(ckpt):
         make_checkpoint(ckpt)

@@ -208,7 +208,8 @@ def merge_(blocks: torch.Tensor, scales: torch.Tensor, factors, *, policy: str =
                 raise ClippedBlockError(
                     f"tensor {name}_blocks: {n} block(s) of expert {first_expert + e} do not fit their scale after "
                     f"the merge "
-                    f"(first: row {r0}, columns {g0 * GROUP}:{(g0 + 1) * GROUP}, scale 2^{int(scales[e, r0, g0]) - 127}); "
+                    f"(first: row {r0}, columns {g0 * GROUP}:{(g0 + 1) * GROUP}, "
+                    f"scale 2^{int(scales[e, r0, g0]) - 127}); "
                     "nothing written; let them be rescaled (on_clip='rescale') or use policy 'fresh'")
             out.rescaled += (where[:max(0, 8 - len(out.rescaled))] + (first_expert + e) * R * G).tolist()  # (named)
             out.rescaled_count += n

@@ -109,14 +109,15 @@ class MXFP4Merges:
         for p in self.targets:
             if 0 <= where.get(p + "_blocks", -1) < where.get(p + "_scales", -1):
                 out.add(p + "_blocks")
-                self.stream[p] = self.ckpt.tensor(p + "_scales").clone()  # (the new bytes replace these)
         return out
 
     def rows(self, key: str, lo: int, hi: int, t: torch.Tensor) -> torch.Tensor:
         """Experts lo:hi of a streamed blocks tensor (``t``, as read), merged: their new blocks."""
         p = self.keys[key]
-        res = self._merge(p, t, self.ckpt.tensor(p + "_scales")[lo:hi], lo)
-        self.stream[p][lo:hi] = res.scales
+        if p not in self.stream:  # (one parameter's scales held at a time: allocated at its first chunk)
+            self.stream[p] = self.ckpt.tensor(p + "_scales")
+        res = self._merge(p, t, self.stream[p][lo:hi].clone(), lo)
+        self.stream[p][lo:hi] = res.scales  # (the new bytes replace the ones read, chunk by chunk)
         return res.blocks
 
     def result(self, key: str, t: torch.Tensor) -> torch.Tensor:
