@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-from benchutil import DEVICE, QUICK
-from suite import Suite, fmt
+from benchutil import DEVICE, QUICK, derive_vs_inplace_pass, table_vs_inplace_pass
+from suite import Suite
 
 from portllm import _ext, mxfp4, ops
 
@@ -67,24 +67,11 @@ def test_mxfp4_merge(benchmark, expert, provider, rounding):
 
 
 def derive(rows: list[dict]):
-    rows_ = [r for r in rows if r["op"] == "mxfp4_merge"]
-    base = next((r for r in rows_ if r["provider"] == "in-place uint8"), None)
-    for r in rows_:
-        if base is not None:
-            r["fraction_of_inplace_pass"] = round(base["median_ms"] / r["median_ms"], 4)
+    derive_vs_inplace_pass(rows, "mxfp4_merge")
 
 
 def table(rows: list[dict]) -> list[str]:
-    rows_ = [r for r in rows if r["op"] == "mxfp4_merge"]
-    if not rows_:
-        return []
-    shape = f"{rows_[0]['m']}x{rows_[0]['n']}"
-    out = [f"{'mxfp4 merge ' + shape + ' r=16':<34} {'median ms':>10} {'x in-place pass':>16}"]
-    for r in rows_:
-        name = r["provider"] + (f"@{r['isa']}" if r.get("isa") else "") + (
-            f" {r['case']}" if r["provider"] not in PASSES else "")
-        out.append(f"{name:<34} {r['median_ms']:>10.1f} {fmt(r.get('fraction_of_inplace_pass'), '.4f'):>16}")
-    return out
+    return table_vs_inplace_pass(rows, "mxfp4_merge", "mxfp4 merge", PASSES, 34)
 
 
 SUITE = Suite("mxfp4", frozenset({"mxfp4_merge"}), derive, table)

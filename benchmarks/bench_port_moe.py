@@ -10,15 +10,12 @@ q_proj/v_proj). The checkpoint is generated once into PORTLLM_BENCH_CACHE (defau
 /tmp/portllm-bench-cache). PORTLLM_BENCH_QUICK=1 uses a small model instead.
 """
 
-import json
 import os
-import shutil
-import sys
 
 import pytest
 import torch
-from benchutil import QUICK, timed_command, write_checkpoint
-from suite import Suite, fmt
+from benchutil import QUICK, derive_vs_copy, port_against_copy, table_vs_copy, write_checkpoint, write_peft_adapter
+from suite import Suite
 
 CACHE = os.environ.get("PORTLLM_BENCH_CACHE", "/tmp/portllm-bench-cache")
 SHAPE = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_hidden_layers=2, num_attention_heads=4,
@@ -53,27 +50,14 @@ def make_checkpoint(path):
 def make_adapter(path):
     """PEFT's layout for target_parameters (experts.base_layer.* = gate_up_proj, experts.* = down_proj)
     and target_modules, random factors, fp32 as PEFT saves them."""
-    from safetensors.torch import save_file
-
-    H, I, E, L = SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], SHAPE["num_experts"], SHAPE["num_hidden_layers"]
+    H, I, E = SHAPE["hidden_size"], SHAPE["moe_intermediate_size"], SHAPE["num_experts"]
     q = SHAPE["num_attention_heads"] * SHAPE["head_dim"]
     v = SHAPE["num_key_value_heads"] * SHAPE["head_dim"]
-    g = torch.Generator().manual_seed(1)
-    t = {}
-    for i in range(L):
-        p = f"base_model.model.model.layers.{i}."
-        for key, (out, inn, rows) in {"mlp.experts.base_layer": (2 * I, H, E * RANK), "mlp.experts": (H, I, E * RANK),
-                                      "self_attn.q_proj": (q, H, RANK), "self_attn.v_proj": (v, H, RANK)}.items():
-            t[f"{p}{key}.lora_A.weight"] = torch.randn(rows, inn, generator=g) * 0.01
-            t[f"{p}{key}.lora_B.weight"] = torch.randn(out, rows, generator=g) * 0.01
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(t, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "target_modules": ["q_proj", "v_proj"],
-                   "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}, f)
-    os.rename(tmp, path)
+    write_peft_adapter(path, SHAPE["num_hidden_layers"],
+                       {"mlp.experts.base_layer": (2 * I, H, E * RANK), "mlp.experts": (H, I, E * RANK),
+                        "self_attn.q_proj": (q, H, RANK), "self_attn.v_proj": (v, H, RANK)},
+                       {"r": RANK, "lora_alpha": 2 * RANK, "target_modules": ["q_proj", "v_proj"],
+                        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]})
 
 
 @pytest.fixture(scope="module")
@@ -91,47 +75,18 @@ def files():
 
 @pytest.mark.parametrize("provider", ["cp + sync", "portllm port"])
 def test_port_moe(benchmark, files, provider):
-    out = os.path.join(CACHE, "out-moe")
-    shutil.rmtree(out, ignore_errors=True)
-    portllm = os.path.join(os.path.dirname(sys.executable), "portllm")
-    argv = (["sh", "-c", f"cp -r '{files['ckpt']}' '{out}' && sync"] if provider == "cp + sync" else
-            [portllm, "port", "--model", files["ckpt"], "--patch", files["adapter"], "--out", out, "--quiet"])
-    result = {}
-
-    def job():
-        shutil.rmtree(out, ignore_errors=True)
-        result["seconds"], result["rss"] = timed_command(argv)
-
-    try:
-        benchmark.pedantic(job, rounds=1, iterations=1)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     benchmark.group = "port moe"
-    benchmark.extra_info.update(op="port_moe", provider=provider, case="checkpoint", seconds=result["seconds"],
-                                peak_rss=result["rss"], checkpoint_bytes=files["bytes"], bytes=files["bytes"],
-                                experts=SHAPE["num_experts"], layers=SHAPE["num_hidden_layers"], r=RANK)
+    port_against_copy(benchmark, files, provider, os.path.join(CACHE, "out-moe"), [],
+                      dict(op="port_moe", experts=SHAPE["num_experts"], layers=SHAPE["num_hidden_layers"], r=RANK))
 
 
 def derive(rows: list[dict]):
     """The port's whole command over the copy's, same run."""
-    by = {r["provider"]: r for r in rows if r["op"] == "port_moe"}
-    copy = by.get("cp + sync")
-    for r in by.values():
-        r["median_ms"] = round(r["seconds"] * 1e3, 1)
-        r["gbps"] = round(r["checkpoint_bytes"] / r["seconds"] / 1e9, 3)
-        if copy:
-            r["time_vs_copy"] = round(r["seconds"] / copy["seconds"], 3)
+    derive_vs_copy(rows, "port_moe")
 
 
 def table(rows: list[dict]) -> list[str]:
-    by = [r for r in rows if r["op"] == "port_moe"]
-    if not by:
-        return []
-    out = [f"{'MoE port (whole command)':<26} {'seconds':>8} {'peak RSS MiB':>13} {'x cp+sync':>9}"]
-    for r in by:
-        out.append(f"{r['provider']:<26} {r['seconds']:>8.2f} {r['peak_rss'] / 2**20:>13.1f} "
-                   f"{fmt(r.get('time_vs_copy')):>9}")
-    return out
+    return table_vs_copy(rows, "port_moe", "MoE port (whole command)")
 
 
 SUITE = Suite("port_moe", frozenset({"port_moe"}), derive, table)
