@@ -256,17 +256,17 @@ def main(argv=None) -> int:
                    "measures how far --model moved from it (default: the adapter's base_model_name_or_path, "
                    "if that is a local directory)")
     p.add_argument("--rounding", default="nearest", choices=["nearest", "stochastic"],
-                   help="FP8 and MXFP4 checkpoints: how merged weights are requantized (default nearest; stochastic keeps "
+                   help="FP8, MXFP4 and NVFP4 checkpoints: how merged weights are requantized (default nearest; stochastic keeps "
                         "the patch in expectation; the report says how much survived)")
     p.add_argument("--seed", type=int, default=0, help="seed of --rounding stochastic (default 0)")
     p.add_argument("--fp4-scales", default="reuse", choices=["reuse", "fresh"],
-                   help="MXFP4 checkpoints: keep each block's scale (default) or recompute it as the format's "
-                        "quantizer does")
+                   help="MXFP4 and NVFP4 checkpoints: keep each block's scale (default) or recompute it as the "
+                        "format's quantizer does")
     p.add_argument("--fp4-clip", default="rescale", choices=["rescale", "refuse"],
-                   help="MXFP4 with --fp4-scales reuse: a block the merge no longer fits in its scale is rescaled "
+                   help="MXFP4 / NVFP4 with --fp4-scales reuse: a block the merge no longer fits in its scale is rescaled "
                         "(default) or refused")
     p.add_argument("--allow-low-retention", action="store_true",
-                   help="MXFP4: write the port even if less than half of the patch survived requantization")
+                   help="MXFP4 / NVFP4: write the port even if less than half of the patch survived requantization")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.set_defaults(fn=_port)
 

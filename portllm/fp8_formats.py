@@ -7,7 +7,8 @@
   (``portllm.fp8_compressed``).
 
 Each one checks a weight's scales, dequantizes, merges and requantizes as its own loader and
-quantizer do. ``quant_method: "mxfp4"`` (GPT-OSS's experts) is ported by ``portllm.port_mxfp4``. Any
+quantizer do. ``quant_method: "mxfp4"`` (GPT-OSS's experts) is ported by ``portllm.port_mxfp4``, and
+compressed-tensors' ``nvfp4-pack-quantized`` by ``portllm.port_nvfp4``. Any
 other quantization is refused in one line naming it.
 """
 
@@ -94,12 +95,14 @@ class CompressedFP8:
         return out
 
 
-def _compressed(qc: dict, path: str) -> CompressedFP8:
+def _compressed(qc: dict, path: str):
     where = f"{path}: quantization_config"
     status = qc.get("quantization_status")
     if status != "compressed":
         raise fp8.FP8FormatError(f"{where}.quantization_status is {status!r}; portllm merges into compressed "
                                  "checkpoints (\"compressed\") only")
+    if qc.get("format") == NVFP4_FORMAT:
+        return _nvfp4(qc, where)
     formats = ("float-quantized", "naive-quantized")
     if qc.get("format") not in formats:
         raise fp8.FP8FormatError(f"{where}.format is {qc.get('format')!r}; portllm merges into compressed-tensors "
@@ -145,9 +148,40 @@ def _compressed(qc: dict, path: str) -> CompressedFP8:
     return CompressedFP8(strategy, block, bool(qc.get("kv_cache_scheme")))
 
 
+NVFP4_FORMAT = "nvfp4-pack-quantized"
+_NVFP4_WEIGHTS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group"}
+
+
+def _nvfp4(qc: dict, where: str):
+    """compressed-tensors NVFP4 (llm-compressor's NVFP4 / NVFP4A16 schemes): every weight scheme 4-bit float,
+    groups of 16, e4m3 scales under a global one."""
+    from portllm.port_nvfp4 import NVFP4Checkpoint
+
+    for field in ("sparsity_config", "transform_config"):
+        if qc.get(field):
+            raise fp8.FP8FormatError(f"{where}.{field} is set; portllm cannot merge into sparse or transformed "
+                                     "(rotated) weights; port onto the 16-bit release of the model instead")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise fp8.FP8FormatError(f"{where}.config_groups is {groups!r}; expected the quantization schemes")
+    for gname, g in groups.items():
+        w = g.get("weights") if isinstance(g, dict) else None
+        if w is None:
+            continue
+        field = f"{where}.config_groups.{gname}"
+        if g.get("format") not in (None, NVFP4_FORMAT):
+            raise fp8.FP8FormatError(f"{field}.format is {g.get('format')!r}; portllm merges into checkpoints with "
+                                     f"one format ({NVFP4_FORMAT} here)")
+        wrong = {k: w.get(k) for k, v in _NVFP4_WEIGHTS.items() if not isinstance(w, dict) or w.get(k) != v}
+        if wrong or w.get("dynamic") not in (False, None) or w.get("scale_dtype") not in (None, "torch.float8_e4m3fn"):
+            raise fp8.FP8FormatError(f"{field}.weights: {wrong or w!r} is not NVFP4 (4-bit float, symmetric, static, "
+                                     "groups of 16 under a global scale, e4m3 scales)")
+    return NVFP4Checkpoint()
+
+
 def checkpoint_format(model_dir: str):
     """The quantized format of a checkpoint (config.json's ``quantization_config``): BlockFP8,
-    CompressedFP8, ``port_mxfp4.MXFP4Checkpoint``, or None for an unquantized one; FP8FormatError, naming
+    CompressedFP8, ``port_mxfp4.MXFP4Checkpoint``, ``port_nvfp4.NVFP4Checkpoint``, or None for an unquantized one; FP8FormatError, naming
     the field, for a quantization portllm cannot merge into."""
     from portllm.files import open_regular
 

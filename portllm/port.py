@@ -28,7 +28,8 @@ from portllm.files import (InputWatch, NotARegularFileError, copy_file, copy_tre
                            within)
 from portllm.merge import NonFiniteMergeError, check_weight_dtype
 from portllm.patch import Patch
-from portllm.port_mxfp4 import MXFP4Checkpoint, MXFP4Merges, split
+from portllm.port_mxfp4 import MXFP4Checkpoint
+from portllm.port_nvfp4 import NVFP4Checkpoint
 from portllm.port_stream import write_weights
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -106,6 +107,8 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
       ``portllm.port_mxfp4``): keep each block's scale ("reuse") or recompute it ("fresh"); a block the
       merge no longer fits in its scale is rescaled ("rescale") or refused ("refuse"); a port that keeps
       less than half of the patch is refused (nothing written) unless ``allow_low_retention``.
+      The same for an NVFP4 checkpoint (compressed-tensors' ``nvfp4-pack-quantized``, ``portllm.port_nvfp4``),
+      per group of 16 under the weight's global scale.
     * ``base``: the checkpoint directory the patch was trained on, for the report's measure of how far
       ``model_dir`` moved from it (patches portllm made carry that themselves; for a PEFT adapter the
       patch's ``base_model_name_or_path`` is used where it is a local checkpoint directory).
@@ -134,10 +137,10 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         fmt = fp8_formats.checkpoint_format(model_dir)
     except fp8.FP8FormatError as e:
         raise IncompatiblePatchError(str(e)) from None
-    packed = isinstance(fmt, MXFP4Checkpoint)
+    packed = isinstance(fmt, (MXFP4Checkpoint, NVFP4Checkpoint))
     if packed and out_dtype is not None:
-        raise IncompatiblePatchError(f"{model_dir}: an MXFP4 checkpoint is written MXFP4; portllm does not write it "
-                                     "dequantized (leave out --dtype)")
+        raise IncompatiblePatchError(f"{model_dir}: an {fmt.key.upper()} checkpoint is written {fmt.key.upper()}; "
+                                     "portllm does not write it dequantized (leave out --dtype)")
     for what, value, allowed in (("fp4_scales", fp4_scales, mxfp4.POLICIES), ("fp4_clip", fp4_clip, mxfp4.ON_CLIP)):
         if value not in allowed:
             raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
@@ -155,9 +158,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             log(f"portllm port: LoRA on {experts} expert parameters, mapped onto {len(patch) - before} of the "
                 "checkpoint's tensors as transformers saves them")
         mx_targets = {}
-        if packed:  # the MXFP4 experts apart: merged packed (port_mxfp4), the rest as usual
+        if packed:  # the MXFP4 experts / NVFP4 weights apart: merged packed (port_mxfp4, port_nvfp4), the rest as usual
             full = patch
-            patch, mx_targets = split(ckpt, patch)
+            patch, mx_targets = fmt.split(ckpt, patch)
         patch = resolve_fan_in_fan_out(ckpt, patch)
         report = check_compatibility(ckpt, patch, base=base)
         if log:
@@ -205,7 +208,12 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         # The FP8 merge's backend, resolved on the port's device before any write; the MXFP4 merge's on
         # the CPU, where it runs whatever the port's device (its kernels are the reference and C++).
         fp8_backend = fmt.backend(backend, device) if fp8_targets else None
-        mx_backend = ops.resolve_backend(backend, "cpu", "mxfp4_merge") if mx_targets else None
+        mx_backend = None
+        if mx_targets and isinstance(fmt, MXFP4Checkpoint):
+            mx_backend = ops.resolve_backend(backend, "cpu", "mxfp4_merge")
+        elif mx_targets and backend not in (None, "reference"):
+            raise ValueError(f"backend {backend!r}: the NVFP4 merge runs on the reference backend only (PyTorch ops, "
+                             "bit for bit compressed-tensors' quantizer); leave --backend out")
 
         def last_checks():
             _check_out_dir(out_dir, inputs, force)
@@ -218,7 +226,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
             requant = (_FP8Merges(ckpt, patch, fmt, fp8_targets, rounding, seed, fp8_backend, device)
                        if fp8_targets else None)
             if mx_targets:
-                requant = MXFP4Merges(ckpt, mx_targets, policy=fp4_scales, on_clip=fp4_clip, rounding=rounding,
+                requant = fmt.merges(ckpt, mx_targets, policy=fp4_scales, on_clip=fp4_clip, rounding=rounding,
                                       seed=seed, backend=mx_backend)
             dq = _Dequantize(ckpt, fp8_pairs, fmt) if dequant else None
             stats = write_weights(ckpt, patch, tmp, device, out_dtype, backend, progress, check_finite, requant,
@@ -228,7 +236,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                     log(f"portllm port: {line}")
             if mx_targets:
                 requant.check_retention(allow_low_retention)
-                stats["merged"] += len(mx_targets)  # (each packed parameter, all its experts, is one merged tensor)
+                stats["merged"] += len(mx_targets)  # (an MXFP4 parameter, all its experts, is one merged tensor)
             _copy_other_files(ckpt, tmp, out_dtype, stats["total_size"], copies, watch,
                               dropped=dq.dropped if dq is not None else None)
             write_json(os.path.join(tmp, "portllm_port.json"), {
@@ -236,7 +244,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
                 "patch_modules": len(full if packed else patch), "scale": scale,
                 "dtype": str(out_dtype).removeprefix("torch.") if out_dtype else None,
                 "report": report.lines() + (requant.lines() if requant is not None else []),
-                **({"mxfp4" if mx_targets else "fp8": requant.summary()} if requant is not None else {})}, indent=2)
+                **({fmt.key if mx_targets else "fp8": requant.summary()} if requant is not None else {})}, indent=2)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return PortResult(out_dir, report, stats["tensors"], stats["merged"], stats["total_size"],
                       time.perf_counter() - t0, str(device), peak, skipped)

@@ -33,8 +33,16 @@ class LowRetentionError(IncompatiblePatchError):
 class MXFP4Checkpoint:
     """config.json's ``quantization_config`` with ``quant_method: "mxfp4"``."""
 
+    key = "mxfp4"
+
     def describe(self) -> str:
         return "MXFP4 (e2m1 codes, an e8m0 scale per 32)"
+
+    def split(self, ckpt: Checkpoint, patch: Patch):
+        return split(ckpt, patch)
+
+    def merges(self, ckpt: Checkpoint, targets: dict, **kw) -> "MXFP4Merges":
+        return MXFP4Merges(ckpt, targets, **kw)
 
 
 def split(ckpt: Checkpoint, patch: Patch) -> tuple[Patch, dict[str, dict[int, object]]]:
@@ -72,6 +80,8 @@ class MXFP4Merges:
     ones chunk by chunk (``streamed``, ``rows``); the others whole, blocks and scales computed when the
     first of the two comes up in file order (the other read out of order) and handed out in turn. The
     retention is summed per parameter."""
+
+    label, unit, fmt_key = "MXFP4", "expert parameters", "mxfp4"
 
     def __init__(self, ckpt: Checkpoint, targets: dict, *, policy: str, on_clip: str, rounding: str, seed: int,
                  backend: str | None):
@@ -148,7 +158,7 @@ class MXFP4Merges:
 
     def summary(self) -> dict:
         kept, other = self._total(self.kept), self._total(self.other)
-        return {"format": "mxfp4", "rounding": self.rounding, "seed": self.seed, "scales": self.policy,
+        return {"format": self.fmt_key, "rounding": self.rounding, "seed": self.seed, "scales": self.policy,
                 "on_clip": self.on_clip, "retained": kept.retained, "noise": kept.noise,
                 self.other_rounding: {"retained": other.retained, "noise": other.noise},
                 "rescaled_blocks": {p: n for p, (n, _) in self.rescaled.items()},
@@ -159,21 +169,24 @@ class MXFP4Merges:
 
     def lines(self) -> list[str]:
         if not self.kept:
-            return ["MXFP4: nothing merged"]
+            return [f"{self.label}: nothing merged"]
         kept, other = self._total(self.kept), self._total(self.other)
         worst = min(self.kept.items(), key=lambda kv: kv[1].retained)
-        out = [f"MXFP4 ({self.rounding} rounding, scales {self.policy}): {kept.retained:.1%} of the patch survived "
-               f"requantization over {len(self.kept)} expert parameters (noise {kept.noise:.2f} of the patch's "
+        out = [f"{self.label} ({self.rounding} rounding, scales {self.policy}): {kept.retained:.1%} of the patch "
+               f"survived requantization over {len(self.kept)} {self.unit} (noise {kept.noise:.2f} of the patch's "
                f"norm); least: {worst[0]} {worst[1].retained:.1%}; {self.other_rounding} rounding would keep "
                f"{other.retained:.1%} (noise {other.noise:.2f})"]
         for p, (n, first) in sorted(self.rescaled.items()):
-            G = self.ckpt.info(p + "_scales").shape[2]
-            R = self.ckpt.info(p + "_scales").shape[1]
-            e, rest = divmod(first[0], R * G)
-            out.append(f"MXFP4: {n} block(s) of {p}_blocks did not fit their scale after the merge and were "
-                       f"rescaled as the format's quantizer would (first: expert {e}, row {rest // G}, "
-                       f"columns {rest % G * mxfp4.GROUP}:{rest % G * mxfp4.GROUP + mxfp4.GROUP})")
+            out.append(self._rescaled_line(p, n, first))
         return out
+
+    def _rescaled_line(self, p: str, n: int, first: list[int]) -> str:
+        G = self.ckpt.info(p + "_scales").shape[2]
+        R = self.ckpt.info(p + "_scales").shape[1]
+        e, rest = divmod(first[0], R * G)
+        return (f"MXFP4: {n} block(s) of {p}_blocks did not fit their scale after the merge and were rescaled as "
+                f"the format's quantizer would (first: expert {e}, row {rest // G}, columns "
+                f"{rest % G * mxfp4.GROUP}:{rest % G * mxfp4.GROUP + mxfp4.GROUP})")
 
     def check_retention(self, allow: bool):
         """LowRetentionError unless at least half of the patch survived (or ``allow``)."""
@@ -183,6 +196,6 @@ class MXFP4Merges:
         hint = (f"; {self.other_rounding} rounding would keep {other.retained:.1%} (noise {other.noise:.2f}): "
                 f"port with --rounding {self.other_rounding}" if other.retained > kept.retained else "")
         raise LowRetentionError(
-            f"MXFP4 ({self.rounding} rounding, scales {self.policy}): only {kept.retained:.1%} of the patch survived "
+            f"{self.label} ({self.rounding} rounding, scales {self.policy}): only {kept.retained:.1%} of the patch survived "
             f"requantization (noise {kept.noise:.2f} of its norm){hint}; nothing written (pass "
             "--allow-low-retention, or allow_low_retention=True, to write it anyway)")

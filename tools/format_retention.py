@@ -1,7 +1,8 @@
 """How much of a patch survives each quantized format a port writes, measured: the README's table of
 formats. One weight [1024, 2880] (N(0, 0.02), GPT-OSS's hidden size), quantized by each format's own
 quantizer, and a rank-16 update whose norm is ``--rel`` of the weight's (1% by default, a LoRA patch's
-usual size); the merge of each format (``portllm.fp8.merge_``, ``portllm.mxfp4.merge_``) with nearest
+usual size); the merge of each format (``portllm.fp8.merge_``, ``portllm.mxfp4.merge_``,
+``portllm.nvfp4.merge_``) with nearest
 and stochastic rounding, stochastic averaged over 8 seeds (mean and the spread, min to max).
 
     retained = ⟨Q(W+Δ) − W, Δ⟩ / ‖Δ‖²          noise = ‖Q(W+Δ) − W − Δ‖ / ‖Δ‖
@@ -13,7 +14,7 @@ import argparse
 
 import torch
 
-from portllm import fp8, mxfp4
+from portllm import fp8, mxfp4, nvfp4
 
 R, K, RANK, SEEDS = 1024, 2880, 16, 8
 
@@ -42,6 +43,14 @@ def measure(rel: float) -> list[tuple[str, str, str, list]]:
             res = [mxfp4.merge_(blocks[None], sc[None], {0: (B, A, 1.0)}, policy=policy, rounding=rounding,
                                 seed=seed).kept for seed in (range(SEEDS) if rounding == "stochastic" else [0])]
             rows.append(("MXFP4 (e2m1, e8m0 scale per 32)", policy, rounding, res))
+    g = nvfp4.global_scale_for(W.abs().max())
+    sc = nvfp4.group_scales(W.reshape(R, -1, nvfp4.GROUP).abs().amax(-1), g)
+    packed = nvfp4.quantize(W, sc, g)
+    for policy in mxfp4.POLICIES:
+        for rounding in ("nearest", "stochastic"):
+            res = [nvfp4.merge_(packed, sc, g, B, A, 1.0, policy=policy, rounding=rounding, seed=seed).kept
+                   for seed in (range(SEEDS) if rounding == "stochastic" else [0])]
+            rows.append(("NVFP4 (e2m1, e4m3 scale per 16, fp32 global scale)", policy, rounding, res))
     return rows
 
 
