@@ -4,7 +4,8 @@
   Qwen3 FP8 releases): ``weight_scale_inv`` float32 per block (``portllm.fp8``, ``ops.fp8_merge``).
 * ``CompressedFP8``: ``quant_method: "compressed-tensors"``, format ``float-quantized`` (llm-compressor's
   FP8, FP8_DYNAMIC, FP8_BLOCK): ``weight_scale`` in the model's dtype per tensor, channel or block
-  (``portllm.fp8_compressed``).
+  (``portllm.fp8_compressed``); format ``mxfp8-quantized``: ``weight_scale`` uint8 e8m0 per 32 inputs
+  (``portllm.mxfp8``).
 
 Each one checks a weight's scales, dequantizes, merges and requantizes as its own loader and
 quantizer do. ``quant_method: "mxfp4"`` (GPT-OSS's experts) is ported by ``portllm.port_mxfp4``, and
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from portllm import fp8, fp8_compressed
+from portllm import fp8, fp8_compressed, mxfp8
 
 
 class BlockFP8:
@@ -95,6 +96,27 @@ class CompressedFP8:
         return out
 
 
+class CompressedMXFP8(CompressedFP8):
+    """compressed-tensors' ``mxfp8-quantized``: ``weight`` e4m3 and ``weight_scale`` uint8 e8m0 per 32
+    (``portllm.mxfp8``)."""
+
+    def __init__(self, kv_cache: bool):
+        super().__init__("group", None, kv_cache)
+
+    def describe(self) -> str:
+        return "compressed-tensors MXFP8, an e8m0 scale per 32"
+
+    def check(self, key: str, shape, dtype, scale: torch.Tensor):
+        mxfp8.check(key, shape, dtype, scale)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return mxfp8.dequantize(q, scale)
+
+    def merge(self, q, scale, B, A, s, *, rounding, seed, backend, name, device):
+        """On the CPU (PyTorch ops), whatever the port's device."""
+        return mxfp8.merge_(q, scale, B, A, s, rounding=rounding, seed=seed, name=name)
+
+
 def _compressed(qc: dict, path: str):
     where = f"{path}: quantization_config"
     status = qc.get("quantization_status")
@@ -103,6 +125,10 @@ def _compressed(qc: dict, path: str):
                                  "checkpoints (\"compressed\") only")
     if qc.get("format") == NVFP4_FORMAT:
         return _nvfp4(qc, where)
+    if qc.get("format") == MXFP8_FORMAT:
+        _one_scheme(qc, where, MXFP8_FORMAT, _MXFP8_WEIGHTS, ("torch.uint8",),
+                    "MXFP8 (8-bit float, symmetric, static, groups of 32, e8m0 scales: scale_dtype torch.uint8)")
+        return CompressedMXFP8(bool(qc.get("kv_cache_scheme")))
     formats = ("float-quantized", "naive-quantized")
     if qc.get("format") not in formats:
         raise fp8.FP8FormatError(f"{where}.format is {qc.get('format')!r}; portllm merges into compressed-tensors "
@@ -152,11 +178,12 @@ NVFP4_FORMAT = "nvfp4-pack-quantized"
 _NVFP4_WEIGHTS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group"}
 
 
-def _nvfp4(qc: dict, where: str):
-    """compressed-tensors NVFP4 (llm-compressor's NVFP4 / NVFP4A16 schemes): every weight scheme 4-bit float,
-    groups of 16, e4m3 scales under a global one."""
-    from portllm.port_nvfp4 import NVFP4Checkpoint
+MXFP8_FORMAT = "mxfp8-quantized"
+_MXFP8_WEIGHTS = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group"}
 
+
+def _one_scheme(qc: dict, where: str, fmt: str, want: dict, scale_dtypes: tuple, what: str):
+    """FP8FormatError naming the field unless every weight scheme of ``qc`` is ``want`` in format ``fmt``."""
     for field in ("sparsity_config", "transform_config"):
         if qc.get(field):
             raise fp8.FP8FormatError(f"{where}.{field} is set; portllm cannot merge into sparse or transformed "
@@ -169,13 +196,21 @@ def _nvfp4(qc: dict, where: str):
         if w is None:
             continue
         field = f"{where}.config_groups.{gname}"
-        if g.get("format") not in (None, NVFP4_FORMAT):
+        if g.get("format") not in (None, fmt):
             raise fp8.FP8FormatError(f"{field}.format is {g.get('format')!r}; portllm merges into checkpoints with "
-                                     f"one format ({NVFP4_FORMAT} here)")
-        wrong = {k: w.get(k) for k, v in _NVFP4_WEIGHTS.items() if not isinstance(w, dict) or w.get(k) != v}
-        if wrong or w.get("dynamic") not in (False, None) or w.get("scale_dtype") not in (None, "torch.float8_e4m3fn"):
-            raise fp8.FP8FormatError(f"{field}.weights: {wrong or w!r} is not NVFP4 (4-bit float, symmetric, static, "
-                                     "groups of 16 under a global scale, e4m3 scales)")
+                                     f"one format ({fmt} here)")
+        wrong = {k: w.get(k) for k, v in want.items() if not isinstance(w, dict) or w.get(k) != v}
+        if wrong or w.get("dynamic") not in (False, None) or w.get("scale_dtype") not in scale_dtypes:
+            raise fp8.FP8FormatError(f"{field}.weights: {wrong or w!r} is not {what}")
+
+
+def _nvfp4(qc: dict, where: str):
+    """compressed-tensors NVFP4 (llm-compressor's NVFP4 / NVFP4A16 schemes): every weight scheme 4-bit float,
+    groups of 16, e4m3 scales under a global one."""
+    from portllm.port_nvfp4 import NVFP4Checkpoint
+
+    _one_scheme(qc, where, NVFP4_FORMAT, _NVFP4_WEIGHTS, (None, "torch.float8_e4m3fn"),
+                "NVFP4 (4-bit float, symmetric, static, groups of 16 under a global scale, e4m3 scales)")
     return NVFP4Checkpoint()
 
 

@@ -356,7 +356,7 @@ def _group(c, **kw):
     (lambda sd: sd.pop(K + ".weight_global_scale"), None, rf"{K}\.weight_packed: the checkpoint has no "
                                                           rf"{K}\.weight_global_scale", {}),
     (None, lambda c: _group(c, group_size=32), r"config_groups\.group_0\.weights: \{'group_size': 32\} is not NVFP4", {}),
-    (None, lambda c: c["quantization_config"].update(format="mxfp8-quantized"), r"format is 'mxfp8-quantized'", {}),
+    (None, lambda c: c["quantization_config"].update(format="pack-quantized"), r"format is 'pack-quantized'", {}),
     (None, None, r"backend 'cpp': the NVFP4 merge runs on the reference backend only", {"backend": "cpp"}),
     (None, None, r"written NVFP4; portllm does not write it dequantized", {"dtype": "bfloat16"}),
     (None, None, r"down_proj\.weight_packed: \d+ group\(s\) do not fit", {"fp4_clip": "refuse"}),

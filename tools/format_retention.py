@@ -2,7 +2,7 @@
 formats. One weight [1024, 2880] (N(0, 0.02), GPT-OSS's hidden size), quantized by each format's own
 quantizer, and a rank-16 update whose norm is ``--rel`` of the weight's (1% by default, a LoRA patch's
 usual size); the merge of each format (``portllm.fp8.merge_``, ``portllm.mxfp4.merge_``,
-``portllm.nvfp4.merge_``) with nearest
+``portllm.nvfp4.merge_``, ``portllm.mxfp8.merge_``) with nearest
 and stochastic rounding, stochastic averaged over 8 seeds (mean and the spread, min to max).
 
     retained = ⟨Q(W+Δ) − W, Δ⟩ / ‖Δ‖²          noise = ‖Q(W+Δ) − W − Δ‖ / ‖Δ‖
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from portllm import fp8, mxfp4, nvfp4
+from portllm import fp8, mxfp4, mxfp8, nvfp4
 
 R, K, RANK, SEEDS = 1024, 2880, 16, 8
 
@@ -36,6 +36,12 @@ def measure(rel: float) -> list[tuple[str, str, str, list]]:
         res = [fp8.merge_(q, s, B, A, ones, (128, 128), rounding=rounding, seed=seed)[2]
                for seed in (range(SEEDS) if rounding == "stochastic" else [0])]
         rows.append(("block FP8 (e4m3, float32 scale per 128x128)", "fresh (transformers' quantizer)", rounding, res))
+    sc8 = mxfp8.fresh_scales(W)
+    q8 = mxfp8.quantize(W, sc8)
+    for rounding in ("nearest", "stochastic"):
+        res = [mxfp8.merge_(q8, sc8, B, A, ones, rounding=rounding, seed=seed)[2]
+               for seed in (range(SEEDS) if rounding == "stochastic" else [0])]
+        rows.append(("MXFP8 (e4m3, e8m0 scale per 32)", "fresh (compressed-tensors' quantizer)", rounding, res))
     sc = mxfp4.fresh_scales(W)
     blocks = mxfp4.quantize(W, sc)
     for policy in mxfp4.POLICIES:
