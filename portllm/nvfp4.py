@@ -21,6 +21,8 @@ The merge, band by band of rows, everything in fp32 where compressed-tensors com
       "reuse"  g and every group's scale kept; a group with some |W'/d| ≥ 7 does not fit (nearest rounding
                on the grid extended by its next step, 8, would leave the grid) and gets the scale "fresh"
                gives it under the same g (``on_clip="rescale"``, counted) or is refused (``"refuse"``).
+               Where a group does not fit even e4m3's largest scale under g (the update outgrew the weight's
+               global range), the whole weight is requantized "fresh" instead (``refreshed`` on the result)
                Values in (6, 7) saturate at 6, as nearest rounding would round them anyway
       "fresh"  compressed-tensors' quantizer of W' (``generate_gparam``, ``calculate_qparams``):
                g = fl32(fl32(1 / max(amax(|W'|), tiny))·2688) (1 where that is not finite: 448·6 / amax, a
@@ -158,7 +160,8 @@ def merge_(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
            seed: int = 0, name: str = "weight") -> mxfp4.MergeResult:
     """The NVFP4 merge (module docstring) of one weight; the inputs are not modified. Returns an
     ``mxfp4.MergeResult`` whose ``blocks``/``scales`` are the new weight_packed / weight_scale, with
-    ``global_scale`` set on it; ``rescaled`` holds flat indices of rescaled groups."""
+    ``global_scale`` and ``refreshed`` (requantized "fresh" because the update outgrew its global scale)
+    set on it; ``rescaled`` holds flat indices of rescaled groups."""
     from portllm.merge import NonFiniteMergeError
 
     if policy not in mxfp4.POLICIES:
@@ -182,6 +185,7 @@ def merge_(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
         g = global_scale_for(amax)
     out = mxfp4.MergeResult(torch.empty_like(packed), torch.empty_like(scale))
     out.global_scale = g.reshape(global_scale.shape).clone()
+    out.refreshed = False
     key = stream_key(seed)
     stochastic = rounding == "stochastic"
     sums = torch.zeros(2, 3, dtype=torch.float64)
@@ -207,10 +211,11 @@ def merge_(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor
                         "nothing written; let them be rescaled (on_clip='rescale') or use policy 'fresh'")
                 sc = torch.where(over, group_scales(amax, g), sc)
                 if not bool((amax / steps(sc, g) < mxfp4.CLIP).all()):
-                    raise mxfp4.ClippedBlockError(
-                        f"tensor {name}.weight_packed: a group does not fit even the largest e4m3 scale under the "
-                        f"weight's global scale {float(g)} (first: row {i0 + r0}); nothing written; use policy 'fresh', "
-                        "which recomputes the global scale")
+                    # the merged weight outgrew its global scale: the whole weight requantized fresh
+                    res = merge_(packed, scale, global_scale, B, A, s, policy="fresh", on_clip=on_clip,
+                                 rounding=rounding, seed=seed, name=name)
+                    res.refreshed = True
+                    return res
                 out.rescaled += (where[:max(0, 8 - len(out.rescaled))] + i0 * G).tolist()
                 out.rescaled_count += n
         out.scales[i0:i1] = sc

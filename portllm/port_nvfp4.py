@@ -77,6 +77,7 @@ class NVFP4Merges(MXFP4Merges):
         super().__init__(ckpt, targets, policy=policy, on_clip=on_clip, rounding=rounding, seed=seed,
                          backend=backend)
         self.keys = {name + part: name for name in targets for part in PARTS}
+        self.refreshed: list[str] = []
 
     def streamed(self, order: list[str]) -> set[str]:
         return set()
@@ -94,13 +95,27 @@ class NVFP4Merges(MXFP4Merges):
                            name=name)
         self.kept.setdefault(name, Retention()).add(res.kept)
         self.other.setdefault(name, Retention()).add(res.other)
-        if res.rescaled_count:
+        if res.refreshed:
+            self.refreshed.append(name)
+        elif res.rescaled_count:
             self.rescaled[name] = (res.rescaled_count, res.rescaled)
         new = {".weight_packed": res.blocks, ".weight_scale": res.scales, ".weight_global_scale": res.global_scale}
         for part, v in new.items():
             if key != name + part:
                 self.pending[name + part] = v
         return new[key[len(name):]]
+
+    def summary(self) -> dict:
+        return {**super().summary(), "refreshed": list(self.refreshed)}
+
+    def lines(self) -> list[str]:
+        out = super().lines()
+        if self.refreshed:
+            out.append(f"NVFP4: {len(self.refreshed)} weight(s) outgrew their global scale after the merge (a group "
+                       "did not fit even e4m3's largest scale) and were requantized fresh, with a new global scale "
+                       f"and every group's scale: {', '.join(self.refreshed[:4])}"
+                       + (", ..." if len(self.refreshed) > 4 else ""))
+        return out
 
     def _rescaled_line(self, p: str, n: int, first: list[int]) -> str:
         G = self.ckpt.info(p + ".weight_scale").shape[1]

@@ -183,11 +183,15 @@ def test_refusals_name_the_group():
     packed, sc, g, Bs, A = random_weight(8, 32, 2, seed=5, big_rows=1)
     with pytest.raises(Exception, match=r"q_proj\.weight_packed: \d+ group\(s\) do not fit .* row 0"):
         nvfp4.merge_(packed, sc, g, Bs, A, 1.0, on_clip="refuse", name="q_proj")
-    with pytest.raises(Exception, match=r"q_proj\.weight_packed: a group does not fit even the largest e4m3 scale "
-                                         r"under the weight's global scale .* use policy 'fresh'"):
-        nvfp4.merge_(packed, sc, g, Bs * 10, A, 1.0, name="q_proj")  # 3x the weight's largest value
+    # an update 3x the weight's largest value outgrows the global scale: the weight is requantized fresh
+    grown = nvfp4.merge_(packed, sc, g, Bs * 10, A, 1.0, name="q_proj")
     fresh = nvfp4.merge_(packed, sc, g, Bs * 10, A, 1.0, name="q_proj", policy="fresh")
-    assert float(fresh.global_scale) < float(g)
+    assert grown.refreshed and not fresh.refreshed and float(fresh.global_scale) < float(g)
+    assert torch.equal(grown.blocks, fresh.blocks) and torch.equal(grown.scales.view(torch.uint8),
+                                                                   fresh.scales.view(torch.uint8))
+    assert torch.equal(grown.global_scale, fresh.global_scale)
+    with pytest.raises(Exception, match=r"q_proj\.weight_packed: \d+ group\(s\) do not fit"):
+        nvfp4.merge_(packed, sc, g, Bs * 10, A, 1.0, name="q_proj", on_clip="refuse")
     from portllm.merge import NonFiniteMergeError
 
     with pytest.raises(NonFiniteMergeError, match=r"q_proj\.weight_packed"):
@@ -382,3 +386,20 @@ def test_bad_inputs_named_and_nothing_written(nv_checkpoint, tmp_path, edit, con
         portllm.port(ckpt, adapter, str(tmp_path / "out"), progress=False, log=None, allow_low_retention=True, **kw)
     assert "\n" not in str(err.value)
     assert (_digest(ckpt), _digest(adapter)) == before and not (tmp_path / "out").exists()
+
+
+def test_a_weight_that_outgrows_its_global_scale_is_requantized_fresh_and_named(nv_checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    ckpt, adapter, sd = nv_checkpoint
+    big = tmp_path / "big"
+    shutil.copytree(adapter, big)
+    f = big / "adapter_model.safetensors"
+    save_file({k: v * 100 if "lora_B" in k else v for k, v in load_file(str(f)).items()}, str(f))
+    portllm.port(ckpt, str(big), str(tmp_path / "o"), progress=False, allow_low_retention=True)
+    rep = json.load(open(tmp_path / "o" / "portllm_port.json"))["nvfp4"]
+    assert rep["refreshed"] and set(rep["refreshed"]) <= set(rep["parameters"])
+    out = load_file(str(tmp_path / "o" / "model.safetensors"))
+    k = rep["refreshed"][0]
+    assert not torch.equal(out[k + ".weight_global_scale"], sd[k + ".weight_global_scale"])
+    assert "outgrew their global scale after the merge" in capsys.readouterr().out

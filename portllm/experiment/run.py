@@ -168,6 +168,7 @@ def _run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
         results["tasks"][task] = row
 
     results["fp8"] = _fp8_release(releases[0], patches, tok, work, seed, log)
+    results["nvfp4"] = _nvfp4_release(releases[0], patches, tok, work, seed, log)
 
     log("measuring the cost of porting and of re-fine-tuning (peak memory in separate processes)")
     rel1, task0 = releases[0]["path"], data.TASKS[0]
@@ -204,6 +205,31 @@ def _fp8_release(rel: dict, patches: dict, tok, work: str, seed: int, log) -> di
                  rounding=rounding, seed=seed)
             e[f"ported_{rounding}"] = train.accuracy_batched(fp8_release.load_dequantized(d), tok, task)
             e[f"retained_{rounding}"] = fp8_release.retained(d)
+        out["tasks"][task] = e
+    return out
+
+
+def _nvfp4_release(rel: dict, patches: dict, tok, work: str, seed: int, log) -> dict:
+    """θ′1 also shipped as an NVFP4 checkpoint (``fp4_release``): each task's LoRA patch ported onto it
+    with each rounding (scales kept, the default; low retention allowed, to show it), the accuracies
+    read back dequantized, and the fraction of the patch that survived, as the port reported it."""
+    from portllm.experiment import fp4_release
+
+    log(f"[4/5] (NVFP4) {rel['name']} also released as NVFP4 (e2m1, an e4m3 scale per 16): porting each LoRA "
+        "patch onto it with each rounding")
+    nv_dir = os.path.join(work, "evolved1-nvfp4")
+    fp4_release.save_nvfp4(rel["path"], nv_dir)
+    alone = fp4_release.load_dequantized(nv_dir)
+    out = {"release": rel["name"], "tasks": {}}
+    for task in data.TASKS:
+        e = {"evolved_nvfp4": train.accuracy_batched(alone, tok, task)}
+        for rounding in ("nearest", "stochastic"):
+            d = os.path.join(work, f"ported-lora-{task}-1-nvfp4-{rounding}")
+            port(nv_dir, patches[task]["lora"][0], d, device="cpu", force=True, progress=False, log=None,
+                 rounding=rounding, seed=seed, allow_low_retention=True)
+            e[f"ported_{rounding}"] = train.accuracy_batched(fp4_release.load_dequantized(d), tok, task)
+            e[f"retained_{rounding}"] = fp4_release.retained(d)
+            e["refreshed"] = list(fp4_release.refreshed(d))
         out["tasks"][task] = e
     return out
 
@@ -255,6 +281,22 @@ def table(results) -> str:
             lines.append(f"| {task} | {r['evolved']:.2f} | {r['ported_lora']:.2f} | {e['evolved_fp8']:.2f} | "
                          f"{e['ported_nearest']:.2f} | {e['ported_stochastic']:.2f} | {e['retained_nearest']:.3f} | "
                          f"{e['retained_stochastic']:.3f} |")
+        lines.append("")
+    nv = results.get("nvfp4")
+    if nv:
+        name = nv["release"]
+        lines += [f"{name} also released in NVFP4 (e2m1 codes, an e4m3 scale per 16, a global scale), the LoRA patch "
+                  "ported onto it with the default scale policy, reuse (accuracy; the fraction of the patch that "
+                  "survived, as the port reported it; the weights the patch outgrew, whose global scale could not "
+                  "hold the merged weight, requantized fresh):", "",
+                  f"| task | {name} | {name}+Δ LoRA (port) | {name} NVFP4 | {name} NVFP4+Δ LoRA, nearest | "
+                  f"{name} NVFP4+Δ LoRA, stochastic | retained, nearest | retained, stochastic | requantized fresh |",
+                  "|---" * 9 + "|"]
+        for task, e in nv["tasks"].items():
+            r = results["tasks"][task]["releases"][0]
+            lines.append(f"| {task} | {r['evolved']:.2f} | {r['ported_lora']:.2f} | {e['evolved_nvfp4']:.2f} | "
+                         f"{e['ported_nearest']:.2f} | {e['ported_stochastic']:.2f} | {e['retained_nearest']:.3f} | "
+                         f"{e['retained_stochastic']:.3f} | {e['refreshed'][0]} of {e['refreshed'][1]} |")
         lines.append("")
     c = results["cost"]
     lines += [f"Cost on {rels[0]['name']}: port {c['port']['seconds']:.2f} s, peak memory "
