@@ -19,6 +19,7 @@ _WHERE = {
     "ExactUndoError": "portllm.exact",
     "CompatReport": "portllm.compat", "IncompatiblePatchError": "portllm.compat",
     "check_compatibility": "portllm.compat",
+    "check_portability": "portllm.check", "PortabilityReport": "portllm.check",
     "extract_patch": "portllm.extract",
     "Patch": "portllm.patch", "PatchFormatError": "portllm.patch", "PatchModule": "portllm.patch",
     "port": "portllm.port",

@@ -11,6 +11,7 @@ import sys
 # What each command imports beyond portllm's own dependencies, and the extra that installs it.
 REQUIREMENTS = {
     "demo": ("demo", ("transformers", "peft", "matplotlib")),
+    "check": ("demo", ("transformers",)),
 }
 
 
@@ -69,12 +70,47 @@ def _command_line() -> bool:
     return __name__ == "__main__" or os.path.basename(sys.argv[0]) in ("portllm", "portllm.exe")
 
 
+def _check(args) -> int:
+    from portllm.atomic import write_json
+    from portllm.check import check_portability
+
+    rep = check_portability(args.base, args.model, args.patch, args.prompts, device=args.device,
+                            max_new_tokens=args.max_new_tokens)
+    for line in rep.lines():
+        print(f"portllm check: {line}")
+    if args.json:
+        write_json(args.json, rep.to_dict(), indent=2)
+    return 3 if rep.harm else 0
+
+
+def _check_before_port(args):
+    """``port --check``: the portability check on the prompts first; a predicted harm refused unless --force."""
+    import os
+
+    from portllm.check import check_portability
+    from portllm.patch import Patch
+
+    patch = Patch.load(args.patch)
+    base = args.base or patch.base_model
+    if not base or not os.path.isdir(base):
+        raise ValueError(f"--check needs the patch's base model (θ) as a local directory: pass --base (the patch "
+                         f"names {patch.base_model!r})")
+    rep = check_portability(base, args.model, patch, args.check, device=args.device)
+    for line in rep.lines():
+        print(f"portllm port: check: {line}")
+    if rep.harm and not args.force:
+        raise ValueError(f"the check predicts that the patch harms {args.model} on these prompts (gain "
+                         f"{rep.gain_evolved:+.3f} nats per token); nothing written (--force ports anyway)")
+
+
 def _port(args) -> int:
     from portllm.port import port
 
     # The command line's start-up (the interpreter, torch and portllm's imports: the import above), stated
     # apart from the job; not for a caller of main(argv), whose process started long before.
     startup = _process_seconds() if getattr(args, "command_line", False) else None
+    if args.check:
+        _check_before_port(args)
     res = port(args.model, args.patch, args.out, scale=args.scale, device=args.device, dtype=args.dtype,
                force=args.force, backend=args.backend, progress=not args.quiet,
                log=None if args.quiet else print, base=args.base, rounding=args.rounding, seed=args.seed,
@@ -267,8 +303,27 @@ def main(argv=None) -> int:
                         "(default) or refused")
     p.add_argument("--allow-low-retention", action="store_true",
                    help="MXFP4 / NVFP4: write the port even if less than half of the patch survived requantization")
+    p.add_argument("--check", metavar="PROMPTS", default=None,
+                   help="run the portability check (`portllm check`) on these prompts first (a text file, one per "
+                        "line, or JSONL; no answers); a predicted harm is refused unless --force")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.set_defaults(fn=_port)
+
+    c = command("check", "will the patch help on the evolved model? (from its outputs on your prompts)",
+                "Runs θ, θ+Δ, θ′ and θ′+Δ (the patch unmerged, one model in memory at a time) on your task's\n"
+                "prompts, without answers, and reports a portability score (the share of the patch's effect on\n"
+                "its own base that it keeps on θ′), a predicted harm, and per-module diagnostics. Exit status 3\n"
+                "when it predicts harm.",
+                "portllm check --base Llama-3.1-8B --model Llama-3.1-8B-v2 --patch my-lora --prompts prompts.txt")
+    c.add_argument("--base", required=True, help="the model the patch was trained on (θ); only read")
+    c.add_argument("--model", required=True, help="the evolved model (θ′); only read")
+    c.add_argument("--patch", required=True, help="PEFT LoRA adapter directory, or a patch portllm saved")
+    c.add_argument("--prompts", required=True, help="your task's prompts: a text file (one per line) or JSONL "
+                   "({\"prompt\": ...} per line)")
+    c.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
+    c.add_argument("--max-new-tokens", type=int, default=8, help="tokens of θ+Δ's answers to score (default 8)")
+    c.add_argument("--json", default=None, help="also write the report to this JSON file")
+    c.set_defaults(fn=_check)
 
     e = command("extract", "a low-rank patch from a full fine-tune (truncated SVD of each dW)",
                 "A PEFT-format patch whose modules approximate finetuned - base (rank r, or the smallest\n"
@@ -294,7 +349,7 @@ def main(argv=None) -> int:
     mode.add_argument("--summary", action="store_true", default=None, help="one line per kind of module")
     mode.add_argument("--full", dest="summary", action="store_false", default=None, help="one line per module")
     n.set_defaults(fn=_inspect)
-    for sp in (d, i, p, e, n):
+    for sp in (d, i, p, e, n, c):
         sp.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
     args = ap.parse_args(argv)

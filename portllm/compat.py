@@ -73,7 +73,8 @@ class CompatReport:
                        f"(relative Frobenius norm, estimated), at most {max(self.relative_change.values()):.2%}"
                        + against)
             out.append("how far the weights moved does not tell whether the patch still helps on this model (a "
-                       "small move can undo it, a large one leave it whole): evaluate the ported model on your task")
+                       "small move can undo it, a large one leave it whole): `portllm check` (or port --check) predicts it "
+                       "from the models' outputs on your task's prompts")
         return out
 
     def __str__(self) -> str:

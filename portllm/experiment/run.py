@@ -167,6 +167,8 @@ def _run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
             row["releases"].append(entry)
         results["tasks"][task] = row
 
+    results["check"] = _check_validation(os.path.join(work, "theta"), releases, patches, tok, results, seed, log)
+    results["check"]["port_seconds_median"] = sorted(port_seconds)[len(port_seconds) // 2]
     results["fp8"] = _fp8_release(releases[0], patches, tok, work, seed, log)
     results["nvfp4"] = _nvfp4_release(releases[0], patches, tok, work, seed, log)
 
@@ -182,6 +184,70 @@ def _run(out: str, quick: bool = False, seed: int = 0, log=print) -> dict:
     results["seconds"] = time.perf_counter() - t_start
     write_outputs(results, out)
     return results
+
+
+CHECK_PROMPTS = 64
+
+
+def _spearman(x: list[float], y: list[float]) -> float | None:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    if len(x) < 3:
+        return None
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return num / den if den else None
+
+
+def _check_validation(theta_dir: str, releases: list, patches: dict, tok, results: dict, seed: int, log) -> dict:
+    """``portllm check`` on every (task, release, patch) point, from 64 unlabeled prompts of the task, against
+    what was measured: retention R = (acc(θ′+Δ) − acc(θ′)) / (acc(θ+Δ) − acc(θ)) where the patch gains at
+    least 0.1 on θ, and harm where acc(θ′+Δ) < acc(θ′). The check scores θ+Δ's greedy answers of 8 tokens
+    (its default) and of 1 token (these tasks' answer)."""
+    from portllm.check import check_portability
+
+    log(f"[5/5] (check) the portability check on every point, from {CHECK_PROMPTS} unlabeled prompts per task")
+    points = []
+    for task in data.TASKS:
+        prompts = [p for p, _ in data.task_examples(task, CHECK_PROMPTS, seed + 4242)]
+        row = results["tasks"][task]
+        for k, rel in enumerate(releases):
+            e = row["releases"][k]
+            for method in ("lora", "pmss"):
+                pt = {"task": task, "release": rel["name"], "patch": method}
+                for tokens in (8, 1):
+                    rep = check_portability(theta_dir, rel["path"], patches[task][method][0], prompts, tokenizer=tok,
+                                            max_new_tokens=tokens)
+                    pt[f"score_{tokens}"], pt[f"harm_{tokens}"] = rep.score, rep.harm
+                    pt[f"seconds_{tokens}"] = rep.seconds
+                gain = row[f"theta+{method}"] - row["theta"]
+                pt["retention"] = (e[f"ported_{method}"] - e["evolved"]) / gain if gain >= 0.1 else None
+                pt["harmful"] = e[f"ported_{method}"] < e["evolved"]
+                points.append(pt)
+    out = {"prompts": CHECK_PROMPTS, "points": points}
+    for tokens in (8, 1):
+        both = [p for p in points if p["retention"] is not None and p[f"score_{tokens}"] is not None]
+        tp = sum(p["harmful"] and p[f"harm_{tokens}"] for p in points)
+        pred, actual = sum(p[f"harm_{tokens}"] for p in points), sum(p["harmful"] for p in points)
+        out[f"tokens_{tokens}"] = {
+            "spearman": _spearman([p[f"score_{tokens}"] for p in both], [p["retention"] for p in both]),
+            "points": len(both), "harm_predicted": pred, "harmful": actual, "harm_caught": tp,
+            "precision": tp / pred if pred else None, "recall": tp / actual if actual else None,
+            "seconds_median": sorted(p[f"seconds_{tokens}"] for p in points)[len(points) // 2]}
+    return out
 
 
 def _fp8_release(rel: dict, patches: dict, tok, work: str, seed: int, log) -> dict:
@@ -267,6 +333,25 @@ def table(results) -> str:
     lines += ["", "Gap between θ′ and θ′ re-fine-tuned closed by the port (mean over tasks with a gap): " + "; ".join(
         f"{r['name']} ({r['continued_steps']} steps): LoRA {fmt(g['lora'][k])}, PMSS {fmt(g['pmss'][k])}"
         for k, r in enumerate(rels))]
+    ck = results.get("check")
+    if ck:
+        fmt2 = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        lines += ["", f"The portability check (`portllm check`, before porting, from {ck['prompts']} unlabeled prompts "
+                  "per task) against what was measured (retention where the patch gains at least 0.1 on θ; harmful: "
+                  "θ′+Δ below θ′):", "",
+                  "| task | release | patch | measured retention | harmful | check score (8 tokens) | predicted harm "
+                  "(8) | check score (1 token) | predicted harm (1) |", "|---" * 9 + "|"]
+        yn = lambda b: "yes" if b else "no"  # noqa: E731
+        for p in ck["points"]:
+            lines.append(f"| {p['task']} | {p['release']} | {p['patch']} | {fmt2(p['retention'])} | {yn(p['harmful'])} | "
+                         f"{fmt2(p['score_8'])} | {yn(p['harm_8'])} | {fmt2(p['score_1'])} | {yn(p['harm_1'])} |")
+        lines.append("")
+        for tokens in (8, 1):
+            t = ck[f"tokens_{tokens}"]
+            lines.append(f"Check scoring {tokens} token(s): Spearman ρ with measured retention {fmt2(t['spearman'])} over "
+                         f"{t['points']} points; harm predicted {t['harm_predicted']}, harmful {t['harmful']}, caught "
+                         f"{t['harm_caught']} (precision {fmt2(t['precision'])}, recall {fmt2(t['recall'])}); median "
+                         f"{t['seconds_median']:.2f} s a check against {ck['port_seconds_median']:.2f} s a port.")
     f8 = results.get("fp8")
     if f8:
         name = f8["release"]

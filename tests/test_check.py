@@ -1,0 +1,196 @@
+"""The portability check (``portllm.check``): its figures recomputed here from merged models, prompt by
+prompt (no batching, no padding, no hooks); a release that is its own base scores 1; a release that
+already holds the patch is predicted harmed by it; bad prompts and patches refused in one line; the
+CLI, and ``port --check`` refusing a predicted harm unless forced."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import portllm  # noqa: E402
+from portllm import check  # noqa: E402
+from portllm.experiment import data  # noqa: E402
+from portllm.patch import Patch, PatchModule  # noqa: E402
+
+TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=len(data.VOCAB), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)  # peaked next-token distributions: greedy answers that mean something
+    return m
+
+
+def _patch(model, seed=1, rel=0.5):
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for i in range(2):
+        for t in TARGETS:
+            W = dict(model.named_parameters())[f"model.layers.{i}.{t}.weight"]
+            B, A = torch.randn(W.shape[0], 4, generator=g), torch.randn(4, W.shape[1], generator=g)
+            s = rel * float(W.detach().norm() / (B @ A).norm())
+            mods[f"model.layers.{i}.{t}"] = PatchModule(B, A, s)
+    return Patch(mods)
+
+
+def _save(model, d):
+    model.save_pretrained(d)
+    data.make_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def _merged(model, patch, times=1.0):
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for name, pm in patch.items():
+            params[name + ".weight"] += times * pm.delta()
+    return m
+
+
+TOK = data.make_tokenizer()
+PROMPTS = [p for p, _ in data.task_examples("topic", 6, seed=0)] + [p for p, _ in data.task_examples("arith", 5, 1)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check")
+    base = _model(0)
+    patch = _patch(base)
+    evolved = _model(0)
+    with torch.no_grad():  # θ′: θ moved by 10% of each weight's norm
+        g = torch.Generator().manual_seed(5)
+        for p in evolved.parameters():
+            p += 0.1 * p.norm() / p.numel() ** 0.5 * torch.randn(p.shape, generator=g)
+    pdir = root / "patch"
+    patch.save(str(pdir))
+    return base, evolved, patch, _save(base, root / "base"), _save(evolved, root / "evolved"), str(pdir), root
+
+
+def _direct_lp(model, tok, prompts, targets):
+    """Mean log p per token of the targets, one prompt at a time, no padding."""
+    lp = n = 0
+    with torch.no_grad():
+        for p, t in zip(prompts, targets):
+            ids = tok(p)["input_ids"]
+            x = torch.tensor([ids + t])
+            logp = torch.log_softmax(model(input_ids=x).logits.float()[0], -1)
+            for k, tk in enumerate(t):
+                lp += float(logp[len(ids) - 1 + k, tk])
+                n += 1
+    return lp / n
+
+
+def test_figures_equal_a_direct_computation_on_merged_models(models):
+    base, evolved, patch, bdir, edir, _, _ = models
+    rep = check.check_portability(bdir, edir, patch, PROMPTS, max_new_tokens=4, batch=4)
+    tok = data.make_tokenizer()
+    pb = _merged(base, patch)
+    targets = []
+    with torch.no_grad():  # θ+Δ's greedy answers, unbatched
+        for p in PROMPTS:
+            ids = tok(p)["input_ids"]
+            for _ in range(4):
+                ids = ids + [int(pb(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+            targets.append(ids[-4:])
+    want = {"base": _direct_lp(base, tok, PROMPTS, targets), "base+patch": _direct_lp(pb, tok, PROMPTS, targets),
+            "evolved": _direct_lp(evolved, tok, PROMPTS, targets),
+            "evolved+patch": _direct_lp(_merged(evolved, patch), tok, PROMPTS, targets)}
+    for k, v in want.items():
+        assert rep.logprob[k] == pytest.approx(v, abs=2e-4), k
+    assert rep.tokens == 4 * len(PROMPTS) and rep.agreement["base+patch"] == 1.0
+    g, g2 = want["base+patch"] - want["base"], want["evolved+patch"] - want["evolved"]
+    assert g > 0.05 and rep.score == pytest.approx(g2 / g, rel=1e-3)
+    assert rep.harm == (g2 < 0)
+    assert {m.name for m in rep.modules} == set(patch.modules)
+    for m in rep.modules:
+        assert 0 < m.effect_base and 0 < m.effect_evolved and m.ratio > 0
+
+
+def test_own_base_scores_one_and_a_release_holding_the_patch_is_harmed(models):
+    base, _, patch, _, _, _, _ = models
+    same = check.check_portability(base, copy.deepcopy(base), patch, PROMPTS, tokenizer=TOK)
+    assert same.score == pytest.approx(1.0, abs=1e-6) and not same.harm
+    assert all(m.ratio == pytest.approx(1.0, rel=1e-5) for m in same.modules)
+    held = check.check_portability(base, _merged(base, patch), patch, PROMPTS, tokenizer=TOK)  # the vendor shipped θ+Δ
+    assert held.harm and held.score < 0
+    assert any("predicted harm: with the patch" in ln for ln in held.lines())
+
+
+def test_a_patch_that_does_nothing_has_no_score(models):
+    base, evolved, patch, _, _, _, _ = models
+    tiny = Patch({n: PatchModule(m.B, m.A, m.scale * 1e-9) for n, m in patch.items()})
+    rep = check.check_portability(base, evolved, tiny, PROMPTS, tokenizer=TOK)
+    assert rep.score is None and not rep.harm and "not measurable" in rep.lines()[0]
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"", r"prompts file .*p\.txt: no prompts \(empty\)"),
+    (b"\n  \n", r"no prompts \(empty\)"),
+    (b"abc\0def", r"not a text file"),
+    (b"\xff\xfe bad", r"not UTF-8 text"),
+    (b'{"prompt": "<bos> a"}\n{"answer": "x"}\n', r"line 2: no \"prompt\" string"),
+])
+def test_bad_prompts_files_are_named(models, tmp_path, content, msg):
+    base, evolved, patch, _, _, _, _ = models
+    f = tmp_path / "p.txt"
+    f.write_bytes(content)
+    with pytest.raises(check.PromptsError, match=msg) as e:
+        check.check_portability(base, evolved, patch, str(f), tokenizer=TOK)
+    assert "\n" not in str(e.value)
+
+
+def test_prompts_read_from_text_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("one two\n\nthree\n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "one two", "answer": "x"}\n{"prompt": "three"}\n')
+    assert check.read_prompts(str(tmp_path / "a.txt")) == ["one two", "three"]
+    assert check.read_prompts(str(tmp_path / "b.jsonl")) == ["one two", "three"]
+    with pytest.raises(check.PromptsError, match="missing"):
+        check.read_prompts(str(tmp_path / "missing.txt"))
+
+
+def test_a_patch_that_does_not_fit_is_named(models):
+    base, evolved, patch, _, _, _, _ = models
+    bad = Patch({"model.layers.0.mlp.down_proj": PatchModule(torch.randn(64, 2), torch.randn(2, 96), 1.0)})
+    with pytest.raises(ValueError, match=r"module model\.layers\.0\.mlp\.down_proj: the patch's update is 64x96"):
+        check.check_portability(base, evolved, bad, PROMPTS, tokenizer=TOK)
+    with pytest.raises(ValueError, match=r"module model\.norm: the check applies a patch to Linear modules"):
+        check.check_portability(base, evolved, Patch({"model.norm": PatchModule(torch.randn(64, 1),
+                                                                               torch.randn(1, 64), 1.0)}), PROMPTS,
+                                tokenizer=TOK)
+
+
+def test_cli_check_and_port_check(models, tmp_path, capsys):
+    from portllm.cli import main
+
+    base, _, patch, bdir, edir, pdir, root = models
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    assert main(["check", "--base", bdir, "--model", edir, "--patch", pdir, "--prompts", str(prompts), "--json",
+                 str(tmp_path / "r.json")]) == 0
+    assert "portability score" in capsys.readouterr().out
+    assert "meaning" in json.loads((tmp_path / "r.json").read_text())
+    held = _save(_merged(base, patch), root / "held")  # a release that already holds the patch
+    out = tmp_path / "out"
+    assert main(["check", "--base", bdir, "--model", held, "--patch", pdir, "--prompts", str(prompts)]) == 3
+    capsys.readouterr()
+    assert main(["port", "--model", held, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                 str(prompts)]) != 0
+    err = capsys.readouterr()
+    assert "predicted harm" in err.out + err.err and not out.exists()
+    assert main(["port", "--model", held, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                 str(prompts), "--force"]) == 0
+    assert os.path.isfile(out / "model.safetensors")
+    assert portllm.check_portability is check.check_portability
