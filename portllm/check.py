@@ -12,7 +12,9 @@ ports), while outputs ranked them well. So the check runs θ, θ+Δ, θ′ and �
 4. **portability score** s = g′ / g: the share of its effect on its own base that the patch keeps on
    θ′ (1: all of it; 0: none; below 0: it pushes θ′ away from the fine-tuned answers);
 5. **predicted harm** where g′ < 0: with the patch, θ′ gives the fine-tuned answers less often
-   than θ′ alone (it already did better without it, or the patch now points elsewhere).
+   than θ′ alone (it already did better without it, or the patch now points elsewhere);
+6. with ``calibrate``, the patch scale s in [0, 1.5] whose θ′ + s·Δ agrees best with θ+Δ: the least
+   mean KL(θ+Δ ‖ θ′ + s·Δ) of the next-token distributions at the answer positions.
 
 The patch is applied unmerged (forward hooks adding s·B·A·x on each patched Linear), and one model is
 in memory at a time: θ is loaded, run with and without the patch, and freed before θ′ is loaded. Per
@@ -95,6 +97,8 @@ class PortabilityReport:
     tokens: int
     modules: list[ModuleDiagnostic] = field(default_factory=list)
     seconds: float = 0.0
+    calibration: dict[float, float] | None = None  # patch scale s -> mean KL(θ+Δ ‖ θ′ + s·Δ) per answer token
+    scale: float | None = None  # the calibrated s (``calibrate=True``)
 
     def lines(self) -> list[str]:
         out = []
@@ -113,6 +117,11 @@ class PortabilityReport:
                        f"(gain {self.gain_evolved:+.3f} nats per token); port with --force only if you know better")
         else:
             out.append("predicted harm: no")
+        if self.scale is not None:
+            c = self.calibration
+            out.append(f"calibration: θ′ + {self.scale:g}·Δ agrees best with θ+Δ on these prompts (mean KL per answer "
+                       f"token {c[self.scale]:.4f} nats, against {c[1.0]:.4f} at scale 1 and {c[0.0]:.4f} without the "
+                       "patch; scales tried " + ", ".join(f"{k:g}" for k in c) + ")")
         worst = sorted(self.modules, key=lambda m: m.ratio)[:3]
         if worst:
             out.append("modules whose update fires least on θ′'s activations (‖ΔW·x′‖ / ‖ΔW·x‖): " + ", ".join(
@@ -120,7 +129,8 @@ class PortabilityReport:
         return out
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "modules"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("modules", "calibration")}
+        d["calibration"] = None if self.calibration is None else {str(k): v for k, v in self.calibration.items()}
         d["modules"] = [m.__dict__ for m in self.modules]
         d["meaning"] = ("score = (lp(θ′+Δ) − lp(θ′)) / (lp(θ+Δ) − lp(θ)), lp the mean log-probability per token "
                         "of θ+Δ's greedy answers to the prompts; harm predicted where lp(θ′+Δ) < lp(θ′)")
@@ -171,7 +181,7 @@ class _Hooks:
     def __init__(self, mods: dict, patch: Patch, device):
         self.factors = {n: (patch[n].A.float().to(device), (patch[n].B.float() * patch[n].scale).to(device))
                         for n in mods}
-        self.add, self.measure, self.mask = False, False, None
+        self.add, self.measure, self.mask, self.scale = False, False, None, 1.0
         self.sums = {n: [0.0, 0.0] for n in mods}
         self.handles = [mod.register_forward_hook(self._hook(n)) for n, mod in mods.items()]
 
@@ -185,7 +195,7 @@ class _Hooks:
                 keep = self.mask[..., None].to(u.dtype)
                 self.sums[name][0] += float(((u * keep).norm(dim=-1)).sum())
                 self.sums[name][1] += float(((out.float() * keep).norm(dim=-1)).sum())
-            return (out.float() + u).to(out.dtype) if self.add else None
+            return (out.float() + self.scale * u).to(out.dtype) if self.add else None
         return hook
 
     def remove(self):
@@ -226,11 +236,13 @@ def _greedy(model, prompts: list[list[int]], steps: int, device, batch) -> list[
 
 
 @torch.no_grad()
-def _score(model, prompts, targets, device, batch, hooks=None):
-    """(Σ log p(y*), Σ greedy hits, tokens) over the targets, teacher-forced; the hooks' mask set to the
-    real tokens of each batch."""
+def _score(model, prompts, targets, device, batch, hooks=None, keep=None, ref=None):
+    """(Σ log p(y*), Σ greedy hits, tokens, Σ KL(ref ‖ model)) over the targets, teacher-forced; the hooks'
+    mask set to the real tokens of each batch. ``keep``: a list that receives each prompt's log-probs at
+    the target positions ([k, V]); ``ref``: such a list, to sum KL against."""
     seqs = [p + t for p, t in zip(prompts, targets)]
     lp = hits = n = 0
+    kl = 0.0
     for i in range(0, len(seqs), batch):
         ids, mask, pos = _batch(seqs[i:i + batch], device)
         if hooks is not None:
@@ -246,16 +258,27 @@ def _score(model, prompts, targets, device, batch, hooks=None):
             tgt = ids[j, L - k:]
             lp += float(logp[j, rows, tgt].sum())
             hits += int((logits[j, rows].argmax(-1) == tgt).sum())
+            if keep is not None:
+                keep.append(logp[j, rows].cpu())
+            if ref is not None:
+                r = ref[i + j].to(logp.device)
+                kl += float((r.exp() * (r - logp[j, rows])).sum())
             n += k
-    return lp, hits, n
+    return lp, hits, n, kl
+
+
+CALIBRATION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=None, dtype=None,
-                      max_new_tokens: int = 8, batch: int = 16, log=None) -> PortabilityReport:
+                      max_new_tokens: int = 8, batch: int = 16, calibrate: bool = False, log=None) -> PortabilityReport:
     """The portability check (module docstring). ``base`` (θ, the patch's base) and ``evolved`` (θ′):
     checkpoint directories (loaded one at a time) or loaded causal LMs; ``patch``: a Patch or a path;
     ``prompts``: a list of strings or a path to a text/JSONL file (``read_prompts``); ``tokenizer``: by
-    default the evolved model's (else the base's), from its directory."""
+    default the evolved model's (else the base's), from its directory. ``calibrate``: also the patch
+    scale s in ``CALIBRATION_GRID`` that makes θ′ + s·Δ agree best with θ+Δ: the least mean KL(θ+Δ ‖
+    θ′ + s·Δ) over the answer tokens' next-token distributions (a tie goes to the s nearest 1). It holds
+    θ+Δ's distributions at those positions: tokens × vocabulary × 4 bytes."""
     t0 = time.perf_counter()
     if not isinstance(patch, Patch):
         patch = Patch.load(os.fspath(patch))
@@ -276,6 +299,8 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
     stats: dict[str, tuple] = {}
     act: dict[str, dict] = {}
     targets = None
+    kls: dict[float, float] = {}
+    reference = None
     for which, src in (("base", base), ("evolved", evolved)):
         model = _load(src, device, dtype)
         hooks = _Hooks(_modules(model, patch), patch, device)
@@ -289,7 +314,15 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
             hooks.measure = False
             act[which] = dict(hooks.sums)
             hooks.add = True
-            stats[which + "+patch"] = _score(model, ids, targets, device, batch, hooks)
+            ref = [] if calibrate and which == "base" else None
+            stats[which + "+patch"] = _score(model, ids, targets, device, batch, hooks, keep=ref)
+            if ref is not None:
+                reference = ref
+            if calibrate and which == "evolved":
+                for sc in CALIBRATION_GRID:
+                    hooks.add, hooks.scale = sc != 0.0, sc
+                    kls[sc] = _score(model, ids, targets, device, batch, hooks, ref=reference)[3]
+                hooks.scale = 1.0
         finally:
             hooks.remove()
         if log:
@@ -300,10 +333,15 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
     agree = {k: v[1] / max(1, v[2]) for k, v in stats.items()}
     g, g2 = lp["base+patch"] - lp["base"], lp["evolved+patch"] - lp["evolved"]
     score = g2 / g if g > MIN_GAIN else None
+    calib = chosen = None
+    if calibrate:
+        ntok = max(1, stats["base"][2])
+        calib = {sc: kl / ntok for sc, kl in kls.items()}
+        chosen = min(calib, key=lambda sc: (calib[sc], abs(sc - 1)))
     mods = []
     for name in act["base"]:
         (ub, wb), (ue, we) = act["base"][name], act["evolved"][name]
         mods.append(ModuleDiagnostic(name, ub / wb if wb else math.nan, ue / we if we else math.nan,
                                      ue / ub if ub else math.nan))
     return PortabilityReport(score, score is not None and g2 < HARM_BELOW, g, g2, lp, agree, len(prompts),
-                             stats["base"][2], mods, time.perf_counter() - t0)
+                             stats["base"][2], mods, time.perf_counter() - t0, calib, chosen)

@@ -75,7 +75,7 @@ def _check(args) -> int:
     from portllm.check import check_portability
 
     rep = check_portability(args.base, args.model, args.patch, args.prompts, device=args.device,
-                            max_new_tokens=args.max_new_tokens)
+                            max_new_tokens=args.max_new_tokens, calibrate=args.calibrate)
     for line in rep.lines():
         print(f"portllm check: {line}")
     if args.json:
@@ -83,8 +83,10 @@ def _check(args) -> int:
     return 3 if rep.harm else 0
 
 
-def _check_before_port(args):
-    """``port --check``: the portability check on the prompts first; a predicted harm refused unless --force."""
+def _check_before_port(args) -> float:
+    """``port --check``: the portability check on the prompts first; a predicted harm refused unless --force
+    (with --calibrate: the patch scale it chose, and no refusal: the scale is the remedy). Returns the
+    factor for the patch's scale."""
     import os
 
     from portllm.check import check_portability
@@ -95,12 +97,17 @@ def _check_before_port(args):
     if not base or not os.path.isdir(base):
         raise ValueError(f"--check needs the patch's base model (θ) as a local directory: pass --base (the patch "
                          f"names {patch.base_model!r})")
-    rep = check_portability(base, args.model, patch, args.check, device=args.device)
+    rep = check_portability(base, args.model, patch, args.check, device=args.device, calibrate=args.calibrate)
     for line in rep.lines():
         print(f"portllm port: check: {line}")
+    if args.calibrate:
+        print(f"portllm port: porting at patch scale {rep.scale:g} (calibrated)"
+              + (": the output is the model unchanged" if rep.scale == 0 else ""))
+        return rep.scale
     if rep.harm and not args.force:
         raise ValueError(f"the check predicts that the patch harms {args.model} on these prompts (gain "
                          f"{rep.gain_evolved:+.3f} nats per token); nothing written (--force ports anyway)")
+    return 1.0
 
 
 def _port(args) -> int:
@@ -109,9 +116,10 @@ def _port(args) -> int:
     # The command line's start-up (the interpreter, torch and portllm's imports: the import above), stated
     # apart from the job; not for a caller of main(argv), whose process started long before.
     startup = _process_seconds() if getattr(args, "command_line", False) else None
-    if args.check:
-        _check_before_port(args)
-    res = port(args.model, args.patch, args.out, scale=args.scale, device=args.device, dtype=args.dtype,
+    if args.calibrate and not args.check:
+        raise ValueError("--calibrate needs --check PROMPTS: the scale is chosen on your task's prompts")
+    scale = args.scale * (_check_before_port(args) if args.check else 1.0)
+    res = port(args.model, args.patch, args.out, scale=scale, device=args.device, dtype=args.dtype,
                force=args.force, backend=args.backend, progress=not args.quiet,
                log=None if args.quiet else print, base=args.base, rounding=args.rounding, seed=args.seed,
                fp4_scales=args.fp4_scales, fp4_clip=args.fp4_clip, allow_low_retention=args.allow_low_retention)
@@ -306,6 +314,9 @@ def main(argv=None) -> int:
     p.add_argument("--check", metavar="PROMPTS", default=None,
                    help="run the portability check (`portllm check`) on these prompts first (a text file, one per "
                         "line, or JSONL; no answers); a predicted harm is refused unless --force")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --check: port at the patch scale in [0, 1.5] that agrees best with the patch on its "
+                        "own base (the check's calibration), times --scale")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.set_defaults(fn=_port)
 
@@ -323,6 +334,8 @@ def main(argv=None) -> int:
     c.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     c.add_argument("--max-new-tokens", type=int, default=8, help="tokens of θ+Δ's answers to score (default 8)")
     c.add_argument("--json", default=None, help="also write the report to this JSON file")
+    c.add_argument("--calibrate", action="store_true",
+                   help="also the patch scale in [0, 1.5] with which θ′ + s·Δ agrees best with θ+Δ")
     c.set_defaults(fn=_check)
 
     e = command("extract", "a low-rank patch from a full fine-tune (truncated SVD of each dW)",

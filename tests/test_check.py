@@ -194,3 +194,36 @@ def test_cli_check_and_port_check(models, tmp_path, capsys):
                  str(prompts), "--force"]) == 0
     assert os.path.isfile(out / "model.safetensors")
     assert portllm.check_portability is check.check_portability
+
+
+@pytest.mark.parametrize("held,want", [(0.0, 1.0), (1.0, 0.0), (0.5, 0.5)])
+def test_calibration_finds_the_scale_the_release_is_missing(models, held, want):
+    """θ′ = θ + held·Δ: θ′ + s·Δ equals θ+Δ at s = 1 − held, where the KL is zero."""
+    base, _, patch, _, _, _, _ = models
+    rep = check.check_portability(base, _merged(base, patch, held), patch, PROMPTS, tokenizer=TOK, calibrate=True)
+    assert rep.scale == want and set(rep.calibration) == set(check.CALIBRATION_GRID)
+    assert rep.calibration[want] == pytest.approx(0.0, abs=1e-5)
+    assert all(v > 1e-4 for k, v in rep.calibration.items() if k != want)
+    assert any(ln.startswith(f"calibration: θ′ + {want:g}·Δ agrees best") for ln in rep.lines())
+
+
+def test_port_check_calibrate_ports_at_the_chosen_scale(models, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from portllm.cli import main
+
+    base, _, patch, bdir, _, pdir, root = models
+    half = _save(_merged(base, patch, 0.5), root / "half")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "out"
+    assert main(["port", "--model", half, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                 str(prompts), "--calibrate"]) == 0
+    assert "porting at patch scale 0.5" in capsys.readouterr().out
+    got = load_file(str(out / "model.safetensors"))
+    want = load_file(os.path.join(half, "model.safetensors"))
+    k = "model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(got[k + ".weight"].double(), want[k + ".weight"].double()
+                               + 0.5 * patch[k].delta().double(), rtol=0, atol=1e-6)
+    assert main(["port", "--model", half, "--patch", pdir, "--out", str(tmp_path / "o2"), "--calibrate"]) != 0
+    assert "--calibrate needs --check" in capsys.readouterr().err

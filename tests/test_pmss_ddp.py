@@ -38,6 +38,7 @@ def _worker(rank, world, port, out_dir):
         ddp(input_ids=tokens, labels=tokens).loss.backward()
         grads = {n: p.grad for n, p in ddp.module.named_parameters() if p.requires_grad}
         torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (one aborted once: "terminate called")
     finally:
         dist.destroy_process_group()
 

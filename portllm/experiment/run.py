@@ -212,6 +212,11 @@ def _spearman(x: list[float], y: list[float]) -> float | None:
     return num / den if den else None
 
 
+def _evolved_acc(results: dict, p: dict) -> float:
+    k = int(p["release"].removeprefix("θ′")) - 1
+    return results["tasks"][p["task"]]["releases"][k]["evolved"]
+
+
 def _check_validation(theta_dir: str, releases: list, patches: dict, tok, results: dict, seed: int, log) -> dict:
     """``portllm check`` on every (task, release, patch) point, from 64 unlabeled prompts of the task, against
     what was measured: retention R = (acc(θ′+Δ) − acc(θ′)) / (acc(θ+Δ) − acc(θ)) where the patch gains at
@@ -230,14 +235,28 @@ def _check_validation(theta_dir: str, releases: list, patches: dict, tok, result
                 pt = {"task": task, "release": rel["name"], "patch": method}
                 for tokens in (8, 1):
                     rep = check_portability(theta_dir, rel["path"], patches[task][method][0], prompts, tokenizer=tok,
-                                            max_new_tokens=tokens)
+                                            max_new_tokens=tokens, calibrate=tokens == 1)
                     pt[f"score_{tokens}"], pt[f"harm_{tokens}"] = rep.score, rep.harm
                     pt[f"seconds_{tokens}"] = rep.seconds
                 gain = row[f"theta+{method}"] - row["theta"]
                 pt["retention"] = (e[f"ported_{method}"] - e["evolved"]) / gain if gain >= 0.1 else None
                 pt["harmful"] = e[f"ported_{method}"] < e["evolved"]
+                # calibrated (1-token check): ported at the chosen scale
+                d = os.path.join(os.path.dirname(theta_dir), f"calibrated-{method}-{task}-{k + 1}")
+                port(rel["path"], patches[task][method][0], d, scale=rep.scale, device="cpu", force=True,
+                     progress=False, log=None)
+                pt["scale"] = rep.scale
+                pt["calibrated"] = train.accuracy_batched(_load(d), tok, task)
+                pt["retention_calibrated"] = (pt["calibrated"] - e["evolved"]) / gain if gain >= 0.1 else None
                 points.append(pt)
     out = {"prompts": CHECK_PROMPTS, "points": points}
+    harmful = [p for p in points if p["harmful"]]
+    fine = [p for p in points if not p["harmful"] and p["retention"] is not None]
+    out["calibration"] = {
+        "harmful": len(harmful), "fixed": sum(p["calibrated"] >= _evolved_acc(results, p) for p in harmful),
+        "others": len(fine),
+        "others_retention": sum(p["retention"] for p in fine) / len(fine) if fine else None,
+        "others_retention_calibrated": sum(p["retention_calibrated"] for p in fine) / len(fine) if fine else None}
     for tokens in (8, 1):
         both = [p for p in points if p["retention"] is not None and p[f"score_{tokens}"] is not None]
         tp = sum(p["harmful"] and p[f"harm_{tokens}"] for p in points)
@@ -340,11 +359,13 @@ def table(results) -> str:
                   "per task) against what was measured (retention where the patch gains at least 0.1 on θ; harmful: "
                   "θ′+Δ below θ′):", "",
                   "| task | release | patch | measured retention | harmful | check score (8 tokens) | predicted harm "
-                  "(8) | check score (1 token) | predicted harm (1) |", "|---" * 9 + "|"]
+                  "(8) | check score (1 token) | predicted harm (1) | calibrated scale | retention, calibrated |",
+                  "|---" * 11 + "|"]
         yn = lambda b: "yes" if b else "no"  # noqa: E731
         for p in ck["points"]:
             lines.append(f"| {p['task']} | {p['release']} | {p['patch']} | {fmt2(p['retention'])} | {yn(p['harmful'])} | "
-                         f"{fmt2(p['score_8'])} | {yn(p['harm_8'])} | {fmt2(p['score_1'])} | {yn(p['harm_1'])} |")
+                         f"{fmt2(p['score_8'])} | {yn(p['harm_8'])} | {fmt2(p['score_1'])} | {yn(p['harm_1'])} | "
+                         f"{p['scale']:g} | {fmt2(p['retention_calibrated'])} |")
         lines.append("")
         for tokens in (8, 1):
             t = ck[f"tokens_{tokens}"]
@@ -352,6 +373,10 @@ def table(results) -> str:
                          f"{t['points']} points; harm predicted {t['harm_predicted']}, harmful {t['harmful']}, caught "
                          f"{t['harm_caught']} (precision {fmt2(t['precision'])}, recall {fmt2(t['recall'])}); median "
                          f"{t['seconds_median']:.2f} s a check against {ck['port_seconds_median']:.2f} s a port.")
+        cal = ck["calibration"]
+        lines.append(f"Calibration (1-token check, `--calibrate`): {cal['fixed']} of {cal['harmful']} harmful ports no "
+                     f"longer harmful; the other {cal['others']} ports' mean retention {fmt2(cal['others_retention'])} at "
+                     f"scale 1, {fmt2(cal['others_retention_calibrated'])} calibrated.")
     f8 = results.get("fp8")
     if f8:
         name = f8["release"]
