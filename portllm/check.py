@@ -99,6 +99,8 @@ class PortabilityReport:
     seconds: float = 0.0
     calibration: dict[float, float] | None = None  # patch scale s -> mean KL(θ+Δ ‖ θ′ + s·Δ) per answer token
     scale: float | None = None  # the calibrated s (``calibrate=True``)
+    patch_scale: float = 1.0  # the scale θ′ + s·Δ was judged at (``port --scale``)
+    calibrated_score: float | None = None  # the portability score at the calibrated scale
 
     def lines(self) -> list[str]:
         out = []
@@ -106,7 +108,8 @@ class PortabilityReport:
             out.append(f"portability: not measurable: the patch barely changes its own base's answers to these "
                        f"{self.prompts} prompts (gain {self.gain_base:+.4f} nats per token)")
         else:
-            out.append(f"portability score {self.score:.2f}: on θ′ the patch keeps {self.score:.0%} of its effect on "
+            at = f" at scale {self.patch_scale:g}" if self.patch_scale != 1.0 else ""
+            out.append(f"portability score {self.score:.2f}: on θ′ the patch{at} keeps {self.score:.0%} of its effect on "
                        f"its own base (it makes θ+Δ's greedy answers to the {self.prompts} prompts "
                        f"{self.gain_base:+.3f} nats per token more likely on θ, {self.gain_evolved:+.3f} on θ′)")
         a = self.agreement
@@ -114,7 +117,7 @@ class PortabilityReport:
                    f"θ′+Δ {a['evolved+patch']:.0%}")
         if self.harm:
             out.append("predicted harm: with the patch, θ′ gives the fine-tuned answers less often than θ′ alone "
-                       f"(gain {self.gain_evolved:+.3f} nats per token); port with --force only if you know better")
+                       f"(gain {self.gain_evolved:+.3f} nats per token); port with --ignore-harm only if you know better")
         else:
             out.append("predicted harm: no")
         if self.scale is not None:
@@ -122,6 +125,9 @@ class PortabilityReport:
             out.append(f"calibration: θ′ + {self.scale:g}·Δ agrees best with θ+Δ on these prompts (mean KL per answer "
                        f"token {c[self.scale]:.4f} nats, against {c[1.0]:.4f} at scale 1 and {c[0.0]:.4f} without the "
                        "patch; scales tried " + ", ".join(f"{k:g}" for k in c) + ")")
+            if self.calibrated_score is not None and self.score is not None:
+                out.append(f"portability score at scale {self.scale:g}: {self.calibrated_score:.2f} (at scale "
+                           f"{self.patch_scale:g}: {self.score:.2f})")
         worst = sorted(self.modules, key=lambda m: m.ratio)[:3]
         if worst:
             out.append("modules whose update fires least on θ′'s activations (‖ΔW·x′‖ / ‖ΔW·x‖): " + ", ".join(
@@ -151,12 +157,59 @@ def _tokenizer(*dirs):
                      "(pass tokenizer=)")
 
 
+def _quantized_loading(path: str):
+    """The quantization_config argument that makes transformers load a quantized checkpoint's weights
+    dequantized (the check runs them in a plain dtype on any device), or None for a plain checkpoint."""
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            q = json.load(f).get("quantization_config")
+    except (OSError, ValueError):
+        return None
+    method = q.get("quant_method") if isinstance(q, dict) else None
+    if method is None:
+        return None
+    import transformers
+
+    cls = {"compressed-tensors": "CompressedTensorsConfig", "fp8": "FineGrainedFP8Config",
+           "mxfp4": "Mxfp4Config"}.get(method)
+    if cls is None or not hasattr(transformers, cls):
+        raise ValueError(f"{path}: quantization method {method!r} (config.json): the check loads quantized "
+                         "checkpoints dequantized, and knows how for compressed-tensors, fp8 and mxfp4 only")
+    return getattr(transformers, cls)(dequantize=True)
+
+
 def _load(model, device, dtype):
     if isinstance(model, torch.nn.Module):
         return model
     from transformers import AutoModelForCausalLM
 
+    kw = {}
+    q = _quantized_loading(os.fspath(model))
+    if q is not None:
+        import warnings
+
+        kw["quantization_config"] = q
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32, **kw)
+        return m.to(device=device, dtype=dtype or torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32).to(device).eval()
+
+
+def _device_of(models, device):
+    """The device the check runs on: ``device``, else that of a loaded model given, else the CPU. A loaded
+    model on another device is refused (the check does not move the caller's model)."""
+    loaded = {str(next(m.parameters()).device) for m in models
+              if isinstance(m, torch.nn.Module) and any(True for _ in m.parameters())}
+    if device is None:
+        if len(loaded) > 1:
+            raise ValueError(f"the models given are on different devices ({', '.join(sorted(loaded))})")
+        return torch.device(loaded.pop() if loaded else "cpu")
+    device = torch.device(device)
+    for d in loaded:
+        if torch.device(d) != device and not (device.type == torch.device(d).type and device.index is None):
+            raise ValueError(f"a model given is on {d}, the check runs on {device}: move it, or pass device={d!r}")
+    return device
 
 
 def _modules(model, patch: Patch) -> dict:
@@ -192,11 +245,27 @@ class _Hooks:
             A, B = self.factors[name]
             u = (args[0].float() @ A.T) @ B.T
             if self.measure:
-                keep = self.mask[..., None].to(u.dtype)
-                self.sums[name][0] += float(((u * keep).norm(dim=-1)).sum())
-                self.sums[name][1] += float(((out.float() * keep).norm(dim=-1)).sum())
+                keep = self._keep(u)
+                un, wn = u.norm(dim=-1), out.float().norm(dim=-1)
+                if keep is not None:
+                    un, wn = un * keep, wn * keep
+                self.sums[name][0] += float(un.sum())
+                self.sums[name][1] += float(wn.sum())
             return (out.float() + self.scale * u).to(out.dtype) if self.add else None
         return hook
+
+    def _keep(self, u):
+        """The real-token mask shaped like u's rows: [b, L] inputs, or the [b·L] rows of a module that
+        flattens its input (a shared expert); None (every row) for a module that sees a subset of the
+        tokens (a routed expert), where padding cannot be told apart."""
+        m = self.mask
+        if m is None:
+            return None
+        if tuple(u.shape[:-1]) == tuple(m.shape):
+            return m.to(u.dtype)
+        if u.dim() == 2 and u.shape[0] == m.numel():
+            return m.reshape(-1).to(u.dtype)
+        return None
 
     def remove(self):
         for h in self.handles:
@@ -215,13 +284,18 @@ def _batch(seqs: list[list[int]], device):
     return ids.to(device), mask.to(device), pos.to(device)
 
 
-@torch.no_grad()
-def _logits(model, seqs, device, batch):
-    out = []
-    for i in range(0, len(seqs), batch):
-        ids, mask, pos = _batch(seqs[i:i + batch], device)
-        out.append((model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float(), mask))
-    return out
+def _forward(model, ids, mask, pos, keep: int):
+    """Logits of the last ``keep`` positions only (``logits_to_keep``, where the model takes it: the
+    vocabulary projection and its [b, L, V] output are the largest cost of a short prompt)."""
+    import inspect
+
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    kw = {"logits_to_keep": keep} if takes else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw).logits
+    return logits[:, -keep:]
 
 
 @torch.no_grad()
@@ -229,8 +303,9 @@ def _greedy(model, prompts: list[list[int]], steps: int, device, batch) -> list[
     seqs = [list(p) for p in prompts]
     for _ in range(steps):
         nxt = []
-        for logits, _ in _logits(model, seqs, device, batch):
-            nxt += logits[:, -1].argmax(-1).tolist()
+        for i in range(0, len(seqs), batch):
+            ids, mask, pos = _batch(seqs[i:i + batch], device)
+            nxt += _forward(model, ids, mask, pos, 1)[:, -1].argmax(-1).tolist()
         seqs = [s + [t] for s, t in zip(seqs, nxt)]
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
@@ -247,15 +322,19 @@ def _score(model, prompts, targets, device, batch, hooks=None, keep=None, ref=No
         ids, mask, pos = _batch(seqs[i:i + batch], device)
         if hooks is not None:
             hooks.mask = mask
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+        kmax = max(len(t) for t in targets[i:i + batch])
+        if not kmax:
+            continue
+        # the positions predicting y*: the last kmax + 1 (left padding puts every answer at the end)
+        logits = _forward(model, ids, mask, pos, kmax + 1).float()
         logp = torch.log_softmax(logits, -1)
-        L = ids.shape[1]
+        L = logits.shape[1]
         for j, t in enumerate(targets[i:i + batch]):
             k = len(t)
             if not k:
                 continue
-            rows = torch.arange(L - k - 1, L - 1, device=ids.device)  # the positions predicting y*
-            tgt = ids[j, L - k:]
+            rows = torch.arange(L - k - 1, L - 1, device=ids.device)
+            tgt = ids[j, ids.shape[1] - k:]
             lp += float(logp[j, rows, tgt].sum())
             hits += int((logits[j, rows].argmax(-1) == tgt).sum())
             if keep is not None:
@@ -271,14 +350,18 @@ CALIBRATION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
 
 def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=None, dtype=None,
-                      max_new_tokens: int = 8, batch: int = 16, calibrate: bool = False, log=None) -> PortabilityReport:
+                      max_new_tokens: int = 8, batch: int = 16, calibrate: bool = False, scale: float = 1.0,
+                      log=None) -> PortabilityReport:
     """The portability check (module docstring). ``base`` (θ, the patch's base) and ``evolved`` (θ′):
     checkpoint directories (loaded one at a time) or loaded causal LMs; ``patch``: a Patch or a path;
     ``prompts``: a list of strings or a path to a text/JSONL file (``read_prompts``); ``tokenizer``: by
     default the evolved model's (else the base's), from its directory. ``calibrate``: also the patch
     scale s in ``CALIBRATION_GRID`` that makes θ′ + s·Δ agree best with θ+Δ: the least mean KL(θ+Δ ‖
     θ′ + s·Δ) over the answer tokens' next-token distributions (a tie goes to the s nearest 1). It holds
-    θ+Δ's distributions at those positions: tokens × vocabulary × 4 bytes."""
+    θ+Δ's distributions at those positions: tokens × vocabulary × 4 bytes. ``scale``: the patch scale a
+    port would write (``port --scale``): θ′ + scale·Δ is what is judged against θ′ (θ+Δ, the fine-tune,
+    is always at scale 1). ``device``: by default that of a loaded model given, else the CPU; a loaded
+    model is run in eval mode and its mode put back."""
     t0 = time.perf_counter()
     if not isinstance(patch, Patch):
         patch = Patch.load(os.fspath(patch))
@@ -291,7 +374,13 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
         raise ValueError("the check applies patches to Linear modules; this patch holds expert (3-D) parameters")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    device = torch.device(device or "cpu")
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    device = _device_of((base, evolved), device)
+    if isinstance(dtype, str):
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype {dtype!r}: the check runs in bfloat16, float16 or float32")
+        dtype = getattr(torch, dtype)
     tok = tokenizer if tokenizer is not None else _tokenizer(evolved, base)
     ids = [tok(p)["input_ids"] for p in prompts]
     if any(not x for x in ids):
@@ -303,6 +392,8 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
     reference = None
     for which, src in (("base", base), ("evolved", evolved)):
         model = _load(src, device, dtype)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
         hooks = _Hooks(_modules(model, patch), patch, device)
         try:
             if targets is None:  # θ+Δ's own answers
@@ -313,7 +404,7 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
             stats[which] = _score(model, ids, targets, device, batch, hooks)
             hooks.measure = False
             act[which] = dict(hooks.sums)
-            hooks.add = True
+            hooks.add, hooks.scale = True, (scale if which == "evolved" else 1.0)
             ref = [] if calibrate and which == "base" else None
             stats[which + "+patch"] = _score(model, ids, targets, device, batch, hooks, keep=ref)
             if ref is not None:
@@ -321,10 +412,12 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
             if calibrate and which == "evolved":
                 for sc in CALIBRATION_GRID:
                     hooks.add, hooks.scale = sc != 0.0, sc
-                    kls[sc] = _score(model, ids, targets, device, batch, hooks, ref=reference)[3]
+                    kls[sc] = _score(model, ids, targets, device, batch, hooks, ref=reference)
                 hooks.scale = 1.0
         finally:
             hooks.remove()
+            for m, mode in modes:
+                m.train(mode)
         if log:
             log(f"portllm check: {which} done")
         if not isinstance(src, torch.nn.Module):
@@ -333,15 +426,17 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
     agree = {k: v[1] / max(1, v[2]) for k, v in stats.items()}
     g, g2 = lp["base+patch"] - lp["base"], lp["evolved+patch"] - lp["evolved"]
     score = g2 / g if g > MIN_GAIN else None
-    calib = chosen = None
+    calib = chosen = cscore = None
     if calibrate:
         ntok = max(1, stats["base"][2])
-        calib = {sc: kl / ntok for sc, kl in kls.items()}
+        calib = {sc: r[3] / ntok for sc, r in kls.items()}
         chosen = min(calib, key=lambda sc: (calib[sc], abs(sc - 1)))
+        if g > MIN_GAIN:
+            cscore = (kls[chosen][0] / ntok - lp["evolved"]) / g
     mods = []
     for name in act["base"]:
         (ub, wb), (ue, we) = act["base"][name], act["evolved"][name]
         mods.append(ModuleDiagnostic(name, ub / wb if wb else math.nan, ue / we if we else math.nan,
                                      ue / ub if ub else math.nan))
     return PortabilityReport(score, score is not None and g2 < HARM_BELOW, g, g2, lp, agree, len(prompts),
-                             stats["base"][2], mods, time.perf_counter() - t0, calib, chosen)
+                             stats["base"][2], mods, time.perf_counter() - t0, calib, chosen, float(scale), cscore)

@@ -71,11 +71,15 @@ def _command_line() -> bool:
 
 
 def _check(args) -> int:
-    from portllm.atomic import write_json
+    from portllm.atomic import check_disjoint, write_json
     from portllm.check import check_portability
 
+    if args.json:  # before the work, not after it
+        check_disjoint(args.json, {"--base": args.base, "--model": args.model, "--patch": args.patch,
+                                   "--prompts": args.prompts})
     rep = check_portability(args.base, args.model, args.patch, args.prompts, device=args.device,
-                            max_new_tokens=args.max_new_tokens, calibrate=args.calibrate)
+                            dtype=args.dtype, max_new_tokens=args.max_new_tokens, calibrate=args.calibrate,
+                            scale=args.scale)
     for line in rep.lines():
         print(f"portllm check: {line}")
     if args.json:
@@ -84,9 +88,10 @@ def _check(args) -> int:
 
 
 def _check_before_port(args) -> float:
-    """``port --check``: the portability check on the prompts first; a predicted harm refused unless --force
-    (with --calibrate: the patch scale it chose, and no refusal: the scale is the remedy). Returns the
-    factor for the patch's scale."""
+    """``port --check``: the portability check on the prompts, after every check the port makes before it
+    writes (a dry run) and before the port; a predicted harm at the scale the port will write is refused
+    unless --ignore-harm (with --calibrate: the patch scale it chose, and no refusal: the scale is the
+    remedy). Returns the patch scale to port at."""
     import os
 
     from portllm.check import check_portability
@@ -97,17 +102,18 @@ def _check_before_port(args) -> float:
     if not base or not os.path.isdir(base):
         raise ValueError(f"--check needs the patch's base model (θ) as a local directory: pass --base (the patch "
                          f"names {patch.base_model!r})")
-    rep = check_portability(base, args.model, patch, args.check, device=args.device, calibrate=args.calibrate)
+    rep = check_portability(base, args.model, patch, args.check, device=args.device, calibrate=args.calibrate,
+                            dtype=args.dtype, scale=args.scale)
     for line in rep.lines():
         print(f"portllm port: check: {line}")
     if args.calibrate:
         print(f"portllm port: porting at patch scale {rep.scale:g} (calibrated)"
               + (": the output is the model unchanged" if rep.scale == 0 else ""))
         return rep.scale
-    if rep.harm and not args.force:
+    if rep.harm and not args.ignore_harm:
         raise ValueError(f"the check predicts that the patch harms {args.model} on these prompts (gain "
-                         f"{rep.gain_evolved:+.3f} nats per token); nothing written (--force ports anyway)")
-    return 1.0
+                         f"{rep.gain_evolved:+.3f} nats per token); nothing written (--ignore-harm ports anyway)")
+    return args.scale
 
 
 def _port(args) -> int:
@@ -116,13 +122,20 @@ def _port(args) -> int:
     # The command line's start-up (the interpreter, torch and portllm's imports: the import above), stated
     # apart from the job; not for a caller of main(argv), whose process started long before.
     startup = _process_seconds() if getattr(args, "command_line", False) else None
-    if args.calibrate and not args.check:
-        raise ValueError("--calibrate needs --check PROMPTS: the scale is chosen on your task's prompts")
-    scale = args.scale * (_check_before_port(args) if args.check else 1.0)
-    res = port(args.model, args.patch, args.out, scale=scale, device=args.device, dtype=args.dtype,
-               force=args.force, backend=args.backend, progress=not args.quiet,
-               log=None if args.quiet else print, base=args.base, rounding=args.rounding, seed=args.seed,
-               fp4_scales=args.fp4_scales, fp4_clip=args.fp4_clip, allow_low_retention=args.allow_low_retention)
+    if (args.calibrate or args.ignore_harm) and not args.check:
+        raise ValueError(f"{'--calibrate' if args.calibrate else '--ignore-harm'} needs --check PROMPTS (the "
+                         "portability check on your task's prompts)")
+    if args.calibrate and args.scale != 1.0:
+        raise ValueError("--calibrate chooses the patch scale; leave out --scale")
+    kw = dict(device=args.device, dtype=args.dtype, force=args.force, backend=args.backend, base=args.base,
+              rounding=args.rounding, seed=args.seed, fp4_scales=args.fp4_scales, fp4_clip=args.fp4_clip,
+              allow_low_retention=args.allow_low_retention)
+    scale = args.scale
+    if args.check:  # what the port would refuse, refused before the (longer) check
+        port(args.model, args.patch, args.out, scale=scale, progress=False, log=None, dry_run=True, **kw)
+        scale = _check_before_port(args)
+    res = port(args.model, args.patch, args.out, scale=scale, progress=not args.quiet,
+               log=None if args.quiet else print, **kw)
     gpu = f", peak GPU memory {res.peak_device_bytes / 2**20:.1f} MiB" if res.peak_device_bytes is not None else ""
     print(f"portllm port: merged {res.merged} modules of {res.tensors} tensors into {res.out_dir} "
           f"({res.bytes_written / 1e9:.2f} GB) on {res.device} in {res.seconds:.1f} s{gpu}"
@@ -212,7 +225,7 @@ def _inspect_summary(rows, kept):
     kinds: dict[str, list] = {}
     for r in rows:
         kinds.setdefault(r["module"].rsplit(".", 1)[-1], []).append(r)
-    print(f"  summary by kind (--full for every module):")
+    print("  summary by kind (--full for every module):")
     width = max([len(k) for k in kinds] + [4])
     print(f"  {'kind':<{width}}  {'modules':>7} {'shapes':>22} {'ranks':>9} {'|dW|_F max':>10} {'MiB':>8}"
           + ("  energy kept" if kept else ""))
@@ -313,10 +326,13 @@ def main(argv=None) -> int:
                    help="MXFP4 / NVFP4: write the port even if less than half of the patch survived requantization")
     p.add_argument("--check", metavar="PROMPTS", default=None,
                    help="run the portability check (`portllm check`) on these prompts first (a text file, one per "
-                        "line, or JSONL; no answers); a predicted harm is refused unless --force")
+                        "line, or JSONL; no answers), after the port's own checks; a predicted harm is refused "
+                        "unless --ignore-harm")
+    p.add_argument("--ignore-harm", action="store_true",
+                   help="with --check: port even where the check predicts harm")
     p.add_argument("--calibrate", action="store_true",
                    help="with --check: port at the patch scale in [0, 1.5] that agrees best with the patch on its "
-                        "own base (the check's calibration), times --scale")
+                        "own base (the check's calibration; not with --scale)")
     p.add_argument("--quiet", action="store_true", help="no report or progress bar")
     p.set_defaults(fn=_port)
 
@@ -333,6 +349,10 @@ def main(argv=None) -> int:
                    "({\"prompt\": ...} per line)")
     c.add_argument("--device", default=None, help="cpu or cuda (default cpu)")
     c.add_argument("--max-new-tokens", type=int, default=8, help="tokens of θ+Δ's answers to score (default 8)")
+    c.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="run the models in this dtype (default float32; quantized checkpoints are dequantized)")
+    c.add_argument("--scale", type=float, default=1.0, help="judge θ′ + scale·Δ (what `port --scale` writes; "
+                   "default 1)")
     c.add_argument("--json", default=None, help="also write the report to this JSON file")
     c.add_argument("--calibrate", action="store_true",
                    help="also the patch scale in [0, 1.5] with which θ′ + s·Δ agrees best with θ+Δ")

@@ -90,7 +90,7 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
          dtype=None, *, force: bool = False, backend: str | None = None, check_finite: bool = True,
          progress: bool = True, log=print, base: str | None = None, rounding: str = "nearest",
          seed: int = 0, fp4_scales: str = "reuse", fp4_clip: str = "rescale",
-         allow_low_retention: bool = False) -> PortResult:
+         allow_low_retention: bool = False, dry_run: bool = False) -> PortResult:
     """Writes ``model_dir`` with ``W += scale · ΔW`` merged into every patch module, to ``out_dir``.
 
     * ``patch``: a Patch or a path to one (PEFT adapter directory).
@@ -114,6 +114,8 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
       patch's ``base_model_name_or_path`` is used where it is a local checkpoint directory).
     Config, generation config, tokenizer and other non-weight files are copied. The compatibility
     report is checked (and logged) before anything is written.
+    * ``dry_run``: every check a port makes before it writes (paths, format, compatibility, factors,
+      backends), and nothing written; the result's counts are zero.
     """
     t0 = time.perf_counter()
     model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
@@ -214,6 +216,9 @@ def port(model_dir: str, patch: Patch | str, out_dir: str, scale: float = 1.0, d
         elif mx_targets and backend not in (None, "reference"):
             raise ValueError(f"backend {backend!r}: the NVFP4 merge runs on the reference backend only (PyTorch ops, "
                              "bit for bit compressed-tensors' quantizer); leave --backend out")
+
+        if dry_run:
+            return PortResult(out_dir, report, 0, 0, 0, time.perf_counter() - t0, str(device), None, skipped)
 
         def last_checks():
             _check_out_dir(out_dir, inputs, force)

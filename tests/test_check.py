@@ -191,8 +191,21 @@ def test_cli_check_and_port_check(models, tmp_path, capsys):
     err = capsys.readouterr()
     assert "predicted harm" in err.out + err.err and not out.exists()
     assert main(["port", "--model", held, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
-                 str(prompts), "--force"]) == 0
+                 str(prompts), "--force"]) != 0  # --force replaces an output; it does not overrule the check
+    assert not out.exists()
+    assert main(["port", "--model", held, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                 str(prompts), "--ignore-harm"]) == 0
     assert os.path.isfile(out / "model.safetensors")
+    capsys.readouterr()
+    # what the port refuses (a non-empty --out without --force) is refused before the check runs
+    assert main(["port", "--model", held, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                 str(prompts), "--ignore-harm"]) != 0
+    err = capsys.readouterr()
+    assert "not empty" in err.err and "check:" not in err.out
+    # a report written into an input: refused before the work
+    assert main(["check", "--base", bdir, "--model", edir, "--patch", pdir, "--prompts", str(prompts), "--json",
+                 os.path.join(edir, "r.json")]) != 0
+    assert not os.path.exists(os.path.join(edir, "r.json")) and "portability" not in capsys.readouterr().out
     assert portllm.check_portability is check.check_portability
 
 
@@ -227,3 +240,98 @@ def test_port_check_calibrate_ports_at_the_chosen_scale(models, tmp_path, capsys
                                + 0.5 * patch[k].delta().double(), rtol=0, atol=1e-6)
     assert main(["port", "--model", half, "--patch", pdir, "--out", str(tmp_path / "o2"), "--calibrate"]) != 0
     assert "--calibrate needs --check" in capsys.readouterr().err
+
+
+def test_port_check_judges_the_scale_it_ports_at(models, tmp_path, capsys):
+    """--scale with --check: the check judges θ′ + scale·Δ, the model the port writes. On θ′ = θ + Δ/2 at
+    scale 1/2, θ′ + Δ/2 is θ+Δ itself."""
+    from safetensors.torch import load_file
+
+    from portllm.cli import main
+
+    base, _, patch, bdir, _, pdir, root = models
+    half = _save(_merged(base, patch, 0.5), root / "half2")
+    rep = check.check_portability(bdir, half, pdir, PROMPTS, scale=0.5)
+    assert rep.patch_scale == 0.5 and rep.logprob["evolved+patch"] == pytest.approx(rep.logprob["base+patch"], abs=1e-5)
+    assert "the patch at scale 0.5 keeps" in rep.lines()[0]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "out"
+    assert main(["port", "--model", half, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                 str(prompts), "--scale", "0.5"]) == 0
+    assert "at scale 0.5" in capsys.readouterr().out
+    k = "model.layers.0.self_attn.q_proj.weight"
+    torch.testing.assert_close(load_file(str(out / "model.safetensors"))[k].double(),
+                               load_file(os.path.join(half, "model.safetensors"))[k].double()
+                               + 0.5 * patch[k.removesuffix(".weight")].delta().double(), rtol=0, atol=1e-6)
+    assert main(["port", "--model", half, "--patch", pdir, "--out", str(tmp_path / "o3"), "--base", bdir,
+                 "--check", str(prompts), "--scale", "0.5", "--calibrate"]) != 0
+    assert "leave out --scale" in capsys.readouterr().err
+
+
+def test_hooks_removed_and_modes_restored_on_error(models):
+    """A forward that fails half-way leaves the caller's model as it was: no hooks, its training mode."""
+    base, evolved, patch, *_ = models
+    m = copy.deepcopy(evolved).train()
+
+    def boom(mod, args, out):
+        raise RuntimeError("boom")
+
+    h = m.model.layers[1].mlp.register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        check.check_portability(base, m, patch, PROMPTS, tokenizer=TOK)
+    h.remove()
+    assert m.training and all(x.training for x in m.modules())
+    assert not any(x._forward_hooks for x in m.modules())
+    ok = check.check_portability(base, m, patch, PROMPTS, tokenizer=TOK)
+    assert m.training and ok.score is not None
+
+
+def test_a_loaded_model_elsewhere_is_refused_not_moved(models):
+    base, evolved, patch, *_ = models
+    with pytest.raises(ValueError, match="on cpu, the check runs on meta"):
+        check.check_portability(base, evolved, patch, PROMPTS, tokenizer=TOK, device="meta")
+
+
+def test_a_module_that_flattens_its_input(tmp_path):
+    """Qwen2-MoE's shared expert sees the tokens flattened to [b·L, hidden]: the hooks mask its padded rows
+    as they do [b, L, hidden] inputs; the routed experts' own weights are 3-D and not the check's."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(vocab_size=len(data.VOCAB), hidden_size=64, intermediate_size=64,
+                                      moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    base = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    mods = dict(base.named_modules())
+    names = [n for n in mods if n.endswith("shared_expert.down_proj") or n.endswith("self_attn.q_proj")]
+    g = torch.Generator().manual_seed(2)
+    patch = Patch({n: PatchModule(torch.randn(mods[n].weight.shape[0], 4, generator=g),
+                                  torch.randn(4, mods[n].weight.shape[1], generator=g), 0.05) for n in names})
+    evolved = _merged(base, patch, 0.5)
+    rep = check.check_portability(base, evolved, patch, PROMPTS, tokenizer=TOK, batch=4)
+    assert {m.name for m in rep.modules} == set(names)
+    assert all(0 < m.effect_base < float("inf") for m in rep.modules)
+    one = check.check_portability(base, evolved, patch, PROMPTS, tokenizer=TOK, batch=1)  # no padding at all
+    for a, b in zip(rep.modules, one.modules):
+        assert a.effect_base == pytest.approx(b.effect_base, rel=1e-4), a.name
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_quantized_release_is_checked_dequantized(models, tmp_path, fmt):
+    """A quantized θ′ (NVFP4 compressed-tensors, block FP8) is loaded dequantized by transformers: the
+    figures equal those on the same weights dequantized by portllm."""
+    from portllm.experiment import fp4_release, fp8_release
+
+    base, _, patch, bdir, edir, pdir, _ = models
+    q = str(tmp_path / fmt)
+    (fp4_release.save_nvfp4 if fmt == "nvfp4" else fp8_release.save_fp8)(edir, q)
+    loaded = (fp4_release if fmt == "nvfp4" else fp8_release).load_dequantized(q)
+    if fmt == "nvfp4":  # compressed-tensors decompresses to fp32 and casts to bf16: so do the figures here
+        with torch.no_grad():
+            for n, w in loaded.named_parameters():
+                if n.endswith("_proj.weight"):
+                    w.copy_(w.bfloat16().float())
+    got = check.check_portability(bdir, q, pdir, PROMPTS)
+    want = check.check_portability(bdir, loaded, pdir, PROMPTS, tokenizer=TOK)
+    for k in want.logprob:
+        assert got.logprob[k] == pytest.approx(want.logprob[k], rel=1e-4, abs=1e-5), k
