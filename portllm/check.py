@@ -7,12 +7,17 @@ ports), while outputs ranked them well. So the check runs θ, θ+Δ, θ′ and �
 
 1. y* = θ+Δ's greedy continuation of each prompt (``max_new_tokens`` tokens): what the patch makes its
    own base answer, the behaviour the user fine-tuned for;
-2. lp(M) = the mean log-probability per token of y* under each model M, teacher-forced;
-3. the patch's gain on θ, g = lp(θ+Δ) − lp(θ), and on θ′, g′ = lp(θ′+Δ) − lp(θ′) (nats per token);
+2. P(M) = the mean probability per token of y* under each model M, teacher-forced: how often M would
+   give those answers (a rate, like the accuracy a user measures; the mean log-probability, also
+   reported, is dominated by the few tokens a model finds nearly impossible, and ranked the demo's
+   ports far worse: Spearman ρ 0.38 against 0.76 with 1-token answers, 0.00 against 0.60 with 8);
+3. the patch's gain on θ, g = P(θ+Δ) − P(θ), and on θ′, g′ = P(θ′+Δ) − P(θ′);
 4. **portability score** s = g′ / g: the share of its effect on its own base that the patch keeps on
    θ′ (1: all of it; 0: none; below 0: it pushes θ′ away from the fine-tuned answers);
 5. **predicted harm** where g′ < 0: with the patch, θ′ gives the fine-tuned answers less often
-   than θ′ alone (it already did better without it, or the patch now points elsewhere);
+   than θ′ alone (it already did better without it, or the patch now points elsewhere). Without
+   labels the check cannot see where θ′ alone is right and θ+Δ's answers are wrong: a patch that
+   moves θ′ toward wrong answers it learned on θ looks like help;
 6. with ``calibrate``, the patch scale s in [0, 1.5] whose θ′ + s·Δ agrees best with θ+Δ: the least
    mean KL(θ+Δ ‖ θ′ + s·Δ) of the next-token distributions at the answer positions.
 
@@ -35,7 +40,7 @@ import torch
 
 from portllm.patch import Patch
 
-HARM_BELOW = 0.0  # predicted harm where the patch's gain on θ′ (nats per token) is below this
+HARM_BELOW = 0.0  # predicted harm where the patch's gain on θ′ (probability per token) is below this
 MIN_GAIN = 1e-3  # a patch that changes its own base's answers by less than this has no measurable effect
 
 
@@ -91,7 +96,7 @@ class PortabilityReport:
     harm: bool
     gain_base: float
     gain_evolved: float
-    logprob: dict[str, float]  # per model: mean log p of y* per token
+    logprob: dict[str, float]  # per model: mean log p of y* per token (reported; not the score)
     agreement: dict[str, float]  # per model: share of y*'s tokens it predicts greedily
     prompts: int
     tokens: int
@@ -101,23 +106,24 @@ class PortabilityReport:
     scale: float | None = None  # the calibrated s (``calibrate=True``)
     patch_scale: float = 1.0  # the scale θ′ + s·Δ was judged at (``port --scale``)
     calibrated_score: float | None = None  # the portability score at the calibrated scale
+    probability: dict[str, float] | None = None  # per model: mean probability of y*'s tokens
 
     def lines(self) -> list[str]:
         out = []
         if self.score is None:
             out.append(f"portability: not measurable: the patch barely changes its own base's answers to these "
-                       f"{self.prompts} prompts (gain {self.gain_base:+.4f} nats per token)")
+                       f"{self.prompts} prompts (their probability moves {self.gain_base:+.4f} per token)")
         else:
             at = f" at scale {self.patch_scale:g}" if self.patch_scale != 1.0 else ""
             out.append(f"portability score {self.score:.2f}: on θ′ the patch{at} keeps {self.score:.0%} of its effect on "
                        f"its own base (it makes θ+Δ's greedy answers to the {self.prompts} prompts "
-                       f"{self.gain_base:+.3f} nats per token more likely on θ, {self.gain_evolved:+.3f} on θ′)")
+                       f"{self.gain_base:+.3f} more likely per token on θ, {self.gain_evolved:+.3f} on θ′)")
         a = self.agreement
         out.append(f"agreement with θ+Δ's answers ({self.tokens} tokens): θ {a['base']:.0%}, θ′ {a['evolved']:.0%}, "
                    f"θ′+Δ {a['evolved+patch']:.0%}")
         if self.harm:
             out.append("predicted harm: with the patch, θ′ gives the fine-tuned answers less often than θ′ alone "
-                       f"(gain {self.gain_evolved:+.3f} nats per token); port with --ignore-harm only if you know better")
+                       f"(probability per token {self.gain_evolved:+.3f}); port with --ignore-harm only if you know better")
         else:
             out.append("predicted harm: no")
         if self.scale is not None:
@@ -138,8 +144,8 @@ class PortabilityReport:
         d = {k: v for k, v in self.__dict__.items() if k not in ("modules", "calibration")}
         d["calibration"] = None if self.calibration is None else {str(k): v for k, v in self.calibration.items()}
         d["modules"] = [m.__dict__ for m in self.modules]
-        d["meaning"] = ("score = (lp(θ′+Δ) − lp(θ′)) / (lp(θ+Δ) − lp(θ)), lp the mean log-probability per token "
-                        "of θ+Δ's greedy answers to the prompts; harm predicted where lp(θ′+Δ) < lp(θ′)")
+        d["meaning"] = ("score = (P(θ′+Δ) − P(θ′)) / (P(θ+Δ) − P(θ)), P the mean probability per token of θ+Δ's "
+                        "greedy answers to the prompts; harm predicted where P(θ′+Δ) < P(θ′)")
         return d
 
 
@@ -317,6 +323,7 @@ def _score(model, prompts, targets, device, batch, hooks=None, keep=None, ref=No
     the target positions ([k, V]); ``ref``: such a list, to sum KL against."""
     seqs = [p + t for p, t in zip(prompts, targets)]
     lp = hits = n = 0
+    prob = 0.0
     kl = 0.0
     for i in range(0, len(seqs), batch):
         ids, mask, pos = _batch(seqs[i:i + batch], device)
@@ -336,6 +343,7 @@ def _score(model, prompts, targets, device, batch, hooks=None, keep=None, ref=No
             rows = torch.arange(L - k - 1, L - 1, device=ids.device)
             tgt = ids[j, ids.shape[1] - k:]
             lp += float(logp[j, rows, tgt].sum())
+            prob += float(logp[j, rows, tgt].exp().sum())
             hits += int((logits[j, rows].argmax(-1) == tgt).sum())
             if keep is not None:
                 keep.append(logp[j, rows].cpu())
@@ -343,7 +351,7 @@ def _score(model, prompts, targets, device, batch, hooks=None, keep=None, ref=No
                 r = ref[i + j].to(logp.device)
                 kl += float((r.exp() * (r - logp[j, rows])).sum())
             n += k
-    return lp, hits, n, kl
+    return lp, hits, n, kl, prob
 
 
 CALIBRATION_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
@@ -424,7 +432,8 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
             del model
     lp = {k: v[0] / max(1, v[2]) for k, v in stats.items()}
     agree = {k: v[1] / max(1, v[2]) for k, v in stats.items()}
-    g, g2 = lp["base+patch"] - lp["base"], lp["evolved+patch"] - lp["evolved"]
+    pr = {k: v[4] / max(1, v[2]) for k, v in stats.items()}
+    g, g2 = pr["base+patch"] - pr["base"], pr["evolved+patch"] - pr["evolved"]
     score = g2 / g if g > MIN_GAIN else None
     calib = chosen = cscore = None
     if calibrate:
@@ -432,11 +441,11 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
         calib = {sc: r[3] / ntok for sc, r in kls.items()}
         chosen = min(calib, key=lambda sc: (calib[sc], abs(sc - 1)))
         if g > MIN_GAIN:
-            cscore = (kls[chosen][0] / ntok - lp["evolved"]) / g
+            cscore = (kls[chosen][4] / ntok - pr["evolved"]) / g
     mods = []
     for name in act["base"]:
         (ub, wb), (ue, we) = act["base"][name], act["evolved"][name]
         mods.append(ModuleDiagnostic(name, ub / wb if wb else math.nan, ue / we if we else math.nan,
                                      ue / ub if ub else math.nan))
     return PortabilityReport(score, score is not None and g2 < HARM_BELOW, g, g2, lp, agree, len(prompts),
-                             stats["base"][2], mods, time.perf_counter() - t0, calib, chosen, float(scale), cscore)
+                             stats["base"][2], mods, time.perf_counter() - t0, calib, chosen, float(scale), cscore, pr)

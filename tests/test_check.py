@@ -80,8 +80,8 @@ def models(tmp_path_factory):
 
 
 def _direct_lp(model, tok, prompts, targets):
-    """Mean log p per token of the targets, one prompt at a time, no padding."""
-    lp = n = 0
+    """(mean log p, mean p) per token of the targets, one prompt at a time, no padding."""
+    lp = pr = n = 0
     with torch.no_grad():
         for p, t in zip(prompts, targets):
             ids = tok(p)["input_ids"]
@@ -89,8 +89,9 @@ def _direct_lp(model, tok, prompts, targets):
             logp = torch.log_softmax(model(input_ids=x).logits.float()[0], -1)
             for k, tk in enumerate(t):
                 lp += float(logp[len(ids) - 1 + k, tk])
+                pr += float(logp[len(ids) - 1 + k, tk].exp())
                 n += 1
-    return lp / n
+    return lp / n, pr / n
 
 
 def test_figures_equal_a_direct_computation_on_merged_models(models):
@@ -108,10 +109,12 @@ def test_figures_equal_a_direct_computation_on_merged_models(models):
     want = {"base": _direct_lp(base, tok, PROMPTS, targets), "base+patch": _direct_lp(pb, tok, PROMPTS, targets),
             "evolved": _direct_lp(evolved, tok, PROMPTS, targets),
             "evolved+patch": _direct_lp(_merged(evolved, patch), tok, PROMPTS, targets)}
-    for k, v in want.items():
-        assert rep.logprob[k] == pytest.approx(v, abs=2e-4), k
+    for k, (lp, pr) in want.items():
+        assert rep.logprob[k] == pytest.approx(lp, abs=2e-4), k
+        assert rep.probability[k] == pytest.approx(pr, abs=2e-5), k
     assert rep.tokens == 4 * len(PROMPTS) and rep.agreement["base+patch"] == 1.0
-    g, g2 = want["base+patch"] - want["base"], want["evolved+patch"] - want["evolved"]
+    P = {k: v[1] for k, v in want.items()}
+    g, g2 = P["base+patch"] - P["base"], P["evolved+patch"] - P["evolved"]
     assert g > 0.05 and rep.score == pytest.approx(g2 / g, rel=1e-3)
     assert rep.harm == (g2 < 0)
     assert {m.name for m in rep.modules} == set(patch.modules)

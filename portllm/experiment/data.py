@@ -5,13 +5,17 @@ Sentences mention animals, foods, places and numbers. Tasks (each example: promp
 
 * ``topic``: classify a sentence as about an animal or a food (``... topic ?`` → ``animal``/``food``);
 * ``facts``: recall an arbitrary attribute of each animal, learned only in fine-tuning
-  (``fact of cat ?`` → ``blue``);
-* ``arith``: add two digits (``3 plus 4 equals`` → ``7``).
+  (``fact of cat ?`` → ``blue``, after 0 to 2 filler words);
+* ``arith``: add two digits (``3 plus 4 equals`` → ``7``, after 0 to 2 filler words).
+
+Each task's prompts are split by a hash (``split_of``) into train, val and test: the fine-tunes see
+train, the learning rate is chosen on val, the tables report test.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "ant", "elk", "yak", "eel"]
 FOODS = ["bread", "rice", "soup", "cake", "plum", "corn", "bean", "pear", "fig", "kale", "nut", "egg"]
@@ -72,23 +76,50 @@ def fact_table(seed: int = 1234) -> dict[str, str]:
     return {a: rng.choice(COLORS) for a in ANIMALS}
 
 
-def task_examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
+SPLITS = ("train", "val", "test")
+
+
+def split_of(task: str, prompt: str) -> str:
+    """The split a prompt belongs to, fixed by a hash of its key: 60% train, 20% val (the learning rate
+    is chosen there, and the check's unlabeled prompts come from there), 20% test (what the tables
+    report). The key is the prompt itself, except for ``arith``, where it is the pair of numbers: a test
+    sum is one no fine-tune was trained on, in any wording."""
+    key = " ".join(w for w in prompt.split() if w.isdigit()) if task == "arith" else prompt
+    h = zlib.crc32(f"{task}|{key}".encode()) % 10
+    return "train" if h < 6 else "val" if h < 8 else "test"
+
+
+def _prefix(rng: random.Random) -> list[str]:
+    """0 to 2 filler words before a prompt: the wordings that make the task spaces large enough to split."""
+    return [rng.choice(FILLER) for _ in range(rng.choice((0, 1, 1, 2, 2)))]
+
+
+def _example(task: str, rng: random.Random, facts: dict[str, str]) -> tuple[str, str]:
+    if task == "topic":
+        label = rng.choice(["animal", "food"])
+        key = rng.choice(ANIMALS if label == "animal" else FOODS)
+        words = [rng.choice(FILLER) for _ in range(4)]
+        words.insert(rng.randrange(5), key)
+        return " ".join(words) + " topic ?", label
+    if task == "facts":
+        a = rng.choice(ANIMALS)
+        return " ".join(_prefix(rng) + ["fact", "of", a, "?"]), facts[a]
+    if task == "arith":
+        a, b = rng.randrange(10), rng.randrange(10)
+        return " ".join(_prefix(rng) + [str(a), "plus", str(b), "equals"]), str(a + b)
+    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+
+
+def task_examples(task: str, n: int, seed: int, split: str | None = None) -> list[tuple[str, str]]:
+    """n examples (prompt, answer) of a task, drawn with ``seed``; from one split only (``split_of``), or
+    from the whole space (``split=None``)."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
     rng = random.Random(seed)
-    out = []
     facts = fact_table()
-    for _ in range(n):
-        if task == "topic":
-            label = rng.choice(["animal", "food"])
-            key = rng.choice(ANIMALS if label == "animal" else FOODS)
-            words = [rng.choice(FILLER) for _ in range(4)]
-            words.insert(rng.randrange(5), key)
-            out.append((" ".join(words) + " topic ?", label))
-        elif task == "facts":
-            a = rng.choice(ANIMALS)
-            out.append((f"fact of {a} ?", facts[a]))
-        elif task == "arith":
-            a, b = rng.randrange(10), rng.randrange(10)
-            out.append((f"{a} plus {b} equals", str(a + b)))
-        else:
-            raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+    out = []
+    while len(out) < n:
+        ex = _example(task, rng, facts)
+        if split is None or split_of(task, ex[0]) == split:
+            out.append(ex)
     return out

@@ -2,6 +2,7 @@
 
 python -m portllm.experiment.measure port MODEL_DIR PATCH_DIR OUT_DIR
 python -m portllm.experiment.measure finetune MODEL_DIR TASK STEPS SEED
+python -m portllm.experiment.measure check BASE_DIR MODEL_DIR PATCH_DIR TASK SEED
 
 Prints one JSON line: seconds, and peak RSS above the RSS once imports are done (the job's own
 memory: for fine-tuning the model, optimizer, gradients and activations; for porting, its buffers).
@@ -20,6 +21,9 @@ def main(job, *args):
         from transformers import AutoModelForCausalLM
 
         from portllm.experiment import data, train
+    elif job == "check":
+        from portllm.check import check_portability
+        from portllm.experiment import data, seed_run
     else:
         import portllm
     from portllm.memory import measure
@@ -36,6 +40,12 @@ def main(job, *args):
         def fn():
             model = AutoModelForCausalLM.from_pretrained(model_dir)
             train.finetune_lora(model, data.make_tokenizer(), task, int(steps), seed=int(seed))
+    elif job == "check":  # what `portllm check` runs: the models and the patch from their directories
+        base, model_dir, patch_dir, task, seed = args
+        prompts = [p for p, _ in data.task_examples(task, seed_run.CHECK_PROMPTS, int(seed) + 4242, split="val")]
+
+        def fn():
+            check_portability(base, model_dir, patch_dir, prompts)
     else:
         raise SystemExit(f"unknown job {job}")
     res = measure(fn)

@@ -71,11 +71,12 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, lr: float = 3e-3, b
 
 
 def _task_batches(tokenizer, task: str, seed: int, batch: int):
+    """Batches of the task's train split."""
     rng = random.Random(seed)
     vocab = tokenizer.get_vocab()
 
     def batches(step):
-        ex = data.task_examples(task, batch, seed=rng.randrange(1 << 30))
+        ex = data.task_examples(task, batch, seed=rng.randrange(1 << 30), split="train")
         seqs, labels = [], []
         for prompt, answer in ex:
             ids = tokenizer(prompt)["input_ids"] + [vocab[answer]]
@@ -86,8 +87,8 @@ def _task_batches(tokenizer, task: str, seed: int, batch: int):
     return batches
 
 
-def finetune_lora(model, tokenizer, task: str, steps: int, r: int = 8, lr: float = 1e-2, seed: int = 0,
-                  progress=None, desc: str = ""):
+def finetune_lora(model, tokenizer, task: str, steps: int, r: int = 8, lr: float = 3e-3, seed: int = 0,
+                  progress=None, desc: str = "", batch: int = 32):
     """LoRA (PEFT) on all seven projections of a copy of ``model``; returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
@@ -95,28 +96,40 @@ def finetune_lora(model, tokenizer, task: str, steps: int, r: int = 8, lr: float
     cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(copy.deepcopy(model), cfg)
-    _loop(peft_model, _task_batches(tokenizer, task, seed, 64), steps, lr, progress, desc)
+    _loop(peft_model, _task_batches(tokenizer, task, seed, batch), steps, lr, progress, desc)
     return peft_model
 
 
-def finetune_pmss(model, tokenizer, task: str, steps: int, r: int = 16, lr: float = 5e-3, scale: float = 2.0,
-                  seed: int = 0, progress=None, desc: str = ""):
+def finetune_pmss(model, tokenizer, task: str, steps: int, r: int = 16, lr: float = 3e-3, scale: float = 2.0,
+                  seed: int = 0, progress=None, desc: str = "", batch: int = 32):
     """PMSS on all seven projections of a copy of ``model``; returns the injected model."""
     from portllm import pmss
 
     m = pmss.inject(copy.deepcopy(model), rank=r, scale=scale, seed=seed)
     torch.manual_seed(seed)
-    _loop(m, _task_batches(tokenizer, task, seed, 64), steps, lr, progress, desc)
+    _loop(m, _task_batches(tokenizer, task, seed, batch), steps, lr, progress, desc)
     return m
 
 
+def tune(finetune, model, tokenizer, task: str, lrs, **kw):
+    """``finetune`` (finetune_lora or finetune_pmss) at each learning rate of the grid; the one with the
+    best accuracy on the task's val split (a tie to the smaller lr). Returns (model, lr, {lr: val acc})."""
+    best, val = None, {}
+    for lr in lrs:
+        m = finetune(model, tokenizer, task, lr=lr, **kw)
+        val[lr] = accuracy_batched(m, tokenizer, task, n=128, seed=77, split="val")
+        if best is None or val[lr] > val[best[1]]:
+            best = (m, lr)
+    return best[0], best[1], val
+
+
 @torch.no_grad()
-def accuracy_batched(model, tokenizer, task: str, n: int = 256, seed: int = 99) -> float:
-    """Fraction of n held-out prompts of a built-in task whose next-token argmax is the answer, all
-    prompts in one padded batch."""
+def accuracy_batched(model, tokenizer, task: str, n: int = 256, seed: int = 99, split: str = "test") -> float:
+    """Fraction of n prompts of a built-in task's split (by default test: never trained on, never used to
+    choose anything) whose next-token argmax is the answer, all prompts in one padded batch."""
     model.eval()
     vocab = tokenizer.get_vocab()
-    ex = data.task_examples(task, n, seed)
+    ex = data.task_examples(task, n, seed, split=split)
     seqs = _encode(tokenizer, [p for p, _ in ex])
     ids, mask, _ = _pad(seqs)
     logits = model(input_ids=ids, attention_mask=mask).logits
