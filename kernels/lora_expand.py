@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portllm.kernels.lora_slots import tile_of, token_tiles, unpack
+from portllm.kernels.lora_slots import block_t_for, tile_of, token_tiles, unpack
 from portllm.kernels.rounding import to_bf16_rne
 
 
@@ -61,6 +61,13 @@ def _lora_expand_kernel(
         tl.store(y_ptrs, out.to(Y.dtype.element_ty, fp_downcast_rounding="rtne"), mask=mask)
 
 
+def launch_meta(T: int, R: int, P: int) -> dict:
+    """The launch's block sizes and warps for T tokens, rank R, P patches (also what
+    ``portllm.inspection`` compiles)."""
+    return dict(BLOCK_T=block_t_for(T), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=128,
+                P_POW2=max(2, triton.next_power_of_2(P)), num_warps=4)
+
+
 def lora_expand_forward(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
                         slots: torch.Tensor, tiles: torch.Tensor | None = None) -> None:
     """Host launcher; arguments are checked by ``portllm.ops.lora_expand_``. ``tiles``: the
@@ -71,11 +78,10 @@ def lora_expand_forward(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale
         return
     if tiles is None:
         tiles = token_tiles(slots, P)
-    order, seg_start, seg_count, tile_start, block_t, grid = unpack(tiles, T, P)
-    block_m = 128
-    _lora_expand_kernel[(grid, triton.cdiv(M, block_m))](
+    order, seg_start, seg_count, tile_start, _, grid = unpack(tiles, T, P)
+    meta = launch_meta(T, R, P)
+    _lora_expand_kernel[(grid, triton.cdiv(M, meta["BLOCK_M"]))](
         y, h, B, scale, order, seg_start, seg_count, tile_start, M, R, P,
         y.stride(0), y.stride(1), h.stride(0), B.stride(0), B.stride(1), B.stride(2),
-        BLOCK_T=block_t, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_M=block_m,
-        P_POW2=max(2, triton.next_power_of_2(P)), num_warps=4,
+        **meta,
     )

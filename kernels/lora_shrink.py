@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from portllm.kernels.lora_slots import tile_of, token_tiles, unpack
+from portllm.kernels.lora_slots import block_t_for, tile_of, token_tiles, unpack
 
 
 @triton.jit
@@ -63,6 +63,13 @@ def _lora_shrink_kernel(
     tl.store(H + tok[:, None] * stride_ht + offs_r[None, :], acc, mask=mask_t[:, None] & mask_r[None, :])
 
 
+def launch_meta(T: int, R: int, P: int) -> dict:
+    """The launch's block sizes and warps for T tokens, rank R, P patches (also what
+    ``portllm.inspection`` compiles)."""
+    return dict(BLOCK_T=block_t_for(T), BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_K=64 if R > 32 else 128,
+                P_POW2=max(2, triton.next_power_of_2(P)), num_warps=4)
+
+
 def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor,
                         tiles: torch.Tensor | None = None) -> torch.Tensor:
     """Host launcher; arguments are checked by ``portllm.ops.lora_shrink``. ``tiles``: the
@@ -74,12 +81,11 @@ def lora_shrink_forward(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor,
         return h
     if tiles is None:
         tiles = token_tiles(slots, P)
-    order, seg_start, seg_count, tile_start, block_t, grid = unpack(tiles, T, P)
+    order, seg_start, seg_count, tile_start, _, grid = unpack(tiles, T, P)
     upcast = (x.dtype != A.dtype or x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
     _lora_shrink_kernel[(grid,)](
         x, A, h, order, seg_start, seg_count, tile_start, N, R, P,
         x.stride(0), x.stride(1), A.stride(0), A.stride(1), A.stride(2), h.stride(0),
-        BLOCK_T=block_t, BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_K=64 if R > 32 else 128,
-        P_POW2=max(2, triton.next_power_of_2(P)), UPCAST=upcast, num_warps=4,
+        UPCAST=upcast, **launch_meta(T, R, P),
     )
     return h

@@ -165,6 +165,14 @@ def _split_bf16(x: torch.Tensor):
     return hi, torch.where(hi.isinf(), 0.0, x - hi.to(torch.float32)).to(torch.bfloat16).contiguous()
 
 
+def launch_meta(R: int) -> dict:
+    """The launch's block sizes, warps and stages for rank R (also what ``portllm.inspection`` compiles).
+    tl.dot needs every dimension >= 16; ranks are masked up to BLOCK_R."""
+    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=block_r, GROUP_M=8, num_warps=8 if block_r >= 64 else 4,
+                num_stages=2)
+
+
 def patch_add_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor) -> None:
     """Host launcher. Arguments are checked by ``portllm.ops``; scale is fp32 [r] on W's device."""
     patch_add_experts_forward(W.unsqueeze(0), B.unsqueeze(0), A.unsqueeze(0), scale.unsqueeze(0))
@@ -192,16 +200,13 @@ def patch_add_experts_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
         A, AL = _split_bf16(A)
     else:
         mode = MODE_FP32
-    # tl.dot needs every dimension >= 16; ranks are masked up to BLOCK_R.
-    BLOCK_R = min(64, max(16, triton.next_power_of_2(R)))
-    BLOCK_M, BLOCK_N = 64, 128
-    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N), E)
+    meta = launch_meta(R)
+    grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)
     _patch_add_kernel[grid](
         W, B, A, BL, AL, scale, gk, gs, M, N, R, ng,
         W.stride(1), W.stride(2), B.stride(1), B.stride(2), A.stride(1), A.stride(2),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, GROUP_M=8, MODE=mode, UPCAST=interpret,
+        MODE=mode, UPCAST=interpret,
         SOFT_RNE=interpret and W.dtype == torch.bfloat16,
         stride_we=W.stride(0), stride_be=B.stride(0), stride_ae=A.stride(0), stride_se=scale.stride(0),
-        stride_ge=gs.stride(0) if mode == MODE_HALF else 0,
-        num_warps=8 if BLOCK_R >= 64 else 4, num_stages=2,
+        stride_ge=gs.stride(0) if mode == MODE_HALF else 0, **meta,
     )

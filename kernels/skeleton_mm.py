@@ -79,6 +79,9 @@ def offsets(W: torch.Tensor, idx: torch.Tensor, kind: str):
     raise ValueError(f"skeleton_mm: unknown kind {kind!r}")
 
 
+LAUNCH = dict(BLOCK_T=64, BLOCK_N=64, BLOCK_K=32)  # (also what ``portllm.inspection`` compiles)
+
+
 def skeleton_mm_forward(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
     roff, coff = offsets(W, idx.to(torch.int64), kind)
     T, K = A.shape
@@ -88,11 +91,10 @@ def skeleton_mm_forward(A: torch.Tensor, W: torch.Tensor, idx: torch.Tensor, kin
         return out
     if K == 0:
         return out.zero_()
-    BLOCK_T, BLOCK_N, BLOCK_K = 64, 64, 32
-    grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(N, BLOCK_N))
+    grid = (triton.cdiv(T, LAUNCH["BLOCK_T"]), triton.cdiv(N, LAUNCH["BLOCK_N"]))
     _skeleton_mm_kernel[grid](
         A, W, roff, coff, out, T, K, N, A.stride(0), A.stride(1), out.stride(0), out.stride(1),
-        BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        **LAUNCH,
         DOT_FP32=os.environ.get("TRITON_INTERPRET") == "1" or A.dtype == torch.float32,
     )
     return out

@@ -7,7 +7,12 @@ and stochastic rounding, stochastic averaged over 8 seeds (mean and the spread, 
 
     retained = ⟨Q(W+Δ) − W, Δ⟩ / ‖Δ‖²          noise = ‖Q(W+Δ) − W − Δ‖ / ‖Δ‖
 
-Usage: python tools/format_retention.py [--rel 0.01]   (prints a Markdown table)
+With ``--saturation``, instead: why NVFP4 with its scales kept and stochastic rounding keeps less than all
+of the update: the groups whose largest value lies above 6 steps of their rounded e4m3 scale (code 6,
+e2m1's largest, saturates there, and an update is lost in either direction), the largest such value
+in steps, and the share of the update's energy on the elements above 6 steps.
+
+Usage: python tools/format_retention.py [--rel 0.01] [--saturation]   (prints a Markdown table)
 """
 
 import argparse
@@ -60,10 +65,29 @@ def measure(rel: float) -> list[tuple[str, str, str, list]]:
     return rows
 
 
+def saturation(rel: float) -> dict:
+    """NVFP4 reuse: where the kept e4m3 group scales leave values beyond e2m1's largest code (6 steps)."""
+    W, B, A = case(rel)
+    g = nvfp4.global_scale_for(W.abs().max())
+    sc = nvfp4.group_scales(W.reshape(R, -1, nvfp4.GROUP).abs().amax(-1), g)
+    d = nvfp4.steps(sc, g).repeat_interleave(nvfp4.GROUP, dim=1)  # the step of every element
+    x = W.abs() / d
+    above = x > 6
+    upd = (B @ A).pow(2)
+    return {"groups_above": float(above.reshape(R, -1, nvfp4.GROUP).any(-1).float().mean()),
+            "max_steps": float(x.max()), "energy_above": float(upd[above].sum() / upd.sum())}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rel", type=float, default=0.01, help="‖Δ‖ / ‖W‖ (default 0.01)")
+    ap.add_argument("--saturation", action="store_true", help="instead, where NVFP4's kept scales saturate code 6")
     args = ap.parse_args()
+    if args.saturation:
+        s = saturation(args.rel)
+        print(f"NVFP4, scales kept: {s['groups_above']:.1%} of the groups hold a value above 6 steps (up to "
+              f"{s['max_steps']:.2f}); the elements above 6 steps carry {s['energy_above']:.1%} of the update's energy")
+        return
     print(f"| format | scales | rounding | retained | noise |  (‖Δ‖ = {args.rel:g} ‖W‖, W {R}x{K}, rank {RANK})")
     print("|---|---|---|---|---|")
     for fmt_, policy, rounding, res in measure(args.rel):

@@ -1,0 +1,102 @@
+"""Every hot-path Triton kernel configuration, as its launcher launches it, and what its design
+intends. Shapes are a 7B model's (W 4096 × 14336; 4096 features), tokens T ∈ {16, 512}, ranks r ∈ {16,
+64}; the block sizes, warps and stages come from each launcher's ``launch_meta``, so what is inspected
+is what runs.
+
+A design's checks (``checks.CHECKS``): ``tensor_cores`` (it multiplies on them), ``wgmma`` (on sm_90a,
+with Hopper's warpgroup MMA: a design whose tiles have 64 rows or more), ``no_spills``,
+``w_128bit`` (its streamed operand loaded and stored 128 bits per thread), ``factor_loads`` (no
+scalar 16-bit or 8-bit loads of the factors: vectorized or cp.async), ``registers`` (at least
+``ctas`` blocks of its threads fit an SM's 64K registers). ``faults``: a check it fails today, with
+why (issue #23, item 2), per architecture ("sm_80", "sm_90a") or for both ("*").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Design:
+    name: str
+    module: str  # portllm.kernels.<module>
+    kernel: str  # the @triton.jit function's name in it
+    args: tuple  # dtype names stand for tensors of that dtype
+    meta: dict
+    checks: tuple
+    ctas: int = 2  # intended resident blocks per SM (the registers check)
+    faults: dict = field(default_factory=dict)  # "check@arch" or "check@*" -> why it fails today
+
+    def fault(self, check: str, arch: str) -> str | None:
+        return self.faults.get(f"{check}@{arch}") or self.faults.get(f"{check}@*")
+
+
+ARCHS = {90: "sm_90a", 80: "sm_80"}
+M, N, FEATURES = 4096, 14336, 4096
+
+
+def _patch_add() -> list[Design]:
+    from portllm.kernels import patch_add as pa
+
+    out = []
+    for r in (16, 64):
+        meta = pa.launch_meta(r)
+        for mode, label, wdt, fdt, ng in ((pa.MODE_HALF, "bf16 W, bf16 factors", "bfloat16", "bfloat16", 1),
+                                          (pa.MODE_HALF, "bf16 W, bf16 factors, 4 scale groups", "bfloat16",
+                                           "bfloat16", 4),
+                                          (pa.MODE_SPLIT, "bf16 W, fp32 factors", "bfloat16", "bfloat16", 0),
+                                          (pa.MODE_FP32, "fp32 W, fp32 factors", "float32", "float32", 0)):
+            if ng == 4 and r == 16:
+                continue
+            sdt = "int32" if mode == pa.MODE_HALF else "float32"
+            args = (wdt, fdt, fdt, fdt, fdt, "float32", sdt, "float32", M, N, r, ng, N, 1, r, 1, N, 1)
+            tc = ("tensor_cores", "wgmma") if mode != pa.MODE_FP32 else ()
+            faults = {}
+            if mode == pa.MODE_HALF:
+                faults["factor_loads@*"] = ("the B tile is read with scalar 2-byte loads: the rank loop's start "
+                                            "is read from the group table at run time, with an offs_k < k_hi mask")
+            if mode == pa.MODE_HALF and ng > 1:
+                faults["registers@*"] = "several scale groups take 174-176 registers: 1 block of 256 threads per SM"
+            if mode == pa.MODE_SPLIT and r == 64:
+                faults["registers@*"] = ("three products at BLOCK_R=64 take 134 (sm_90a) to 174 (sm_80) registers at "
+                                         "8 warps: 1 block per SM")
+            if mode == pa.MODE_FP32 and r == 64:
+                faults["no_spills@sm_80"] = ("the fp32 (ieee) path at BLOCK_R=64 spills to local memory on sm_80 "
+                                             "(BLOCK_R=32 compiles without)")
+            out.append(Design(f"patch_add_ {label}, r={r}", "patch_add", "_patch_add_kernel", args,
+                              dict(meta, MODE=mode, UPCAST=False, SOFT_RNE=False),
+                              tc + ("no_spills", "w_128bit", "factor_loads", "registers"), faults=faults))
+    return out
+
+
+def _serving() -> list[Design]:
+    from portllm.kernels import lora_expand as le
+    from portllm.kernels import lora_shrink as ls
+
+    out, P = [], 8
+    for T, r in ((16, 16), (16, 64), (512, 16)):
+        out.append(Design(f"lora_shrink bf16, T={T}, r={r}", "lora_shrink", "_lora_shrink_kernel",
+                          ("bfloat16", "bfloat16", "float32") + ("int64",) * 4
+                          + (FEATURES, r, P, FEATURES, 1, r * FEATURES, FEATURES, 1, r),
+                          dict(ls.launch_meta(T, r, P), UPCAST=False),
+                          ("tensor_cores", "no_spills", "factor_loads", "registers")))
+        out.append(Design(f"lora_expand_ bf16, T={T}, r={r}", "lora_expand", "_lora_expand_kernel",
+                          ("bfloat16", "float32", "bfloat16", "float32") + ("int64",) * 4
+                          + (FEATURES, r, P, FEATURES, 1, r, r * FEATURES, 1, FEATURES),
+                          le.launch_meta(T, r, P),
+                          ("tensor_cores", "no_spills", "factor_loads", "registers"),
+                          faults={"tensor_cores@*": "an ieee (fp32 FMA) dot: no tensor cores"}))
+    return out
+
+
+def _skeleton() -> list[Design]:
+    from portllm.kernels import skeleton_mm as sk
+
+    return [Design("skeleton_mm bf16, T=8192, K=256", "skeleton_mm", "_skeleton_mm_kernel",
+                   ("bfloat16", "bfloat16", "int64", "int64", "bfloat16", 8192, 256, 4096, 256, 1, 4096, 1),
+                   dict(sk.LAUNCH, DOT_FP32=False), ("tensor_cores", "no_spills", "factor_loads", "registers"),
+                   faults={"factor_loads@*": "the gathered W elements are scalar 2-byte loads"})]
+
+
+def designs() -> list[Design]:
+    return _patch_add() + _serving() + _skeleton()
