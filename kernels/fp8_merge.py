@@ -161,6 +161,12 @@ def _fp8_merge_kernel(
 MAX_BLOCK = 256
 
 
+def launch_meta(bm: int, bn: int) -> dict:
+    """The launch's tile and warps for blocks of bm x bn (also what ``portllm.inspection`` compiles)."""
+    block_n = max(16, triton.next_power_of_2(bn))
+    return dict(BLOCK_N=block_n, SUB_M=max(1, min(triton.next_power_of_2(bm), 2048 // block_n)), num_warps=4)
+
+
 def fp8_merge_forward(q: torch.Tensor, s: torch.Tensor, Bs: torch.Tensor, A: torch.Tensor, bm: int, bn: int,
                       stochastic: bool, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host launcher; arguments are checked by ``portllm.ops.fp8_merge`` (q as uint8 codes, s fp32
@@ -176,11 +182,9 @@ def fp8_merge_forward(q: torch.Tensor, s: torch.Tensor, Bs: torch.Tensor, A: tor
     so = torch.empty_like(s)
     sums = torch.zeros(GM * GN, 3, dtype=torch.float64, device=q.device)
     if M and N:
-        block_n = max(16, triton.next_power_of_2(bn))
-        sub_m = max(1, min(triton.next_power_of_2(bm), 2048 // block_n))
         key &= (1 << 64) - 1
         _fp8_merge_kernel[(GM, GN)](
             q, s, Bs, A, qo, so, sums, M, N, R, bm, bn, GN, key & 0xFFFFFFFF, key >> 32,
-            STOCHASTIC=bool(stochastic), SUB_M=sub_m, BLOCK_N=block_n, num_warps=4,
+            STOCHASTIC=bool(stochastic), **launch_meta(bm, bn),
         )
     return qo, so, sums.sum(0)

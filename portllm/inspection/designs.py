@@ -98,5 +98,18 @@ def _skeleton() -> list[Design]:
                    faults={"factor_loads@*": "the gathered W elements are scalar 2-byte loads"})]
 
 
+def _fp8_merge() -> list[Design]:
+    from portllm.kernels import fp8_merge as fm
+
+    out = []
+    for r, stochastic in ((16, False), (16, True), (64, False)):
+        out.append(Design(f"fp8_merge 128x128 blocks, r={r}, {'stochastic' if stochastic else 'nearest'}",
+                          "fp8_merge", "_fp8_merge_kernel",
+                          ("uint8", "float32", "float32", "float32", "uint8", "float32", "float64",
+                           M, N, r, 128, 128, N // 128, 1234, 5678),
+                          dict(fm.launch_meta(128, 128), STOCHASTIC=stochastic), ("no_spills", "registers")))
+    return out
+
+
 def designs() -> list[Design]:
-    return _patch_add() + _serving() + _skeleton()
+    return _patch_add() + _serving() + _skeleton() + _fp8_merge()
