@@ -165,10 +165,11 @@ def _split_bf16(x: torch.Tensor):
     return hi, torch.where(hi.isinf(), 0.0, x - hi.to(torch.float32)).to(torch.bfloat16).contiguous()
 
 
-def launch_meta(R: int) -> dict:
+def launch_meta(R: int, mode: int = MODE_HALF) -> dict:
     """The launch's block sizes, warps and stages for rank R (also what ``portllm.inspection`` compiles).
-    tl.dot needs every dimension >= 16; ranks are masked up to BLOCK_R."""
-    block_r = min(64, max(16, triton.next_power_of_2(R)))
+    tl.dot needs every dimension >= 16; ranks are masked up to BLOCK_R. The fp32 (ieee) product takes
+    ranks 32 at a time: at 64 its operands spilled to local memory on sm_80 (``portllm.inspection``)."""
+    block_r = min(32 if mode == MODE_FP32 else 64, max(16, triton.next_power_of_2(R)))
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=block_r, GROUP_M=8, num_warps=8 if block_r >= 64 else 4,
                 num_stages=2)
 
@@ -200,7 +201,7 @@ def patch_add_experts_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
         A, AL = _split_bf16(A)
     else:
         mode = MODE_FP32
-    meta = launch_meta(R)
+    meta = launch_meta(R, mode)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)
     _patch_add_kernel[grid](
         W, B, A, BL, AL, scale, gk, gs, M, N, R, ng,

@@ -40,7 +40,6 @@ def _patch_add() -> list[Design]:
 
     out = []
     for r in (16, 64):
-        meta = pa.launch_meta(r)
         for mode, label, wdt, fdt, ng in ((pa.MODE_HALF, "bf16 W, bf16 factors", "bfloat16", "bfloat16", 1),
                                           (pa.MODE_HALF, "bf16 W, bf16 factors, 4 scale groups", "bfloat16",
                                            "bfloat16", 4),
@@ -60,11 +59,8 @@ def _patch_add() -> list[Design]:
             if mode == pa.MODE_SPLIT and r == 64:
                 faults["registers@*"] = ("three products at BLOCK_R=64 take 134 (sm_90a) to 174 (sm_80) registers at "
                                          "8 warps: 1 block per SM")
-            if mode == pa.MODE_FP32 and r == 64:
-                faults["no_spills@sm_80"] = ("the fp32 (ieee) path at BLOCK_R=64 spills to local memory on sm_80 "
-                                             "(BLOCK_R=32 compiles without)")
             out.append(Design(f"patch_add_ {label}, r={r}", "patch_add", "_patch_add_kernel", args,
-                              dict(meta, MODE=mode, UPCAST=False, SOFT_RNE=False),
+                              dict(pa.launch_meta(r, mode), MODE=mode, UPCAST=False, SOFT_RNE=False),
                               tc + ("no_spills", "w_128bit", "factor_loads", "registers"), faults=faults))
     return out
 
