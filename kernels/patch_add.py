@@ -106,13 +106,17 @@ def _patch_add_kernel(
             k_lo = tl.load(GK + g)
             k_hi = tl.load(GK + g + 1)
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_R):
+            # Chunks aligned to BLOCK_R (B is zero-padded to a multiple of it by the launcher), so B's
+            # tile loads whole rows of 16-byte vectors; the group's ranks are chosen by masking A's
+            # rows, a mask constant along each row, which keeps A's loads vectorized too.
+            for k0 in range((k_lo // BLOCK_R) * BLOCK_R, k_hi, BLOCK_R):
+                k0 = tl.multiple_of(k0, BLOCK_R)
                 offs_k = k0 + tl.arange(0, BLOCK_R)
-                mask_k = offs_k < k_hi
+                in_group = (offs_k >= k_lo) & (offs_k < k_hi)
                 b = tl.load(B + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_bk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                            mask=mask_m[:, None], other=0.0)
                 a = tl.load(A + offs_k[:, None] * stride_ak + offs_n[None, :] * stride_an,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                            mask=in_group[:, None] & mask_n[None, :], other=0.0)
                 part = _dot(b, a, part, UPCAST)
             acc += part * tl.load(GS + g)
     else:
@@ -195,6 +199,12 @@ def patch_add_experts_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
         mode = MODE_HALF
         gk, gs = _scale_groups(scale)
         ng = gs.shape[1]
+        block_r = launch_meta(R, mode)["BLOCK_R"]
+        rp = -(-R // block_r) * block_r
+        if rp != R or B.stride(2) != 1 or B.stride(1) != rp:  # whole, aligned chunks of B (see the kernel)
+            padded = B.new_zeros(E, M, rp)
+            padded[:, :, :R] = B
+            B = BL = padded
     elif W.dtype in _HALF and B.dtype == A.dtype == torch.float32:
         mode = MODE_SPLIT
         B, BL = _split_bf16(B * scale[:, None, :])

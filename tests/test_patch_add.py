@@ -146,6 +146,32 @@ def test_per_rank_scale_merges_several_patches(backend):
     assert ((W.double().cpu() - expected).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_several_patches_on_16bit_W_with_16bit_factors(backend, dtype):
+    """16-bit W and factors, four concatenated patches of ranks 5, 16, 1 and 50 (72 ranks: groups that
+    straddle the Triton kernel's 64-rank chunks and start off its alignment): within one rounding step
+    of the exact value plus an fp32 sum's error, and nearly all correctly rounded."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(21)
+    m, n = 131, 260
+    W, _ = make_W(m, n, dtype, "contiguous", device, gen)
+    patches = [make_factors(m, n, r, dtype, dtype, device, gen) for r in (5, 16, 1, 50)]
+    B = torch.cat([b for b, _ in patches], dim=1)
+    A = torch.cat([a for _, a in patches], dim=0)
+    s = torch.cat([torch.full((b.shape[1],), sc) for (b, _), sc in zip(patches, (0.5, -2.0, 3.0, 0.25))])
+    W0 = W.clone().cpu()
+    ops.patch_add_(W, B, A, s.to(device), backend=name)
+    out = W.cpu()
+    exact = patch_add_exact(W0, B.cpu(), A.cpu(), s)
+    fi = torch.finfo(dtype)
+    step = torch.maximum(exact.abs() * fi.eps, torch.tensor(fi.smallest_normal * fi.eps, dtype=torch.float64))
+    bound = step / 2 + fp32_error_bound(W0, B.cpu(), A.cpu(), s)
+    err = (out.double() - exact).abs()
+    assert (err <= bound).all(), f"worst error {(err / bound).max().item():.3g}x the bound"
+    miss = (ulp_distance(out, exact.to(dtype)) > 0).double().mean().item()
+    assert miss <= 0.01, f"{miss:.1%} of elements are not the correctly rounded result"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic(backend, dtype):
     name, device = backend
