@@ -83,12 +83,22 @@ def _serving() -> list[Design]:
 
 
 def _skeleton() -> list[Design]:
+    """The three PMSS products on a row-major 4096 × 4096 W, rank 256, T = 8192 tokens. Kind ``r`` reads
+    whole rows of W: its tile is contiguous along the output and must load in vectors; kinds ``c`` and
+    ``ct`` gather columns, contiguous along neither tile dimension: scalar loads by design."""
     from portllm.kernels import skeleton_mm as sk
 
-    return [Design("skeleton_mm bf16, T=8192, K=256", "skeleton_mm", "_skeleton_mm_kernel",
-                   ("bfloat16", "bfloat16", "int64", "int64", "bfloat16", 8192, 256, 4096, 256, 1, 4096, 1),
-                   dict(sk.LAUNCH, DOT_FP32=False), ("tensor_cores", "no_spills", "factor_loads", "registers"),
-                   faults={"factor_loads@*": "the gathered W elements are scalar 2-byte loads"})]
+    T, m, r = 8192, 4096, 256
+    out = []
+    for kind, K, Nn, gather, strides, aligned in (("r", r, m, (True, False), (0, 1), True),
+                                                   ("c", m, r, (False, True), (m, 0), False),
+                                                   ("ct", r, m, (True, False), (0, m), False)):
+        checks = ("tensor_cores", "no_spills", "registers") + (("factor_loads",) if kind == "r" else ())
+        out.append(Design(f"skeleton_mm bf16, kind {kind}, T={T}, K={K}, N={Nn}", "skeleton_mm", "_skeleton_mm_kernel",
+                          ("bfloat16", "bfloat16", "int64", "int64", "bfloat16", T, K, Nn, K, 1, Nn, 1) + strides,
+                          dict(sk.LAUNCH, DOT_FP32=False, ROW_GATHER=gather[0], COL_GATHER=gather[1], ALIGNED=aligned),
+                          checks))
+    return out
 
 
 def _fp8_merge() -> list[Design]:
