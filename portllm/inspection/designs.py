@@ -76,9 +76,8 @@ def _serving() -> list[Design]:
         out.append(Design(f"lora_expand_ bf16, T={T}, r={r}", "lora_expand", "_lora_expand_kernel",
                           ("bfloat16", "float32", "bfloat16", "float32") + ("int64",) * 4
                           + (FEATURES, r, P, FEATURES, 1, r, r * FEATURES, 1, FEATURES),
-                          le.launch_meta(T, r, P),
-                          ("tensor_cores", "no_spills", "factor_loads", "registers"),
-                          faults={"tensor_cores@*": "an ieee (fp32 FMA) dot: no tensor cores"}))
+                          dict(le.launch_meta(T, r, P), SPLIT_H=True, UPCAST=False),
+                          ("tensor_cores", "no_spills", "factor_loads", "registers")))
     return out
 
 
