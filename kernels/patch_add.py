@@ -172,8 +172,9 @@ def _split_bf16(x: torch.Tensor):
 def launch_meta(R: int, mode: int = MODE_HALF) -> dict:
     """The launch's block sizes, warps and stages for rank R (also what ``portllm.inspection`` compiles).
     tl.dot needs every dimension >= 16; ranks are masked up to BLOCK_R. The fp32 (ieee) product takes
-    ranks 32 at a time: at 64 its operands spilled to local memory on sm_80 (``portllm.inspection``)."""
-    block_r = min(32 if mode == MODE_FP32 else 64, max(16, triton.next_power_of_2(R)))
+    ranks 32 at a time: at 64 its operands spilled to local memory on sm_80; so does the split product
+    (three dots): at 64, 8 warps of 134-174 registers left one block per SM (``portllm.inspection``)."""
+    block_r = min(64 if mode == MODE_HALF else 32, max(16, triton.next_power_of_2(R)))
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=block_r, GROUP_M=8, num_warps=8 if block_r >= 64 else 4,
                 num_stages=2)
 

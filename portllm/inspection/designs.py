@@ -53,9 +53,6 @@ def _patch_add() -> list[Design]:
             faults = {}
             if mode == pa.MODE_HALF and ng > 1:
                 faults["registers@sm_80"] = "several scale groups take 160 registers on sm_80: 1 block of 256 threads per SM"
-            if mode == pa.MODE_SPLIT and r == 64:
-                faults["registers@*"] = ("three products at BLOCK_R=64 take 134 (sm_90a) to 174 (sm_80) registers at "
-                                         "8 warps: 1 block per SM")
             out.append(Design(f"patch_add_ {label}, r={r}", "patch_add", "_patch_add_kernel", args,
                               dict(pa.launch_meta(r, mode), MODE=mode, UPCAST=False, SOFT_RNE=False),
                               tc + ("no_spills", "w_128bit", "factor_loads", "registers"), faults=faults))
