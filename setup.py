@@ -33,7 +33,8 @@ import warnings
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["portllm", "portllm.ops", "portllm.pmss", "portllm.serve", "portllm.experiment", "portllm.kernels"]
+PACKAGES = ["portllm", "portllm.ops", "portllm.pmss", "portllm.serve", "portllm.experiment", "portllm.kernels",
+            "portllm.inspection"]
 PACKAGE_DIR = {"portllm": "portllm"}
 BUILD_REPORT = "_build.json"  # beside portllm/_C*.so: what was built, and why not
 
