@@ -215,6 +215,8 @@ def _device_of(models, device):
     for d in loaded:
         if torch.device(d) != device and not (device.type == torch.device(d).type and device.index is None):
             raise ValueError(f"a model given is on {d}, the check runs on {device}: move it, or pass device={d!r}")
+    if len(loaded) == 1 and device.index is None and torch.device(next(iter(loaded))).type == device.type:
+        return torch.device(next(iter(loaded)))  # "cuda" for a model on cuda:1 means cuda:1
     return device
 
 
@@ -428,8 +430,15 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
                 m.train(mode)
         if log:
             log(f"portllm check: {which} done")
+        # θ freed before θ′ is loaded: the modes list and the hooks hold references to its modules
+        del modes, hooks
         if not isinstance(src, torch.nn.Module):
-            del model
+            model = None
+            import gc
+
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     lp = {k: v[0] / max(1, v[2]) for k, v in stats.items()}
     agree = {k: v[1] / max(1, v[2]) for k, v in stats.items()}
     pr = {k: v[4] / max(1, v[2]) for k, v in stats.items()}

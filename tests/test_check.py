@@ -338,3 +338,21 @@ def test_quantized_release_is_checked_dequantized(models, tmp_path, fmt):
     want = check.check_portability(bdir, loaded, pdir, PROMPTS, tokenizer=TOK)
     for k in want.logprob:
         assert got.logprob[k] == pytest.approx(want.logprob[k], rel=1e-4, abs=1e-5), k
+
+
+def test_one_model_in_memory_at_a_time(models, monkeypatch):
+    """θ, loaded from its directory, is freed before θ′ is loaded (nothing of the check holds it)."""
+    import weakref
+
+    _, _, patch, bdir, edir, _, _ = models
+    real, seen, alive = check._load, [], []
+
+    def load(src, device, dtype):
+        alive.append([r() is not None for r in seen])
+        m = real(src, device, dtype)
+        seen.append(weakref.ref(m))
+        return m
+
+    monkeypatch.setattr(check, "_load", load)
+    check.check_portability(bdir, edir, patch, PROMPTS, calibrate=True)
+    assert alive == [[], [False]]
