@@ -98,6 +98,19 @@ def test_mixed_factor_dtypes(backend, dtype_w, dtype_b, dtype_a):
     check_against_reference(W.cpu(), W0.cpu(), B.cpu(), A.cpu(), 2.0, ref_out.cpu())
 
 
+def _assert_one_rounding(out, exact, sum_error):
+    """Every element within half a step of W's dtype of the exact value plus ``sum_error``, and (200
+    elements or more) at most 1% not the correctly rounded result."""
+    fi = torch.finfo(out.dtype)
+    step = torch.maximum(exact.abs() * fi.eps, torch.tensor(fi.smallest_normal * fi.eps, dtype=torch.float64))
+    bound = step / 2 + sum_error
+    err = (out.double() - exact).abs()
+    assert (err <= bound).all(), f"worst error {(err / bound).max().item():.3g}x the bound"
+    if out.numel() >= 200:
+        miss = (ulp_distance(out, exact.to(out.dtype)) > 0).double().mean().item()
+        assert miss <= 0.01, f"{miss:.1%} of elements are not the correctly rounded result"
+
+
 @pytest.mark.parametrize("scales", ["one", "groups", "per_rank"])
 @pytest.mark.parametrize("dtype_w", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("m,n,r", [(5, 123, 7), (70, 300, 33), (129, 260, 64)], ids=str)
@@ -115,16 +128,8 @@ def test_fp32_factors_on_16bit_W(backend, m, n, r, dtype_w, scales):
     W0 = W.clone().cpu()
     ops.patch_add_(W, B, A, s.to(device), backend=name)
     out, Bc, Ac = W.cpu(), B.cpu(), A.cpu()
-    exact = patch_add_exact(W0, Bc, Ac, s)
-    fi = torch.finfo(dtype_w)
-    step = torch.maximum(exact.abs() * fi.eps, torch.tensor(fi.smallest_normal * fi.eps, dtype=torch.float64))
     mag = (Bc.double().abs() * s.double().abs()[None, :]) @ Ac.double().abs()
-    bound = step / 2 + fp32_error_bound(W0, Bc, Ac, s) + 2 * 2.0**-16 * mag
-    err = (out.double() - exact).abs()
-    assert (err <= bound).all(), f"worst error {(err / bound).max().item():.3g}x the bound"
-    if out.numel() >= 200:
-        miss = (ulp_distance(out, exact.to(dtype_w)) > 0).double().mean().item()
-        assert miss <= 0.01, f"{miss:.1%} of elements are not the correctly rounded result"
+    _assert_one_rounding(out, patch_add_exact(W0, Bc, Ac, s), fp32_error_bound(W0, Bc, Ac, s) + 2 * 2.0**-16 * mag)
 
 
 def test_per_rank_scale_merges_several_patches(backend):
@@ -161,15 +166,7 @@ def test_several_patches_on_16bit_W_with_16bit_factors(backend, dtype):
     s = torch.cat([torch.full((b.shape[1],), sc) for (b, _), sc in zip(patches, (0.5, -2.0, 3.0, 0.25))])
     W0 = W.clone().cpu()
     ops.patch_add_(W, B, A, s.to(device), backend=name)
-    out = W.cpu()
-    exact = patch_add_exact(W0, B.cpu(), A.cpu(), s)
-    fi = torch.finfo(dtype)
-    step = torch.maximum(exact.abs() * fi.eps, torch.tensor(fi.smallest_normal * fi.eps, dtype=torch.float64))
-    bound = step / 2 + fp32_error_bound(W0, B.cpu(), A.cpu(), s)
-    err = (out.double() - exact).abs()
-    assert (err <= bound).all(), f"worst error {(err / bound).max().item():.3g}x the bound"
-    miss = (ulp_distance(out, exact.to(dtype)) > 0).double().mean().item()
-    assert miss <= 0.01, f"{miss:.1%} of elements are not the correctly rounded result"
+    _assert_one_rounding(W.cpu(), patch_add_exact(W0, B.cpu(), A.cpu(), s), fp32_error_bound(W0, B.cpu(), A.cpu(), s))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
