@@ -136,3 +136,20 @@ def test_every_default_was_measured_on_the_current_source():
         for dev in ("cpu",):
             for op in ops.IMPLEMENTATIONS:
                 assert all(v is True for v in defaults.measured_on_current_source(op, dev).values()), op
+
+
+def test_a_never_default_kernel_stays_out_however_fast(tmp_path, monkeypatch):
+    """skeleton_mm's CUDA kernel (fp32 FMA) is a tested option, never a default: a row measuring it
+    faster than the reference, of the current source, still leaves the reference alone."""
+    gen = _gen()
+    assert ("skeleton_mm", "cuda") in gen.NEVER_DEFAULT
+    monkeypatch.setattr(gen.sources, "source_hash", lambda op, b, *a: "h" * 16)
+    base = dict(op="pmss_layer", m=64, n=64, r=16, dtype="bfloat16")
+    rows = [dict(base, provider="pmss-reference", median_ms=2.0),
+            dict(base, provider="pmss-cuda", median_ms=1.0, source_hashes={"skeleton_mm": "h" * 16}),
+            dict(base, provider="pmss-triton", median_ms=1.5, source_hashes={"skeleton_mm": "h" * 16})]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"device": {"type": "cuda"}, "versions": {}, "results": rows}))
+    assert gen.generate([str(path)]) == {"cuda": {"skeleton_mm": ["triton", "reference"]}}
+    monkeypatch.setattr(gen, "NEVER_DEFAULT", {})
+    assert gen.generate([str(path)]) == {"cuda": {"skeleton_mm": ["cuda", "triton", "reference"]}}

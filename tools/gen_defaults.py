@@ -13,7 +13,7 @@ those are ranked by the geometric mean of that ratio, fastest first, and the ref
 Only rows measured on the kernel as it is now count: each row records the hash of the source of the
 backend it timed (``source_hashes``, ``portllm.sources``), and a row whose hash is not the tree's
 (or that has none) is stale and ignored, so a kernel edited since its measurement is no default
-until it is measured again. The table records the hashes it was made from (``SOURCES``), for
+until it is measured again. A kernel in ``NEVER_DEFAULT`` is never one. The table records the hashes it was made from (``SOURCES``), for
 ``portllm info``.
 """
 
@@ -45,6 +45,11 @@ SOURCES = {
 }
 # Only the ops' backends can be defaults (the PMSS layer's "pmss-gemm" form is measured beside them).
 BACKENDS = ("reference", "cpp", "cuda", "triton")
+# Kernels kept as tested options that are never a default, whatever a benchmark says, with why.
+NEVER_DEFAULT = {
+    ("skeleton_mm", "cuda"): "fp32 FMA by design, no tensor cores: cuBLAS on the gathered skeleton wins "
+                             "(5.2 ms against 1.3 ms on the H100, ../shared/gpu); issue #23",
+}
 
 
 def isa_of(result: dict, row: dict) -> str:
@@ -103,7 +108,8 @@ def generate(paths: list[str], with_sources: bool = False):
                 key = (r.get("m"), r.get("n"), r.get("r"), r.get("dtype"), r.get("factor_dtype"), r.get("tokens"),
                        r.get("n_in"), r.get("n_out"), r.get("T"), r.get("case"), r.get("graph"))
                 backend = r["provider"][len(prefix):]
-                if backend not in BACKENDS or (backend != "reference" and not fresh(r, op, backend)):
+                if backend not in BACKENDS or (op, backend) in NEVER_DEFAULT \
+                        or (backend != "reference" and not fresh(r, op, backend)):
                     continue
                 case = cases.setdefault(key, {"ref": None, "times": {}})
                 # A time paired with a baseline in the same test (serve: the base GEMM) compares

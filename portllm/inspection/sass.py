@@ -24,14 +24,7 @@ def width(op: str) -> int:
     return 32
 
 
-def stats(cubin_path: str, tool: str) -> dict:
-    sass = subprocess.run([tool, "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
-    res = subprocess.run([tool, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
-    ops = Counter(_OP.findall(sass))
-    m = _RES.search(res)
-    if m is None:
-        raise RuntimeError(f"cuobjdump -res-usage {cubin_path}: no resource line")
-
+def _summary(ops: Counter, regs: int, stack: int, shared: int, local: int) -> dict:
     def widths(kind):
         out = Counter()
         for op, n in ops.items():
@@ -40,7 +33,7 @@ def stats(cubin_path: str, tool: str) -> dict:
         return {str(k): v for k, v in sorted(out.items())}
 
     return {
-        "regs": int(m.group(1)), "stack": int(m.group(2)), "shared": int(m.group(3)), "local": int(m.group(4)),
+        "regs": regs, "stack": stack, "shared": shared, "local": local,
         "wgmma": sum(n for op, n in ops.items() if op.startswith("HGMMA")),
         "mma": sum(n for op, n in ops.items() if op.startswith("HMMA")),
         "ldg": widths("LDG"), "stg": widths("STG"),
@@ -49,3 +42,52 @@ def stats(cubin_path: str, tool: str) -> dict:
         "ldl_stl": sum(n for op, n in ops.items() if op.split(".")[0] in ("LDL", "STL")),
         "ffma": ops.get("FFMA", 0),
     }
+
+
+def stats(cubin_path: str, tool: str) -> dict:
+    """The stats of a cubin holding one kernel (Triton's)."""
+    sass = subprocess.run([tool, "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([tool, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
+    m = _RES.search(res)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage {cubin_path}: no resource line")
+    return _summary(Counter(_OP.findall(sass)), *(int(g) for g in m.groups()))
+
+
+_ARCH = re.compile(r"^arch = (sm_\w+)", re.M)
+_FUNC = re.compile(r"Function\s*:?\s*(\S+?):?\s*$")
+
+
+def _sections(text: str) -> dict:
+    """{(arch, function): the lines of its section} of a cuobjdump listing of a fatbin (one section per
+    architecture, one function after another within it)."""
+    out, arch, fn = {}, None, None
+    for line in text.splitlines():
+        m = _ARCH.match(line.strip())
+        if m:
+            arch, fn = m.group(1), None
+            continue
+        m = _FUNC.search(line) if "Function" in line else None
+        if m and arch:
+            fn = m.group(1)
+            out[(arch, fn)] = []
+            continue
+        if fn is not None:
+            out[(arch, fn)].append(line)
+    return out
+
+
+def stats_by_function(obj_path: str, tool: str) -> dict:
+    """{arch: {mangled function name: stats}} of every kernel in an object or fatbin (nvcc's output:
+    one cubin per architecture, several kernels in each)."""
+    sass = subprocess.run([tool, "-sass", obj_path], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([tool, "-res-usage", obj_path], capture_output=True, text=True, check=True).stdout
+    usage = {k: _RES.search("\n".join(v)) for k, v in _sections(res).items()}
+    out: dict = {}
+    for (arch, fn), lines in _sections(sass).items():
+        m = usage.get((arch, fn))
+        if m is None:
+            raise RuntimeError(f"cuobjdump -res-usage {obj_path}: no resource line for {fn} ({arch})")
+        ops = Counter(_OP.findall("\n".join(lines)))
+        out.setdefault(arch, {})[fn] = _summary(ops, *(int(g) for g in m.groups()))
+    return out
