@@ -16,7 +16,7 @@ $(STAMP): $(SOURCES)
 
 install: $(STAMP)
 
-# The main job: the portability experiment end to end (about 2 minutes on a 2-core CPU).
+# The main job: the portability experiment end to end (about eight minutes on a 2-core CPU).
 demo: $(STAMP)
 	$(BIN)/portllm demo
 
