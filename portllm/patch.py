@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -222,6 +223,11 @@ class Patch:
                 "version": self.version, "source": self.source, "base_model": self.base_model,
                 "base_sketches": self.base_sketches, "extra": self.extra})}
             write_tensors(os.path.join(tmp, WEIGHTS), tensors, meta)
+        from portllm.vllm_limits import unservable
+
+        why = unservable(self)
+        if why:
+            warnings.warn(f"{path}: {why}", stacklevel=2)
         return path
 
 

@@ -1,0 +1,93 @@
+"""portllm's serving kernels as vLLM's LoRA backend: a punica wrapper whose LoRA products are
+``portllm.ops.lora_shrink`` and ``portllm.ops.lora_expand_`` (the C++ kernels on a CPU).
+
+vLLM's LoRA layers call their platform's punica wrapper (``vllm/lora/punica_wrapper``) with stacked
+factors, one slot per resident adapter: for a linear layer of several output slices (qkv, gate_up),
+per slice A [L, 1, r, in] and B [L, 1, out, r], r = ``max_lora_rank`` (an adapter of smaller rank
+zero-padded), the adapter's scale already folded into B at load (``LoRALayerWeights.optimize``), and
+per token the slot index (``token_lora_indices``; -1: no adapter). Those are exactly the ops'
+operands: A[:, 0] is [P, R, n], B[:, 0] is [P, m, R], the slots are the slots. Each slice is one
+shrink (fp32 h, exact products, fp32 sums) and one expand (fp32 sums, one rounding of y + h·Bᵀ):
+vLLM's own CPU path rounds B·h in the model dtype before adding it to y.
+
+A token with index -1 is left untouched, bit for bit. (vLLM 0.32's CPU ops index the stacked
+weights with it, so in a batch with an adapter in the last slot a request without an adapter gets
+that adapter; vllm-project/vllm#48421.)
+
+Built by ``portllm.vllm_plugin`` only when the user opts in; importing this module needs vLLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+from portllm.ops import lora_expand_, lora_shrink
+
+
+class _PortllmOps:
+    """The LoRA products of a punica wrapper on portllm's ops; the metadata (slots per token and per
+    request) is the vLLM base class's."""
+
+    _ones: torch.Tensor | None = None
+
+    def _unit_scale(self, slots: int, device) -> torch.Tensor:
+        if self._ones is None or self._ones.shape[0] != slots or self._ones.device != torch.device(device):
+            self._ones = torch.ones(slots, dtype=torch.float32, device=device)
+        return self._ones
+
+    def _shrink(self, x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
+        h = lora_shrink(x, A[:, 0] if A.dim() == 4 else A, slots)
+        return h if scale == 1.0 else h.mul_(scale)
+
+    def _expand(self, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+                add_inputs: bool) -> None:
+        B = B[:, 0] if B.dim() == 4 else B
+        B = B[:, :y.shape[1]]  # the logits' B may be padded past the vocabulary
+        if not add_inputs:
+            y.zero_()
+        h = h if h.dtype == torch.float32 else h.float()
+        lora_expand_(y, h.contiguous(), B, self._unit_scale(B.shape[0], y.device), slots)
+
+    def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs: Any) -> None:
+        x = x.view(-1, x.shape[-1])
+        for i, A in enumerate(lora_a_stacked):
+            h = self._shrink(x, A, self.token_lora_indices, scale)
+            y[i][:, :h.shape[1]].copy_(h)
+
+    def add_expand(self, y: torch.Tensor, x, lora_b_stacked, output_slices, offset_start: int = 0,
+                   add_inputs: bool = True, **kwargs: Any) -> None:
+        y2 = y.view(-1, y.shape[-1])
+        off = offset_start
+        for i, B in enumerate(lora_b_stacked):
+            n = output_slices[i]
+            self._expand(y2[:, off:off + n], x[i], B, self.token_lora_indices, add_inputs)
+            off += n
+
+    def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
+                           add_inputs: bool = True, **kwargs: Any) -> None:
+        self._expand(y.view(-1, y.shape[-1]), x, lora_b_stacked, self.token_lora_indices, add_inputs)
+
+    def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked, scale: float,
+                        output_slices, *, buffer=None, **kwargs: Any) -> None:
+        if not (len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)):
+            raise ValueError(f"portllm punica wrapper: {len(lora_a_stacked)} A slices, {len(lora_b_stacked)} B "
+                             f"slices, {len(output_slices)} output slices")
+        x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        slots, off = self.token_lora_indices, 0
+        for A, B, n in zip(lora_a_stacked, lora_b_stacked, output_slices):
+            self._expand(y2[:, off:off + n], self._shrink(x2, A, slots, scale), B, slots, True)
+            off += n
+
+    def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
+                        lora_b_stacked: torch.Tensor, scale, *, buffer=None, **kwargs: Any) -> None:
+        y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+        slots = self.sampler_indices
+        self._expand(y2, self._shrink(x2, lora_a_stacked, slots, scale), lora_b_stacked, slots, True)
+
+
+class PortllmPunicaWrapperCPU(_PortllmOps, PunicaWrapperCPU):
+    """vLLM's CPU punica wrapper with its LoRA products on portllm's ops (metadata, and the
+    classifier heads' ``apply_lora_full_linear``, are vLLM's)."""
