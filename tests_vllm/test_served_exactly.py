@@ -131,3 +131,16 @@ def test_adapters_mixed_bf16_portllm_backend(work):
         got = serve(b, _requests(work), prompts, dtype="bfloat16", max_loras=2)
     n = sum(tiny.ties_taken(ref, [got[i]], [prompts[i]])[0] for i, ref in enumerate(refs))
     assert n <= 1, f"{n} of 64 tokens off PEFT's argmax"
+
+
+def test_adapters_taking_turns_in_one_slot_portllm_backend(work):
+    """One adapter slot, two adapters: vLLM swaps them in and out of the slot between steps. portllm's
+    backend keeps B in a layout of its own; a copy left from the slot's previous adapter would give
+    the other adapter's tokens."""
+    reqs = [lora("lora0", 10, work["lora0"]), lora("lora1", 11, work["lora1"])]
+    want = [tiny.greedy(tiny.hf(work["base"], work[f"lora{i}"])) for i in (0, 1)]
+    with plugin_on():
+        got = [serve(work["base"], reqs[i % 2], [tiny.PROMPTS[i]], max_loras=1)[0] for i in range(2)]
+        both = serve(work["base"], [reqs[0], reqs[1], reqs[0], reqs[1]], max_loras=1)
+    assert got == [want[0][0], want[1][1]]
+    assert both == [want[i % 2][i] for i in range(4)]
