@@ -88,7 +88,11 @@ class _PortllmOps:
     def _expand(self, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
                 add_inputs: bool) -> None:
         _, expand_ = _kernels(y.shape[0])
-        B = self._columns_contiguous(B, y.shape[1])  # the logits' B may be padded past the vocabulary
+        # the logits: B may be padded past the vocabulary, or the logits padded past B's (vocabulary
+        # 250, logits 256): the columns both have
+        m = min(y.shape[1], B.shape[-2])
+        y = y[:, :m]
+        B = self._columns_contiguous(B, m)
         if not add_inputs:
             y.zero_()
         h = h if h.dtype == torch.float32 else h.float()

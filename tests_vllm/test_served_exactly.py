@@ -95,6 +95,20 @@ def test_a_pmss_patch(work, backend):
     assert _serve(backend, work["base"], lora("pmss", 3, path)) == want
 
 
+@BACKENDS
+def test_an_adapter_on_the_output_head(work, backend):
+    """A patch of lm_head on a vocabulary of 250: vLLM pads the logits to 256 columns past the adapter's
+    250 (the LoRA logits path, indexed per request)."""
+    root = os.path.join(work["root"], f"head-{backend}")
+    base = tiny.save_model(tiny.model(0, vocab=250), os.path.join(root, "base"))
+    path = tiny.lora_adapter(base, os.path.join(root, "lora"), rank=8, seed=1, target=["q_proj", "v_proj", "lm_head"])
+    want = tiny.greedy(tiny.hf(base, path))
+    assert want != tiny.greedy(tiny.hf(base))
+    assert _serve(backend, base, [lora("head", 1, path), None, lora("head", 1, path), None],
+                  max_lora_rank=8, max_loras=2) == [want[0], tiny.greedy(tiny.hf(base))[1], want[2],
+                                                    tiny.greedy(tiny.hf(base))[3]]
+
+
 def _mixed_want(work):
     lr = [tiny.greedy(tiny.hf(work["base"], work[f"lora{i}"])) for i in (0, 1)]
     base = tiny.greedy(tiny.hf(work["base"]))

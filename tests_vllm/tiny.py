@@ -14,19 +14,19 @@ PROMPTS = [[1, 5, 17, 42, 99, 3], [1, 200, 13, 7], [1, 9, 9, 9, 9, 9, 9, 9, 30],
 NEW = 16  # tokens generated per prompt: 4 × 16 = 64 in all
 
 
-def config(seed_layers: int = 2):
+def config(layers: int = 2, vocab: int = VOCAB):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=64, num_hidden_layers=seed_layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=32, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256,
+    return LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, intermediate_size=128, vocab_size=vocab, max_position_embeddings=256,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def model(seed: int = 0):
+def model(seed: int = 0, vocab: int = VOCAB):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    m = LlamaForCausalLM(config())
+    m = LlamaForCausalLM(config(vocab=vocab))
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 2:
