@@ -10,9 +10,10 @@ operands: A[:, 0] is [P, R, n], B[:, 0] is [P, m, R], the slots are the slots. E
 shrink (fp32 h, exact products, fp32 sums) and one expand (fp32 sums, one rounding of y + h·Bᵀ):
 vLLM's own CPU path rounds B·h in the model dtype before adding it to y.
 
-A token with index -1 is left untouched, bit for bit. (vLLM 0.32's CPU ops index the stacked
+A token with index -1 is left untouched, bit for bit (but for ``add_expand(..., add_inputs=False)``,
+which zeroes the slice first; no CPU caller of vLLM 0.32 passes it). (vLLM 0.32's CPU ops index the stacked
 weights with it, so in a batch with an adapter in the last slot a request without an adapter gets
-that adapter; vllm-project/vllm#48421.)
+that adapter; vLLM pull request #48421.)
 
 Built by ``portllm.vllm_plugin`` only when the user opts in; importing this module needs vLLM.
 """
@@ -50,9 +51,10 @@ class _PortllmOps:
 
     B is kept a second time, laid out [P, R, m] (output columns contiguous): vLLM stacks it [P, m, R],
     along which lora_expand_'s CPU kernel would read with a stride of R (it does not vectorise: 8
-    tokens, 2816 columns, r=16 took 128 us against 50). The copies are made at first use and dropped
-    whenever vLLM moves adapters between slots (``update_metadata`` sees its slot layout change), so
-    they always hold what the slots hold."""
+    tokens, 2816 columns, r=16 took 128 us against 50). The copies are made at first use, keyed by
+    the stacked tensor's version counter (vLLM writes an adapter into its slot in place, which bumps
+    it: a reload under the same id, ``load_inplace``, included), and all dropped whenever vLLM moves
+    adapters between slots (``update_metadata`` sees its slot layout change)."""
 
     _ones: torch.Tensor | None = None
     _layouts: dict | None = None
@@ -73,7 +75,7 @@ class _PortllmOps:
         """B[:, 0, :m] ([P, m, R]) as a view of a [P, R, m] copy, made once per slot layout."""
         if self._layouts is None:
             self._layouts = {}
-        key = (B.data_ptr(), tuple(B.shape), m)
+        key = (B.data_ptr(), tuple(B.shape), m, B._version)  # an adapter reloaded in place bumps the version
         out = self._layouts.get(key)
         if out is None:
             out = (B[:, 0] if B.dim() == 4 else B)[:, :m].transpose(1, 2).contiguous().transpose(1, 2)

@@ -23,12 +23,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 def pytest_configure(config):
     os.environ.pop("PORTLLM_VLLM_LORA", None)  # the plugin is opted into by the tests that mean it
+    os.environ.pop("VLLM_PLUGINS", None)
 
 
-def engine(model_dir: str, dtype: str = "float32", lora: bool = True, max_loras: int = 2, max_lora_rank: int = 64):
+def engine(model_dir: str, dtype: str = "float32", lora: bool = True, max_loras: int = 2, max_lora_rank: int = 64,
+           **extra):
     from vllm import LLM
 
-    kw = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras) if lora else {}
+    kw = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras, **extra) if lora else {}
     return LLM(model=model_dir, dtype=dtype, enforce_eager=True, skip_tokenizer_init=True, max_model_len=256,
                max_num_seqs=8, seed=0, **kw)
 

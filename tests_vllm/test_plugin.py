@@ -77,3 +77,11 @@ def test_a_rank_between_vllms_values_is_padded(work):
     assert serve(work["base"], req, max_lora_rank=max_lora_rank_for(96)) == want
     with plugin_on():
         assert serve(work["base"], req, max_lora_rank=max_lora_rank_for(96)) == want
+
+
+def test_portllms_kernels_are_built_here():
+    """Without portllm._C the backend would fall back to the reference ops and every test above would
+    still pass: the C++ kernels must be what runs here."""
+    from portllm import _ext
+
+    assert _ext.has_kernel("lora_shrink", "CPU") and _ext.has_kernel("lora_expand_", "CPU"), _ext.build_info()

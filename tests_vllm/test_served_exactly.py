@@ -7,6 +7,7 @@ on a near-tie (two logits within a few bf16 ulps) they may take different sides;
 vLLM's tokens back through the reference model and allow at most 1 of the 64 off its argmax, by at
 most 0.05 in the logits (``tiny.ties_taken``); anything else fails."""
 
+import contextlib
 import os
 
 import pytest
@@ -123,7 +124,7 @@ def _requests(work):
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="vLLM 0.32's CPU LoRA ops read the no-adapter index -1 as the last slot: with both "
                           "slots taken, the request without an adapter gets the adapter in slot 1 "
-                          "(vllm-project/vllm#48421); portllm's backend does not")
+                          "(vLLM pull request #48421); portllm's backend does not")
 def test_adapters_mixed_in_one_batch_vllm_own_path(work):
     assert serve(work["base"], _requests(work), max_loras=2) == _mixed_want(work)
 
@@ -158,3 +159,37 @@ def test_adapters_taking_turns_in_one_slot_portllm_backend(work):
         both = serve(work["base"], [reqs[0], reqs[1], reqs[0], reqs[1]], max_loras=1)
     assert got == [want[0][0], want[1][1]]
     assert both == [want[i % 2][i] for i in range(4)]
+
+
+@BACKENDS
+def test_an_adapter_reloaded_in_place(work, backend):
+    """LoRARequest(load_inplace=True): the same id, new weights, into the same slot. portllm's backend
+    keeps B in a layout of its own; a copy left from before the reload would mix old B and new A."""
+    from conftest import close, engine, generate
+
+    path = os.path.join(work["root"], f"inplace-{backend}")
+    want = [tiny.greedy(tiny.hf(work["base"], work[f"lora{i}"])) for i in (0, 1)]
+    import shutil
+
+    shutil.copytree(work["lora0"], path)
+    ctx = plugin_on() if backend == "portllm" else contextlib.nullcontext()
+    with ctx:
+        llm = engine(work["base"], max_loras=2)
+        try:
+            first = generate(llm, lora("a", 1, path))
+            shutil.rmtree(path)
+            shutil.copytree(work["lora1"], path)
+            from vllm.lora.request import LoRARequest
+
+            again = generate(llm, LoRARequest("a", 1, path, load_inplace=True))
+        finally:
+            close(llm)
+    assert first == want[0] and again == want[1]
+
+
+@BACKENDS
+def test_fully_sharded_lora_layers(work, backend):
+    """fully_sharded_loras=True: vLLM's sharded LoRA layers call the wrapper's add_shrink and add_expand
+    separately (one process here, so no shard is exchanged)."""
+    want = tiny.greedy(tiny.hf(work["base"], work["lora1"]))
+    assert _serve(backend, work["base"], lora("l1", 1, work["lora1"]), fully_sharded_loras=True) == want
