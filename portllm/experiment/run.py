@@ -44,38 +44,51 @@ def run_seeds(work: str, seeds: list[int], quick: bool, log=print, parallel: int
     takes the seeds' total CPU time over the cores, not whole rounds of seeds), their lines passed on as
     they come; the results in seed order. A seed that fails stops the run with its last lines."""
     parallel = parallel or max(1, min(len(seeds), 4 * (os.cpu_count() or 1)))
-    pending, running, tails = list(seeds), {}, {}
+    pending, running, tails, procs = list(seeds), {}, {}, []
     import selectors
 
     sel = selectors.DefaultSelector()
-    while pending or running:
-        while pending and len(running) < parallel:
-            s = pending.pop(0)
-            d = os.path.join(work, f"seed-{s}")
-            proc = subprocess.Popen([sys.executable, "-m", "portllm.experiment.seed_run", d, str(s),
-                                     "quick" if quick else "full"], stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, env=_seed_env())
-            running[proc.stdout] = (s, proc)
-            tails[s] = []
-            sel.register(proc.stdout, selectors.EVENT_READ)
-        for key, _ in sel.select():
-            s, proc = running[key.fileobj]
-            line = key.fileobj.readline()
-            if line:
-                tails[s] = (tails[s] + [line.rstrip()])[-20:]
-                if line.startswith("  [seed"):
-                    log(line.rstrip())
-                continue
-            sel.unregister(key.fileobj)
-            del running[key.fileobj]
-            if proc.wait() != 0:
-                for _, p in running.values():
-                    p.kill()
-                raise RuntimeError(f"seed {s} failed:\n" + "\n".join(tails[s]))
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                s = pending.pop(0)
+                d = os.path.join(work, f"seed-{s}")
+                proc = subprocess.Popen([sys.executable, "-m", "portllm.experiment.seed_run", d, str(s),
+                                         "quick" if quick else "full"], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, env=_seed_env())
+                procs.append(proc)
+                running[proc.stdout] = (s, proc)
+                tails[s] = []
+                sel.register(proc.stdout, selectors.EVENT_READ)
+            for key, _ in sel.select():
+                s, proc = running[key.fileobj]
+                line = key.fileobj.readline()
+                if line:
+                    tails[s] = (tails[s] + [line.rstrip()])[-20:]
+                    if line.startswith("  [seed"):
+                        log(line.rstrip())
+                    continue
+                sel.unregister(key.fileobj)
+                del running[key.fileobj]
+                if proc.wait() != 0:
+                    raise RuntimeError(f"seed {s} failed:\n" + "\n".join(tails[s]))
+    finally:  # a failed seed, an error here or Ctrl-C: no seed process outlives the run, no pipe stays open
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+            p.stdout.close()
+        sel.close()
     out = []
     for s in seeds:
-        with open(os.path.join(work, f"seed-{s}", "seed.json")) as f:
-            out.append(json.load(f))
+        path = os.path.join(work, f"seed-{s}", "seed.json")
+        try:
+            with open(path) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"seed {s} ended without its results ({path}: {e}); its last lines:\n"
+                               + "\n".join(tails.get(s, []))) from None
     return out
 
 
