@@ -56,6 +56,13 @@ def test_a_ported_checkpoint_bf16(work):
     assert n <= 1, f"{n} of 64 tokens off transformers' argmax (largest gap {worst:.4f})"
 
 
+def _served_as_peft(backend, base, req):
+    """vLLM serves the adapter ``req`` names on ``base`` as PEFT runs it, and the adapter changes tokens."""
+    want = tiny.greedy(tiny.hf(base, req.lora_path))
+    assert want != tiny.greedy(tiny.hf(base))
+    assert _serve(backend, base, req) == want
+
+
 @BACKENDS
 def test_a_patch_saved_by_portllm(work, backend):
     from portllm import Patch
@@ -71,9 +78,7 @@ def test_an_extracted_patch(work, backend):
 
     p = extract_patch(work["base"], work["evolved"], rank=8)
     path = p.save(os.path.join(work["root"], f"extracted-{backend}"))
-    want = tiny.greedy(tiny.hf(work["base"], path))
-    assert want != tiny.greedy(tiny.hf(work["base"]))
-    assert _serve(backend, work["base"], lora("extracted", 2, path)) == want
+    _served_as_peft(backend, work["base"], lora("extracted", 2, path))
 
 
 @BACKENDS
@@ -91,9 +96,7 @@ def test_a_pmss_patch(work, backend):
     patch = pmss.to_patch(m)
     assert {mod.B.shape[1] for mod in patch.modules.values()} == {32}
     path = patch.save(os.path.join(work["root"], f"pmss-{backend}"))
-    want = tiny.greedy(tiny.hf(work["base"], path))
-    assert want != tiny.greedy(tiny.hf(work["base"]))
-    assert _serve(backend, work["base"], lora("pmss", 3, path)) == want
+    _served_as_peft(backend, work["base"], lora("pmss", 3, path))
 
 
 @BACKENDS

@@ -20,6 +20,28 @@ def cache_dir() -> str:
                                                                     "inspect")
 
 
+def cached(path: str):
+    """The JSON cached at ``path``, or None."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def store(path: str, obj) -> None:
+    """Caches ``obj`` at ``path`` (written whole, then renamed). A cache that cannot be written (a
+    read-only home) costs a recompile next time, nothing more."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp_path = f"{path}.{os.getpid()}.tmp"
+        with open(tmp_path, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp_path, path)
+    except OSError:
+        pass
+
+
 def _key(fn, args, meta, cc) -> str:
     import triton
 
@@ -42,11 +64,9 @@ def compile_stats(fn, args: tuple, meta: dict, cc: int) -> dict:
     """sass.stats of ``fn`` compiled for sm_{cc} (sm_90a for 90) with ``args`` and ``meta`` (constexprs,
     num_warps, num_stages), plus the launch's threads; from the cache when the source is unchanged."""
     path = os.path.join(cache_dir(), _key(fn, args, meta, cc) + ".json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        pass
+    hit = cached(path)
+    if hit is not None:
+        return hit
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -67,12 +87,5 @@ def compile_stats(fn, args: tuple, meta: dict, cc: int) -> dict:
         out = sass.stats(cub, toolchain.cuobjdump())
     out["threads"] = 32 * ck.metadata.num_warps
     out["stages"] = ck.metadata.num_stages
-    try:  # a cache that cannot be written (a read-only home) costs a recompile next time, nothing more
-        os.makedirs(cache_dir(), exist_ok=True)
-        tmp_path = f"{path}.{os.getpid()}.tmp"
-        with open(tmp_path, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp_path, path)
-    except OSError:
-        pass
+    store(path, out)
     return out

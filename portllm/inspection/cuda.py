@@ -17,7 +17,7 @@ import subprocess
 import sysconfig
 import tempfile
 
-from portllm.inspection import sass
+from portllm.inspection import build, sass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARCHS = ("80", "90a")
@@ -78,23 +78,14 @@ def compile_stats(src: str, tool: str, cache: str) -> dict:
     message where it does not compile."""
     nvcc = find_nvcc()
     path = os.path.join(cache, f"cuda-{_key(src, nvcc)}.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        pass
+    hit = build.cached(path)
+    if hit is not None:
+        return hit
     with tempfile.TemporaryDirectory() as tmp:
         obj = os.path.join(tmp, "k.o")
         res = subprocess.run(nvcc_command(nvcc, src, obj), capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"nvcc failed on {os.path.relpath(src, ROOT)}: {(res.stdout + res.stderr)[-2000:]}")
         out = sass.stats_by_function(obj, tool)
-    try:
-        os.makedirs(cache, exist_ok=True)
-        tmp_path = f"{path}.{os.getpid()}.tmp"
-        with open(tmp_path, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp_path, path)
-    except OSError:
-        pass
+    build.store(path, out)
     return out
