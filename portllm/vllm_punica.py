@@ -28,19 +28,28 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from portllm import _ext, ops
 
 
-# Up to this many tokens in a step (decode), the C++ kernels; from there on (prefill), the ops'
-# measured default (portllm.defaults; the reference's ATen GEMMs on these CPUs). Measured on this
-# project's 2-core EPYC (avx512bf16), one thread, 1024 -> 16 -> 2816 bf16, shrink + expand, C++ against
-# the reference: 1 token 42 vs 76 us; 8 tokens on one adapter 90 vs 93, on 8 adapters 158 vs 509;
-# 32 tokens on one adapter 256 vs 143; 1024 tokens 20 ms vs 2.4 ms on one adapter.
-DECODE_TOKENS = 16
+# The C++ kernels where no adapter has more than this many of a step's tokens (decode, and short
+# steps spread over adapters); from there on, the ops' measured default (portllm.defaults; the
+# reference's ATen GEMMs on these CPUs). Measured on this project's 2-core EPYC (avx512bf16), one
+# thread, 1024 -> 16 -> 2816 bf16, shrink + expand, C++ against the reference (us): 1 token 42 vs 76;
+# 8 tokens on one adapter 90 vs 93, on 8 adapters 158 vs 509; 12 on one 119 vs 97, on 8 195 vs 579;
+# 16 on one 152 vs 115, on 8 219 vs 590; 32 on one 256 vs 143, on 8 357 vs 677; 128 on 8 1440 vs 1050.
+MAX_TOKENS_PER_ADAPTER = 8
 
 
-def _kernels(tokens: int):
-    """The C++ kernels called straight through the dispatcher for a decode-sized step, where built
-    (the wrapper's operands are vLLM's, of known shapes: the ops' Python checks would cost more than
-    the products), else the checked ops on their default backend."""
-    if tokens <= DECODE_TOKENS and _ext.has_kernel("lora_shrink", "CPU") and _ext.has_kernel("lora_expand_", "CPU"):
+def _direct(slots: torch.Tensor) -> bool:
+    """Whether a step routed by ``slots`` takes the C++ kernels (``MAX_TOKENS_PER_ADAPTER``)."""
+    if not (_ext.has_kernel("lora_shrink", "CPU") and _ext.has_kernel("lora_expand_", "CPU")):
+        return False
+    routed = slots[slots >= 0]
+    return routed.numel() == 0 or int(torch.bincount(routed).max()) <= MAX_TOKENS_PER_ADAPTER
+
+
+def _kernels(direct: bool):
+    """The C++ kernels called straight through the dispatcher (the wrapper's operands are vLLM's, of
+    known shapes: the ops' Python checks would cost more than a decode step's products), or the
+    checked ops on their default backend."""
+    if direct:
         return torch.ops.portllm.lora_shrink, torch.ops.portllm.lora_expand_
     return ops.lora_shrink, ops.lora_expand_
 
@@ -59,12 +68,15 @@ class _PortllmOps:
     _ones: torch.Tensor | None = None
     _layouts: dict | None = None
     _slot_ids: list | None = None
+    _direct_tokens = _direct_requests = False  # which kernels this step's layers and logits take
 
     def update_metadata(self, mapping, lora_index_to_id, max_loras, vocab_size, **kwargs):
         ids = list(lora_index_to_id)
         if ids != self._slot_ids:
             self._layouts, self._slot_ids = {}, ids
-        return super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        out = super().update_metadata(mapping, lora_index_to_id, max_loras, vocab_size, **kwargs)
+        self._direct_tokens, self._direct_requests = _direct(self.token_lora_indices), _direct(self.sampler_indices)
+        return out
 
     def _unit_scale(self, slots: int, device) -> torch.Tensor:
         if self._ones is None or self._ones.shape[0] != slots or self._ones.device != torch.device(device):
@@ -82,14 +94,15 @@ class _PortllmOps:
             self._layouts[key] = out
         return out
 
-    def _shrink(self, x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, scale: float) -> torch.Tensor:
-        shrink, _ = _kernels(x.shape[0])
+    def _shrink(self, x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, scale: float,
+                direct: bool) -> torch.Tensor:
+        shrink, _ = _kernels(direct)
         h = shrink(x, A[:, 0] if A.dim() == 4 else A, slots)
         return h if scale == 1.0 else h.mul_(scale)
 
     def _expand(self, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
-                add_inputs: bool) -> None:
-        _, expand_ = _kernels(y.shape[0])
+                add_inputs: bool, direct: bool) -> None:
+        _, expand_ = _kernels(direct)
         # the logits: B may be padded past the vocabulary, or the logits padded past B's (vocabulary
         # 250, logits 256): the columns both have
         m = min(y.shape[1], B.shape[-2])
@@ -103,7 +116,7 @@ class _PortllmOps:
     def add_shrink(self, y, x: torch.Tensor, lora_a_stacked, scale: float, **kwargs: Any) -> None:
         x = x.view(-1, x.shape[-1])
         for i, A in enumerate(lora_a_stacked):
-            h = self._shrink(x, A, self.token_lora_indices, scale)
+            h = self._shrink(x, A, self.token_lora_indices, scale, self._direct_tokens)
             y[i][:, :h.shape[1]].copy_(h)
 
     def add_expand(self, y: torch.Tensor, x, lora_b_stacked, output_slices, offset_start: int = 0,
@@ -112,12 +125,13 @@ class _PortllmOps:
         off = offset_start
         for i, B in enumerate(lora_b_stacked):
             n = output_slices[i]
-            self._expand(y2[:, off:off + n], x[i], B, self.token_lora_indices, add_inputs)
+            self._expand(y2[:, off:off + n], x[i], B, self.token_lora_indices, add_inputs, self._direct_tokens)
             off += n
 
     def add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
                            add_inputs: bool = True, **kwargs: Any) -> None:
-        self._expand(y.view(-1, y.shape[-1]), x, lora_b_stacked, self.token_lora_indices, add_inputs)
+        self._expand(y.view(-1, y.shape[-1]), x, lora_b_stacked, self.token_lora_indices, add_inputs,
+                     self._direct_tokens)
 
     def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked, lora_b_stacked, scale: float,
                         output_slices, *, buffer=None, **kwargs: Any) -> None:
@@ -127,14 +141,16 @@ class _PortllmOps:
         x2, y2 = x.view(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         slots, off = self.token_lora_indices, 0
         for A, B, n in zip(lora_a_stacked, lora_b_stacked, output_slices):
-            self._expand(y2[:, off:off + n], self._shrink(x2, A, slots, scale), B, slots, True)
+            self._expand(y2[:, off:off + n], self._shrink(x2, A, slots, scale, self._direct_tokens), B, slots, True,
+                         self._direct_tokens)
             off += n
 
     def add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                         lora_b_stacked: torch.Tensor, scale, *, buffer=None, **kwargs: Any) -> None:
         y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
         slots = self.sampler_indices
-        self._expand(y2, self._shrink(x2, lora_a_stacked, slots, scale), lora_b_stacked, slots, True)
+        d = self._direct_requests
+        self._expand(y2, self._shrink(x2, lora_a_stacked, slots, scale, d), lora_b_stacked, slots, True, d)
 
 
 class PortllmPunicaWrapperCPU(_PortllmOps, PunicaWrapperCPU):
