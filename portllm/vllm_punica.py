@@ -33,7 +33,8 @@ from portllm import _ext, ops
 # reference's ATen GEMMs on these CPUs). Measured (benchmarks/vllm_ops_crossover.py) on this
 # project's 2-core EPYC (avx512bf16), one thread, 1024 -> 16 -> 2816 bf16, shrink + expand, C++
 # against the reference (us): 1 token 42 vs 76; 8 tokens on one adapter 90 vs 93, on 8 adapters
-# 158 vs 509; 12 on one 119 vs 97, on 8 195 vs 579; 16 on one 152 vs 115, on 8 219 vs 590; 32 on one 256 vs 143, on 8 357 vs 677; 128 on 8 1440 vs 1050.
+# 158 vs 509; 12 on one 119 vs 97, on 8 195 vs 579; 16 on one 152 vs 115, on 8 219 vs 590; 32 on
+# one 256 vs 143, on 8 357 vs 677; 128 on 8 1440 vs 1050.
 MAX_TOKENS_PER_ADAPTER = 8
 
 
