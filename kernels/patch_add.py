@@ -169,12 +169,17 @@ def _split_bf16(x: torch.Tensor):
     return hi, torch.where(hi.isinf(), 0.0, x - hi.to(torch.float32)).to(torch.bfloat16).contiguous()
 
 
-def launch_meta(R: int, mode: int = MODE_HALF) -> dict:
-    """The launch's block sizes, warps and stages for rank R (also what ``portllm.inspection`` compiles).
-    tl.dot needs every dimension >= 16; ranks are masked up to BLOCK_R. The fp32 (ieee) product takes
-    ranks 32 at a time: at 64 its operands spilled to local memory on sm_80; so does the split product
-    (three dots): at 64, 8 warps of 134-174 registers left one block per SM (``portllm.inspection``)."""
-    block_r = min(64 if mode == MODE_HALF else 32, max(16, triton.next_power_of_2(R)))
+def launch_meta(R: int, mode: int = MODE_HALF, groups: int = 1) -> dict:
+    """The launch's block sizes, warps and stages for rank R in ``groups`` scale groups (also what
+    ``portllm.inspection`` compiles). tl.dot needs every dimension >= 16; ranks are masked up to
+    BLOCK_R. The fp32 (ieee) product takes ranks 32 at a time: at 64 its operands spilled to local
+    memory on sm_80; so does the split product (three dots): at 64, 8 warps of 134-174 registers left
+    one block per SM. Several scale groups keep a second fp32 tile (each group's sum): they take ranks
+    16 at a time, 123 registers on sm_80 where 64 took 160 and 32 took 149 (``portllm.inspection``)."""
+    if mode == MODE_HALF and groups > 1:
+        block_r = 16
+    else:
+        block_r = min(64 if mode == MODE_HALF else 32, max(16, triton.next_power_of_2(R)))
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=block_r, GROUP_M=8, num_warps=8 if block_r >= 64 else 4,
                 num_stages=2)
 
@@ -200,7 +205,7 @@ def patch_add_experts_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
         mode = MODE_HALF
         gk, gs = _scale_groups(scale)
         ng = gs.shape[1]
-        block_r = launch_meta(R, mode)["BLOCK_R"]
+        block_r = launch_meta(R, mode, ng)["BLOCK_R"]
         rp = -(-R // block_r) * block_r
         if rp != R or B.stride(2) != 1 or B.stride(1) != rp:  # whole, aligned chunks of B (see the kernel)
             padded = B.new_zeros(E, M, rp)
@@ -212,7 +217,7 @@ def patch_add_experts_forward(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
         A, AL = _split_bf16(A)
     else:
         mode = MODE_FP32
-    meta = launch_meta(R, mode)
+    meta = launch_meta(R, mode, ng)
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)
     _patch_add_kernel[grid](
         W, B, A, BL, AL, scale, gk, gs, M, N, R, ng,

@@ -52,12 +52,9 @@ def _patch_add() -> list[Design]:
             sdt = "int32" if mode == pa.MODE_HALF else "float32"
             args = (wdt, fdt, fdt, fdt, fdt, "float32", sdt, "float32", M, N, r, ng, N, 1, r, 1, N, 1)
             tc = ("tensor_cores", "wgmma") if mode != pa.MODE_FP32 else ()
-            faults = {}
-            if mode == pa.MODE_HALF and ng > 1:
-                faults["registers@sm_80"] = "several scale groups take 160 registers on sm_80: 1 block of 256 threads per SM"
             out.append(Design(f"patch_add_ {label}, r={r}", "patch_add", "_patch_add_kernel", args,
-                              dict(pa.launch_meta(r, mode), MODE=mode, UPCAST=False, SOFT_RNE=False),
-                              tc + ("no_spills", "w_128bit", "factor_loads", "registers"), faults=faults))
+                              dict(pa.launch_meta(r, mode, max(ng, 1)), MODE=mode, UPCAST=False, SOFT_RNE=False),
+                              tc + ("no_spills", "w_128bit", "factor_loads", "registers")))
     return out
 
 
