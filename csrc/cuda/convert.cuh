@@ -3,8 +3,8 @@
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+
+#include "cuda/device.cuh"
 
 namespace portllm {
 

@@ -10,12 +10,9 @@
 // Implements portllm.ops.lora_expand_ (torch.ops.portllm.lora_expand_, CUDA); tested against the
 // reference by tests/test_serve_ops.py.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/convert.cuh"
+#include "cuda/device.cuh"
 #include "portllm.h"
 
 namespace portllm {
@@ -32,7 +29,7 @@ lora_expand_kernel(Y* __restrict__ y,                  // [T, m], strides (syt, 
                    const int64_t* __restrict__ slots,  // [T]
                    int64_t m, int64_t R, int64_t P, int64_t syt, int64_t sym, int64_t sbp,
                    int64_t sbm, int64_t sbr) {
-  extern __shared__ float hs[];  // [R]
+  PORTLLM_DYNAMIC_SMEM(float, hs);  // [R]
   const int64_t t = blockIdx.x;
   const int64_t p = slots[t];
   if (p < 0 || p >= P) return;  // the same for the whole block
@@ -50,8 +47,8 @@ lora_expand_kernel(Y* __restrict__ y,                  // [T, m], strides (syt, 
 void lora_expand_cuda(at::Tensor y, const at::Tensor& h, const at::Tensor& B, const at::Tensor& scale,
                       const at::Tensor& slots) {
   check_lora_expand_args(y, h, B, scale, slots);
-  TORCH_CHECK(y.is_cuda() && slots.scalar_type() == at::kLong, "lora_expand_ (cuda): slots must be int64");
-  const c10::cuda::CUDAGuard guard(y.device());
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "lora_expand_ (cuda): slots must be int64");
+  PORTLLM_CUDA_GUARD(y);
   const int64_t T = y.size(0), m = y.size(1), P = B.size(0), R = B.size(2);
   if (T == 0 || m == 0 || R == 0) return;
   const at::Tensor hk = h.contiguous(), S = scale.contiguous();
@@ -60,21 +57,20 @@ void lora_expand_cuda(at::Tensor y, const at::Tensor& h, const at::Tensor& B, co
   const size_t smem = static_cast<size_t>(R) * sizeof(float);
   TORCH_CHECK(smem <= 48 * 1024, "lora_expand_ (cuda): rank ", R, " too large");
   const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(gy));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   PORTLLM_DISPATCH_FLOATS(y.scalar_type(), "lora_expand_cuda", [&] {
     using Y = scalar_t;
     PORTLLM_DISPATCH_FLOATS(B.scalar_type(), "lora_expand_cuda_b", [&] {
-      lora_expand_kernel<Y, scalar_t><<<grid, THREADS, smem, stream>>>(
+      PORTLLM_LAUNCH(grid, THREADS, smem, lora_expand_kernel<Y, scalar_t>)(
           y.data_ptr<Y>(), hk.data_ptr<float>(), B.data_ptr<scalar_t>(), S.data_ptr<float>(),
           slots.data_ptr<int64_t>(), m, R, P, y.stride(0), y.stride(1), B.stride(0), B.stride(1),
           B.stride(2));
     });
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PORTLLM_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(portllm, CUDA, m) { m.impl("lora_expand_", &lora_expand_cuda); }
+PORTLLM_CUDA_IMPL("lora_expand_", &lora_expand_cuda)
 
 }  // namespace portllm

@@ -9,12 +9,9 @@
 // Implements portllm.ops.lora_shrink (torch.ops.portllm.lora_shrink, CUDA); tested against the
 // reference by tests/test_serve_ops.py.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include "cuda/convert.cuh"
+#include "cuda/device.cuh"
 #include "portllm.h"
 
 namespace portllm {
@@ -49,8 +46,8 @@ lora_shrink_kernel(const T* __restrict__ x,           // [T, n], strides (sxt, s
 
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& slots) {
   check_lora_shrink_args(x, A, slots);
-  TORCH_CHECK(x.is_cuda() && slots.scalar_type() == at::kLong, "lora_shrink (cuda): slots must be int64");
-  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "lora_shrink (cuda): slots must be int64");
+  PORTLLM_CUDA_GUARD(x);
   const int64_t T = x.size(0), n = x.size(1), P = A.size(0), R = A.size(1);
   at::Tensor h = at::zeros({T, R}, x.options().dtype(at::kFloat));
   if (T == 0 || R == 0) return h;
@@ -63,19 +60,18 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
   const int64_t ry = (R + WARPS - 1) / WARPS;
   TORCH_CHECK(T <= 2147483647 && ry <= 65535, "lora_shrink (cuda): too many tokens or ranks");
   const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(ry));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   PORTLLM_DISPATCH_FLOATS(xk.scalar_type(), "lora_shrink_cuda", [&] {
-    lora_shrink_kernel<scalar_t><<<grid, WARPS * 32, 0, stream>>>(
+    PORTLLM_LAUNCH(grid, WARPS * 32, 0, lora_shrink_kernel<scalar_t>)(
         xk.data_ptr<scalar_t>(), Ak.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
         h.data_ptr<float>(), n, R, P, xk.stride(0), xk.stride(1), Ak.stride(0), Ak.stride(1),
         Ak.stride(2));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PORTLLM_LAUNCH_CHECK();
   return h;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(portllm, CUDA, m) { m.impl("lora_shrink", &lora_shrink_cuda); }
+PORTLLM_CUDA_IMPL("lora_shrink", &lora_shrink_cuda)
 
 }  // namespace portllm

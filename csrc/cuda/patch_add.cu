@@ -15,14 +15,9 @@
 //
 // Implements portllm.ops.patch_add_ (torch.ops.portllm.patch_add_); tested against the reference by tests/test_patch_add.py.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include "cuda/convert.cuh"
+#include "cuda/device.cuh"
 #include "cuda/patch_add_mma.cuh"
 #include "portllm.h"
 
@@ -105,11 +100,10 @@ void launch(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::T
   const int64_t m = W.size(0), n = W.size(1), r = B.size(1);
   const dim3 grid(static_cast<unsigned>((n + BN - 1) / BN), static_cast<unsigned>((m + BM - 1) / BM));
   TORCH_CHECK(grid.y <= 65535, "patch_add_ (cuda): W has too many rows (", m, ")");
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  patch_add_kernel<T, F><<<grid, THREADS, 0, stream>>>(
+  PORTLLM_LAUNCH(grid, THREADS, 0, patch_add_kernel<T, F>)(
       W.data_ptr<T>(), B.data_ptr<F>(), A.data_ptr<F>(), S.data_ptr<float>(), m, n, r,
       W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PORTLLM_LAUNCH_CHECK();
 }
 
 // Runs of equal scale (read on the host: one small copy), or false if there are more than
@@ -140,10 +134,10 @@ void launch_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const a
   // 16-byte accesses to W where its rows are 16-byte aligned
   const bool vec = W.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(W.data_ptr()) % 16 == 0;
   auto h = [](const at::Tensor& t) { return reinterpret_cast<const H*>(t.data_ptr()); };
-  patch_add_mma_kernel<T, H, SPLIT><<<grid, THREADS, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  PORTLLM_LAUNCH(grid, THREADS, 0, patch_add_mma_kernel<T, H, SPLIT>)(
       W.data_ptr<T>(), h(B), h(A), h(Bl), h(Al), m, n, W.stride(0), B.stride(0), B.stride(1),
       A.stride(0), A.stride(1), g, vec);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PORTLLM_LAUNCH_CHECK();
 }
 
 // The tensor-core path (patch_add_mma.cuh): a 16-bit W with unit column stride, and both factors
@@ -156,8 +150,12 @@ bool try_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::
   if (bt == at::kFloat) {
     const at::Tensor Bs = B * S.unsqueeze(0);
     const at::Tensor Bh = Bs.to(at::kBFloat16), Ah = A.to(at::kBFloat16);
-    const at::Tensor Bl = (Bs - Bh.to(at::kFloat)).to(at::kBFloat16);
-    const at::Tensor Al = (A - Ah.to(at::kFloat)).to(at::kBFloat16);
+    // An Inf's low part is 0, not Inf - Inf = NaN: an Inf factor merges as Inf (kernels/patch_add.py's
+    // _split_bf16 does the same).
+    auto low = [](const at::Tensor& x, const at::Tensor& hi) {
+      return at::where(hi.isinf(), at::zeros_like(x), x - hi.to(at::kFloat)).to(at::kBFloat16);
+    };
+    const at::Tensor Bl = low(Bs, Bh), Al = low(A, Ah);
     g.n = 1;
     g.k[0] = 0;
     g.k[1] = static_cast<int>(B.size(1));
@@ -181,7 +179,7 @@ void patch_add_cuda(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
                     const at::Tensor& scale) {
   check_patch_add_args(W, B, A, scale);
   if (W.numel() == 0 || B.size(1) == 0) return;
-  const c10::cuda::CUDAGuard guard(W.device());
+  PORTLLM_CUDA_GUARD(W);
   // A column-major W (stride(0) == 1) is the row-major problem W^T += A^T diag(s) B^T.
   const bool transposed = W.stride(1) != 1 && W.stride(0) == 1 && W.size(1) > 1;
   at::Tensor Wk = transposed ? W.t() : W;
@@ -205,6 +203,6 @@ void patch_add_cuda(at::Tensor W, const at::Tensor& B, const at::Tensor& A,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(portllm, CUDA, m) { m.impl("patch_add_", &patch_add_cuda); }
+PORTLLM_CUDA_IMPL("patch_add_", &patch_add_cuda)
 
 }  // namespace portllm

@@ -14,14 +14,11 @@
 // W 8 elements (16 bytes) at a time where W's rows allow it, adds in fp32, rounds once to nearest
 // even (the hardware conversion) and writes 16 bytes. W is read once and written once.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
-
 #include <cstdint>
 #include <cstring>
 
 #include "cuda/convert.cuh"
+#include "cuda/device.cuh"
 
 namespace portllm {
 namespace mma_path {

@@ -6,16 +6,11 @@
 //
 // Implements portllm.ops.skeleton_mm (torch.ops.portllm.skeleton_mm); tested against the reference by tests/test_pmss_ops.py.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include <string>
 
 #include "cuda/convert.cuh"
+#include "cuda/device.cuh"
 #include "portllm.h"
 
 namespace portllm {
@@ -80,7 +75,7 @@ at::Tensor skeleton_mm_cuda(const at::Tensor& A_in, const at::Tensor& W, const a
                             c10::string_view kind_view) {
   const std::string kind(kind_view);
   const int64_t N = check_skeleton_mm_args(A_in, W, idx, kind);
-  const c10::cuda::CUDAGuard guard(W.device());
+  PORTLLM_CUDA_GUARD(W);
   const at::Tensor A = A_in.to(W.scalar_type());
   const int64_t m = W.size(0), n = W.size(1), nt = A.size(0), K = A.size(1);
   const auto opts = idx.options();
@@ -100,18 +95,17 @@ at::Tensor skeleton_mm_cuda(const at::Tensor& A_in, const at::Tensor& W, const a
   if (nt == 0 || N == 0) return out.to(A_in.scalar_type());
   const dim3 grid(static_cast<unsigned>((N + TN - 1) / TN), static_cast<unsigned>((nt + TT - 1) / TT));
   TORCH_CHECK(grid.y <= 65535, "skeleton_mm (cuda): too many rows in A (", nt, ")");
-  auto stream = c10::cuda::getCurrentCUDAStream();
   PORTLLM_DISPATCH_FLOATS(W.scalar_type(), "skeleton_mm_cuda", [&] {
-    skeleton_mm_kernel<scalar_t><<<grid, THREADS, 0, stream>>>(
+    PORTLLM_LAUNCH(grid, THREADS, 0, skeleton_mm_kernel<scalar_t>)(
         A.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), roff.data_ptr<int64_t>(),
         coff.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), nt, K, N, A.stride(0), A.stride(1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    PORTLLM_LAUNCH_CHECK();
   });
   return out.to(A_in.scalar_type());
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(portllm, CUDA, m) { m.impl("skeleton_mm", &skeleton_mm_cuda); }
+PORTLLM_CUDA_IMPL("skeleton_mm", &skeleton_mm_cuda)
 
 }  // namespace portllm
