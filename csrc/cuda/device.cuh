@@ -57,4 +57,14 @@ __device__ __forceinline__ void store_vec(void* p, const V& v) {
   *reinterpret_cast<V*>(p) = v;
 }
 
+// A 16-byte store to global memory as one STG.128 whatever the compiler made of the value's four
+// words (a plain uint4 assignment was split into four 4-byte stores in the merge's epilogue).
+__device__ __forceinline__ void store_global16(void* p, const uint4& v) {
+#ifdef PORTLLM_CUDA_EMULATE
+  store_vec<uint4>(p, v);
+#else
+  __stwb(reinterpret_cast<uint4*>(p), v);
+#endif
+}
+
 }  // namespace portllm

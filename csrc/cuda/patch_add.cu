@@ -5,15 +5,18 @@
 // groups, other strides) takes the fp32 kernel below:
 //
 // One block owns a BM x BN tile of W. The factor tiles are staged in shared memory as fp32
-// (Bs = B * scale, As = A), in chunks of RK ranks; each thread keeps TM x TN fp32 accumulators,
-// then reads its W elements once, adds, rounds once (round-to-nearest-even) and writes them once.
-// No atomics and a fixed summation order: the result is deterministic.
+// (Bs = B * scale, As = A), in chunks of RK ranks; each thread keeps TM rows x VW consecutive columns
+// of fp32 accumulators (VW = 16 bytes of W: 4 fp32 or 8 16-bit elements), then reads its W elements
+// once, adds, rounds once (round-to-nearest-even) and writes them once, 16 bytes at a time where W's
+// rows allow it (VEC: unit column stride, 16-byte aligned rows, n a multiple of VW); other layouts take
+// the scalar instance. No atomics and a fixed summation order: the result is deterministic.
 //
-// The 32 threads of a warp share a row group and touch 32 consecutive columns per access, so W
-// accesses are coalesced, As reads are conflict-free and Bs reads are shared-memory broadcasts. W may have any strides; rows with unit
-// column stride use the same code (the compiler emits plain loads), other layouts are slower.
+// A warp's threads hold consecutive 16-byte column groups, so W accesses are coalesced, As reads are
+// conflict-free 16-byte shared loads and Bs reads are broadcasts (its rows padded by one float, so the
+// two row groups of a 16-bit W's warp read different banks).
 //
-// Implements portllm.ops.patch_add_ (torch.ops.portllm.patch_add_); tested against the reference by tests/test_patch_add.py.
+// Implements portllm.ops.patch_add_ (torch.ops.portllm.patch_add_); tested against the reference by
+// tests/test_patch_add.py (on a GPU, and on the CPU emulation: tests/test_cuda_emulated.py).
 #include <ATen/ATen.h>
 
 #include "cuda/convert.cuh"
@@ -27,11 +30,9 @@ namespace {
 constexpr int BM = 64;   // rows of W per block
 constexpr int BN = 128;  // columns of W per block
 constexpr int RK = 32;   // ranks staged per shared-memory round
-constexpr int TM = 8;    // rows per thread
-constexpr int TN = 4;    // columns per thread
-constexpr int THREADS = (BM / TM) * (BN / TN);  // 256
+constexpr int THREADS = 256;
 
-template <typename T, typename F>
+template <typename T, typename F, bool VEC>
 __global__ void __launch_bounds__(THREADS)
 patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
                  const F* __restrict__ B,      // [m, r], strides (sb0, sb1)
@@ -39,19 +40,22 @@ patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
                  const float* __restrict__ S,  // [r]
                  int64_t m, int64_t n, int64_t r, int64_t sw0, int64_t sw1, int64_t sb0,
                  int64_t sb1, int64_t sa0, int64_t sa1) {
-  __shared__ float Bs[BM][RK];
-  __shared__ float As[RK][BN];
+  constexpr int VW = 16 / static_cast<int>(sizeof(T));  // W elements per 16 bytes
+  constexpr int TC = BN / VW;                            // threads along a tile row
+  constexpr int TM = BM * TC / THREADS;                  // rows per thread
+  __shared__ float Bs[BM][RK + 1];
+  __shared__ __align__(16) float As[RK][BN];
   const int tid = threadIdx.x;
-  const int tc = tid % (BN / TN);  // columns tc, tc + 32, tc + 64, tc + 96 of the tile
-  const int tr = tid / (BN / TN);  // row group: rows tr*TM .. tr*TM+TM-1 of the tile
+  const int tc = tid % TC;  // columns tc*VW .. tc*VW+VW-1 of the tile
+  const int tr = tid / TC;  // rows tr*TM .. tr*TM+TM-1 of the tile
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * BN;
 
-  float acc[TM][TN];
+  float acc[TM][VW];
 #pragma unroll
   for (int i = 0; i < TM; ++i)
 #pragma unroll
-    for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+    for (int j = 0; j < VW; ++j) acc[i][j] = 0.f;
 
   for (int64_t k0 = 0; k0 < r; k0 += RK) {
     const int kc = static_cast<int>(r - k0 < RK ? r - k0 : RK);
@@ -67,32 +71,52 @@ patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
     }
     __syncthreads();
     for (int k = 0; k < kc; ++k) {
-      float a[TN];
+      float a[VW];
 #pragma unroll
-      for (int j = 0; j < TN; ++j) a[j] = As[k][tc + j * (BN / TN)];
+      for (int q = 0; q < VW / 4; ++q) {
+        const float4 v = load_vec<float4>(&As[k][tc * VW + 4 * q]);
+        a[4 * q] = v.x;
+        a[4 * q + 1] = v.y;
+        a[4 * q + 2] = v.z;
+        a[4 * q + 3] = v.w;
+      }
 #pragma unroll
       for (int i = 0; i < TM; ++i) {
         const float b = Bs[tr * TM + i][k];
 #pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(b, a[j], acc[i][j]);
+        for (int j = 0; j < VW; ++j) acc[i][j] = fmaf(b, a[j], acc[i][j]);
       }
     }
     __syncthreads();
   }
 
+  const int64_t gj = col0 + tc * VW;
+  if (gj >= n) return;
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     const int64_t gi = row0 + tr * TM + i;
     if (gi >= m) break;
+    if constexpr (VEC) {  // n is a multiple of VW: the whole vector is in W
+      T* p = W + gi * sw0 + gj;
+      store_vec<uint4>(p, add16<T>(load_vec<uint4>(p), acc[i]));
+    } else {
 #pragma unroll
-    for (int j = 0; j < TN; ++j) {
-      const int64_t gj = col0 + tc + j * (BN / TN);
-      if (gj < n) {
-        T* p = W + gi * sw0 + gj * sw1;
-        *p = from_f32<T>(to_f32(*p) + acc[i][j]);
+      for (int j = 0; j < VW; ++j) {
+        if (gj + j < n) {
+          T* p = W + gi * sw0 + (gj + j) * sw1;
+          *p = from_f32<T>(to_f32(*p) + acc[i][j]);
+        }
       }
     }
   }
+}
+
+// W's rows can be read and written 16 bytes at a time: unit column stride, n and the row stride
+// multiples of 16 bytes' worth of elements, the data 16-byte aligned.
+bool rows_16_bytes(const at::Tensor& W) {
+  const int64_t vw = 16 / static_cast<int64_t>(W.element_size());
+  return W.stride(1) == 1 && W.size(1) % vw == 0 && (W.size(0) == 1 || W.stride(0) % vw == 0) &&
+         reinterpret_cast<uintptr_t>(W.data_ptr()) % 16 == 0;
 }
 
 template <typename T, typename F>
@@ -100,9 +124,13 @@ void launch(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::T
   const int64_t m = W.size(0), n = W.size(1), r = B.size(1);
   const dim3 grid(static_cast<unsigned>((n + BN - 1) / BN), static_cast<unsigned>((m + BM - 1) / BM));
   TORCH_CHECK(grid.y <= 65535, "patch_add_ (cuda): W has too many rows (", m, ")");
-  PORTLLM_LAUNCH(grid, THREADS, 0, patch_add_kernel<T, F>)(
-      W.data_ptr<T>(), B.data_ptr<F>(), A.data_ptr<F>(), S.data_ptr<float>(), m, n, r,
-      W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1));
+  auto args = [&](auto kernel) {
+    PORTLLM_LAUNCH(grid, THREADS, 0, kernel)(
+        W.data_ptr<T>(), B.data_ptr<F>(), A.data_ptr<F>(), S.data_ptr<float>(), m, n, r,
+        W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1));
+  };
+  if (rows_16_bytes(W)) args(patch_add_kernel<T, F, true>);
+  else args(patch_add_kernel<T, F, false>);
   PORTLLM_LAUNCH_CHECK();
 }
 
@@ -124,19 +152,56 @@ bool scale_groups(const at::Tensor& S, mma_path::Groups& g) {
   return true;
 }
 
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The factors as the tensor-core kernel stages them, 16 bytes at a time: B [m, rp] and A [rp, na]
+// with unit inner strides, row strides and data 16-byte aligned, each group starting at a multiple of
+// 8 ranks, zeros in the padding (na: n rounded up to 8). Factors already laid out so (a PEFT
+// adapter's contiguous B [m, r] and A [r, n] with r and n multiples of 8 and one group, or groups
+// on multiples of 8) are used as they are; otherwise copied (m·rp + rp·na elements, a few percent
+// of W's bytes at most for ranks up to 64). `staged` takes the groups in the staged rank numbering.
+struct Staged {
+  at::Tensor B, A;
+  int64_t na;
+};
+
+Staged stage(const at::Tensor& B, const at::Tensor& A, const mma_path::Groups& g, mma_path::Groups& staged) {
+  const int64_t m = B.size(0), n = A.size(1);
+  bool as_is = B.stride(1) == 1 && B.stride(0) % 8 == 0 && aligned16(B) && A.stride(1) == 1 &&
+               A.stride(0) % 8 == 0 && aligned16(A) && n % 8 == 0;
+  staged = g;
+  staged.k[0] = 0;
+  for (int q = 0; q < g.n; ++q) {
+    const int len = g.k[q + 1] - g.k[q];
+    as_is = as_is && g.k[q] % 8 == 0 && len % 8 == 0;
+    staged.k[q + 1] = staged.k[q] + (len + 7) / 8 * 8;
+  }
+  if (as_is) return {B, A, n};
+  const int64_t rp = staged.k[g.n], na = (n + 7) / 8 * 8;
+  at::Tensor Bp = at::zeros({m, rp}, B.options()), Ap = at::zeros({rp, na}, A.options());
+  for (int q = 0; q < g.n; ++q) {
+    const int64_t len = g.k[q + 1] - g.k[q];
+    Bp.narrow(1, staged.k[q], len).copy_(B.narrow(1, g.k[q], len));
+    Ap.narrow(0, staged.k[q], len).narrow(1, 0, n).copy_(A.narrow(0, g.k[q], len));
+  }
+  return {Bp, Ap, na};
+}
+
 template <typename T, typename H, bool SPLIT>
-void launch_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& Bl,
-                const at::Tensor& Al, const mma_path::Groups& g) {
+void launch_mma(at::Tensor& W, const Staged& hi, const Staged& lo, const mma_path::Groups& g) {
   using namespace mma_path;
   const int64_t m = W.size(0), n = W.size(1);
   const dim3 grid(static_cast<unsigned>((n + BN - 1) / BN), static_cast<unsigned>((m + BM - 1) / BM));
   TORCH_CHECK(grid.y <= 65535, "patch_add_ (cuda): W has too many rows (", m, ")");
-  // 16-byte accesses to W where its rows are 16-byte aligned
-  const bool vec = W.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(W.data_ptr()) % 16 == 0;
+  TORCH_CHECK(hi.B.stride(0) == lo.B.stride(0) && hi.A.stride(0) == lo.A.stride(0) && hi.na == lo.na,
+              "patch_add_ (cuda): the split factors' high and low parts are laid out differently");
   auto h = [](const at::Tensor& t) { return reinterpret_cast<const H*>(t.data_ptr()); };
-  PORTLLM_LAUNCH(grid, THREADS, 0, patch_add_mma_kernel<T, H, SPLIT>)(
-      W.data_ptr<T>(), h(B), h(A), h(Bl), h(Al), m, n, W.stride(0), B.stride(0), B.stride(1),
-      A.stride(0), A.stride(1), g, vec);
+  auto args = [&](auto kernel) {
+    PORTLLM_LAUNCH(grid, THREADS, 0, kernel)(W.data_ptr<T>(), h(hi.B), h(hi.A), h(lo.B), h(lo.A), m, n,
+                                             W.stride(0), hi.B.stride(0), hi.A.stride(0), hi.na, g);
+  };
+  if (rows_16_bytes(W)) args(patch_add_mma_kernel<T, H, SPLIT, true>);
+  else args(patch_add_mma_kernel<T, H, SPLIT, false>);
   PORTLLM_LAUNCH_CHECK();
 }
 
@@ -146,7 +211,7 @@ void launch_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const a
 bool try_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& S) {
   const auto wt = W.scalar_type(), bt = B.scalar_type(), at_ = A.scalar_type();
   if ((wt != at::kBFloat16 && wt != at::kHalf) || W.stride(1) != 1 || bt != at_) return false;
-  mma_path::Groups g{};
+  mma_path::Groups g{}, staged{};
   if (bt == at::kFloat) {
     const at::Tensor Bs = B * S.unsqueeze(0);
     const at::Tensor Bh = Bs.to(at::kBFloat16), Ah = A.to(at::kBFloat16);
@@ -160,17 +225,19 @@ bool try_mma(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::
     g.k[0] = 0;
     g.k[1] = static_cast<int>(B.size(1));
     g.s[0] = 1.f;
-    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __nv_bfloat16, true>(W, Bh, Ah, Bl, Al, g);
-    else launch_mma<c10::Half, __nv_bfloat16, true>(W, Bh, Ah, Bl, Al, g);
+    const Staged hi = stage(Bh, Ah, g, staged), lo = stage(Bl, Al, g, staged);
+    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __nv_bfloat16, true>(W, hi, lo, staged);
+    else launch_mma<c10::Half, __nv_bfloat16, true>(W, hi, lo, staged);
     return true;
   }
   if (!scale_groups(S, g)) return false;
+  const Staged f = stage(B, A, g, staged);
   if (bt == at::kBFloat16) {
-    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __nv_bfloat16, false>(W, B, A, B, A, g);
-    else launch_mma<c10::Half, __nv_bfloat16, false>(W, B, A, B, A, g);
+    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __nv_bfloat16, false>(W, f, f, staged);
+    else launch_mma<c10::Half, __nv_bfloat16, false>(W, f, f, staged);
   } else {
-    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __half, false>(W, B, A, B, A, g);
-    else launch_mma<c10::Half, __half, false>(W, B, A, B, A, g);
+    if (wt == at::kBFloat16) launch_mma<c10::BFloat16, __half, false>(W, f, f, staged);
+    else launch_mma<c10::Half, __half, false>(W, f, f, staged);
   }
   return true;
 }

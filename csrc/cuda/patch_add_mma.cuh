@@ -30,7 +30,7 @@ constexpr int LDC = BN + 4;   // floats per row of the accumulator tile
 
 struct Groups {
   int n;                    // number of groups
-  int k[kMaxGroups + 1];    // group g holds ranks [k[g], k[g + 1])
+  int k[kMaxGroups + 1];    // group g holds ranks [k[g], k[g + 1]) of the staged factors
   float s[kMaxGroups];      // its scale (1 for SPLIT, where the scale is folded into B)
 };
 
@@ -45,15 +45,15 @@ struct Smem {
   static constexpr int kBytes = kStage > kAcc ? kStage : kAcc;
 };
 
-template <typename T, typename H, bool SPLIT>
+template <typename T, typename H, bool SPLIT, bool VEC_W>
 __global__ void __launch_bounds__(THREADS)
 patch_add_mma_kernel(T* __restrict__ W,         // [m, n], unit column stride, row stride sw0
-                     const H* __restrict__ B,   // [m, r] (SPLIT: high part of B*s), strides sb0, sb1
-                     const H* __restrict__ A,   // [r, n] (SPLIT: high part of A), strides sa0, sa1
-                     const H* __restrict__ Bl,  // SPLIT: low part of B*s (same strides as B)
-                     const H* __restrict__ Al,  // SPLIT: low part of A (same strides as A)
-                     int64_t m, int64_t n, int64_t sw0, int64_t sb0, int64_t sb1, int64_t sa0,
-                     int64_t sa1, Groups groups, bool vec) {
+                     const H* __restrict__ B,   // [m, rp] (SPLIT: high part of B*s), row stride ldb
+                     const H* __restrict__ A,   // [rp, na] (SPLIT: high part of A), row stride lda
+                     const H* __restrict__ Bl,  // SPLIT: low part of B*s (laid out as B)
+                     const H* __restrict__ Al,  // SPLIT: low part of A (laid out as A)
+                     int64_t m, int64_t n, int64_t sw0, int64_t ldb, int64_t lda, int64_t na,
+                     Groups groups) {
   using namespace nvcuda;
   __shared__ __align__(128) unsigned char smem[Smem<H, SPLIT>::kBytes];
   H* Bs = reinterpret_cast<H*>(smem);
@@ -66,34 +66,45 @@ patch_add_mma_kernel(T* __restrict__ W,         // [m, n], unit column stride, r
   const int wr = warp / 4, wc = warp % 4;  // the warp's 32 x 32 part: rows wr*32, columns wc*32
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * BM;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const uint4 zero{0u, 0u, 0u, 0u};
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2], part[2][2];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
   for (int g = 0; g < groups.n; ++g) {
-    const int64_t k_lo = groups.k[g], k_hi = groups.k[g + 1];
+    const int k_lo = groups.k[g], k_hi = groups.k[g + 1];  // multiples of 8 (the launcher's layout)
+    // Each group's sum is scaled once (HALF); SPLIT has one group of scale 1 and sums into acc.
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> part[SPLIT ? 1 : 2][SPLIT ? 1 : 2];
+    if constexpr (!SPLIT) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(part[i][j], 0.f);
-    for (int64_t k0 = k_lo; k0 < k_hi; k0 += KC) {
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(part[i][j], 0.f);
+    }
+    for (int k0 = k_lo; k0 < k_hi; k0 += KC) {
       __syncthreads();  // the previous chunk's fragments are loaded
-      for (int e = tid; e < BM * KC; e += THREADS) {
-        const int i = e / KC, kk = e % KC;
-        const int64_t gi = row0 + i, gk = k0 + kk;
+      // 16-byte loads and stores: 8 ranks of a B row, 8 columns of an A row; zeros past the group
+      // (its end is a multiple of 8, so a vector is wholly in or out) and past W's edge.
+#pragma unroll
+      for (int v = tid; v < BM * KC / 8; v += THREADS) {
+        const int i = v / (KC / 8), kk = (v % (KC / 8)) * 8;
+        const int64_t gi = row0 + i;
+        const int gk = k0 + kk;
         const bool in = gi < m && gk < k_hi;
-        Bs[i * LDB + kk] = in ? B[gi * sb0 + gk * sb1] : hzero<H>();
-        if constexpr (SPLIT) Bls[i * LDB + kk] = in ? Bl[gi * sb0 + gk * sb1] : hzero<H>();
+        store_vec<uint4>(Bs + i * LDB + kk, in ? load_vec<uint4>(B + gi * ldb + gk) : zero);
+        if constexpr (SPLIT) store_vec<uint4>(Bls + i * LDB + kk, in ? load_vec<uint4>(Bl + gi * ldb + gk) : zero);
       }
-      for (int e = tid; e < KC * BN; e += THREADS) {
-        const int kk = e / BN, j = e % BN;
-        const int64_t gj = col0 + j, gk = k0 + kk;
-        const bool in = gj < n && gk < k_hi;
-        As[kk * LDA + j] = in ? A[gk * sa0 + gj * sa1] : hzero<H>();
-        if constexpr (SPLIT) Als[kk * LDA + j] = in ? Al[gk * sa0 + gj * sa1] : hzero<H>();
+#pragma unroll
+      for (int v = tid; v < KC * BN / 8; v += THREADS) {
+        const int kk = v / (BN / 8), j = (v % (BN / 8)) * 8;
+        const int64_t gj = col0 + j;
+        const int gk = k0 + kk;
+        const bool in = gj < na && gk < k_hi;
+        store_vec<uint4>(As + kk * LDA + j, in ? load_vec<uint4>(A + gk * lda + gj) : zero);
+        if constexpr (SPLIT) store_vec<uint4>(Als + kk * LDA + j, in ? load_vec<uint4>(Al + gk * lda + gj) : zero);
       }
       __syncthreads();
 #pragma unroll
@@ -105,34 +116,42 @@ patch_add_mma_kernel(T* __restrict__ W,         // [m, n], unit column stride, r
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], As + ks * LDA + wc * 32 + j * 16, LDA);
         if constexpr (SPLIT) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, H, wmma::row_major> al[2];
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, H, wmma::row_major> bl[2];
+          // small terms first: Bh.Al + Bl.Ah, then Bh.Ah; loaded one fragment at a time
 #pragma unroll
-          for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(al[i], Bls + (wr * 32 + i * 16) * LDB + ks, LDB);
+          for (int j = 0; j < 2; ++j) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, H, wmma::row_major> bl;
+            wmma::load_matrix_sync(bl, Als + ks * LDA + wc * 32 + j * 16, LDA);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(bl[j], Als + ks * LDA + wc * 32 + j * 16, LDA);
-          // small terms first: Bh.Al + Bl.Ah, then Bh.Ah
+            for (int i = 0; i < 2; ++i) wmma::mma_sync(acc[i][j], a[i], bl, acc[i][j]);
+          }
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, H, wmma::row_major> al;
+            wmma::load_matrix_sync(al, Bls + (wr * 32 + i * 16) * LDB + ks, LDB);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], al, b[j], acc[i][j]);
+          }
 #pragma unroll
           for (int i = 0; i < 2; ++i)
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              wmma::mma_sync(part[i][j], a[i], bl[j], part[i][j]);
-              wmma::mma_sync(part[i][j], al[i], b[j], part[i][j]);
-            }
+            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::mma_sync(part[i][j], a[i], b[j], part[i][j]);
         }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(part[i][j], a[i], b[j], part[i][j]);
       }
     }
-    const float s = groups.s[g];
+    if constexpr (!SPLIT) {
+      const float s = groups.s[g];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+        for (int j = 0; j < 2; ++j)
 #pragma unroll
-        for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] += s * part[i][j].x[t];
+          for (int t = 0; t < acc[i][j].num_elements; ++t) acc[i][j].x[t] += s * part[i][j].x[t];
+    }
   }
 
   __syncthreads();  // the staging space becomes the accumulator tile
@@ -144,22 +163,27 @@ patch_add_mma_kernel(T* __restrict__ W,         // [m, n], unit column stride, r
                               wmma::mem_row_major);
   __syncthreads();
 
-  for (int v = tid; v < BM * BN / 8; v += THREADS) {
-    const int i = v / (BN / 8), j = (v % (BN / 8)) * 8;
-    const int64_t gi = row0 + i, gj = col0 + j;
-    if (gi >= m || gj >= n) continue;
-    T* w = W + gi * sw0 + gj;
-    const float* c = Cs + i * LDC + j;
-    if (vec && gj + 8 <= n) {
-      uint4 raw = *reinterpret_cast<const uint4*>(w);
-      T vals[8];
-      memcpy(vals, &raw, sizeof(raw));
+  constexpr int PER = BM * BN / 8 / THREADS;  // 16-byte pieces of W per thread
+  if constexpr (VEC_W) {  // n is a multiple of 8: a piece is wholly in W or out; all loads in flight first
+    uint4 raw[PER];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) vals[e] = from_f32<T>(to_f32(vals[e]) + c[e]);
-      memcpy(&raw, vals, sizeof(raw));
-      *reinterpret_cast<uint4*>(w) = raw;
-    } else {
-      for (int e = 0; e < 8 && gj + e < n; ++e) w[e] = from_f32<T>(to_f32(w[e]) + c[e]);
+    for (int u = 0; u < PER; ++u) {
+      const int v = tid + u * THREADS, i = v / (BN / 8), j = (v % (BN / 8)) * 8;
+      if (row0 + i < m && col0 + j < n) raw[u] = load_vec<uint4>(W + (row0 + i) * sw0 + col0 + j);
+    }
+#pragma unroll
+    for (int u = 0; u < PER; ++u) {
+      const int v = tid + u * THREADS, i = v / (BN / 8), j = (v % (BN / 8)) * 8;
+      if (row0 + i >= m || col0 + j >= n) continue;
+      const float4 c0 = load_vec<float4>(Cs + i * LDC + j), c1 = load_vec<float4>(Cs + i * LDC + j + 4);
+      const float c[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+      store_global16(W + (row0 + i) * sw0 + col0 + j, add16<T>(raw[u], c));
+    }
+  } else {
+    for (int v = tid; v < BM * BN; v += THREADS) {
+      const int i = v / BN, j = v % BN;
+      const int64_t gi = row0 + i, gj = col0 + j;
+      if (gi < m && gj < n) W[gi * sw0 + gj] = from_f32<T>(to_f32(W[gi * sw0 + gj]) + Cs[i * LDC + j]);
     }
   }
 }

@@ -57,6 +57,16 @@ struct __nv_bfloat16 { uint16_t x; };
 struct __half { uint16_t x; };
 inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(c10::BFloat16(h.x, c10::BFloat16::from_bits())); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {c10::BFloat16(f).x}; }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 inline float __half2float(__half h) { return static_cast<float>(c10::Half(h.x, c10::Half::from_bits())); }
 inline __half __float2half_rn(float f) { return {c10::Half(f).x}; }
 
