@@ -24,7 +24,15 @@ def ops():
         from torch.utils import cpp_extension
 
         where = os.path.join(build.cache_dir(), "cuda_emu")
-        os.makedirs(where, exist_ok=True)
+        try:
+            os.makedirs(where, exist_ok=True)
+            writable = os.access(where, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:  # a read-only cache costs a build, nothing more
+            import tempfile
+
+            where = tempfile.mkdtemp(prefix="portllm-cuda-emu-")
         srcs = [os.path.join(ROOT, "csrc", "emu", s) for s in SOURCES] + [os.path.join(ROOT, "csrc", "checks.cpp")]
         cpp_extension.load(name="portllm_cuda_emu", sources=srcs, extra_cflags=FLAGS,
                            extra_include_paths=[os.path.join(ROOT, "csrc")], build_directory=where,

@@ -109,6 +109,7 @@ patch_add_mma_kernel(T* __restrict__ W,         // [m, n], unit column stride, r
       __syncthreads();
 #pragma unroll
       for (int ks = 0; ks < KC; ks += 16) {
+        if (k0 + ks >= k_hi) break;  // a half chunk past the group (r = 16: half of every chunk) is zeros
         wmma::fragment<wmma::matrix_a, 16, 16, 16, H, wmma::row_major> a[2];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, H, wmma::row_major> b[2];
 #pragma unroll
