@@ -107,6 +107,13 @@ class PortabilityReport:
     patch_scale: float = 1.0  # the scale θ′ + s·Δ was judged at (``port --scale``)
     calibrated_score: float | None = None  # the portability score at the calibrated scale
     probability: dict[str, float] | None = None  # per model: mean probability of y*'s tokens
+    calibrated_gain: float | None = None  # P(θ′ + s·Δ) − P(θ′) at the calibrated scale s
+
+    @property
+    def calibrated_harm(self) -> bool:
+        """Harm predicted even at the calibrated scale: θ′ + s·Δ (s > 0) gives θ+Δ's answers less often
+        than θ′ alone. (s = 0 is θ′ itself: never harm.)"""
+        return bool(self.scale) and self.calibrated_gain is not None and self.calibrated_gain < HARM_BELOW
 
     def lines(self) -> list[str]:
         out = []
@@ -134,6 +141,9 @@ class PortabilityReport:
             if self.calibrated_score is not None and self.score is not None:
                 out.append(f"portability score at scale {self.scale:g}: {self.calibrated_score:.2f} (at scale "
                            f"{self.patch_scale:g}: {self.score:.2f})")
+            if self.calibrated_harm:
+                out.append(f"predicted harm at scale {self.scale:g} too: θ′ + {self.scale:g}·Δ gives the fine-tuned "
+                           f"answers less often than θ′ alone (probability per token {self.calibrated_gain:+.3f})")
         worst = sorted(self.modules, key=lambda m: m.ratio)[:3]
         if worst:
             out.append("modules whose update fires least on θ′'s activations (‖ΔW·x′‖ / ‖ΔW·x‖): " + ", ".join(
@@ -444,17 +454,19 @@ def check_portability(base, evolved, patch, prompts, *, tokenizer=None, device=N
     pr = {k: v[4] / max(1, v[2]) for k, v in stats.items()}
     g, g2 = pr["base+patch"] - pr["base"], pr["evolved+patch"] - pr["evolved"]
     score = g2 / g if g > MIN_GAIN else None
-    calib = chosen = cscore = None
+    calib = chosen = cscore = cgain = None
     if calibrate:
         ntok = max(1, stats["base"][2])
         calib = {sc: r[3] / ntok for sc, r in kls.items()}
         chosen = min(calib, key=lambda sc: (calib[sc], abs(sc - 1)))
+        cgain = kls[chosen][4] / ntok - pr["evolved"]
         if g > MIN_GAIN:
-            cscore = (kls[chosen][4] / ntok - pr["evolved"]) / g
+            cscore = cgain / g
     mods = []
     for name in act["base"]:
         (ub, wb), (ue, we) = act["base"][name], act["evolved"][name]
         mods.append(ModuleDiagnostic(name, ub / wb if wb else math.nan, ue / we if we else math.nan,
                                      ue / ub if ub else math.nan))
     return PortabilityReport(score, score is not None and g2 < HARM_BELOW, g, g2, lp, agree, len(prompts),
-                             stats["base"][2], mods, time.perf_counter() - t0, calib, chosen, float(scale), cscore, pr)
+                             stats["base"][2], mods, time.perf_counter() - t0, calib, chosen, float(scale), cscore, pr,
+                             cgain)

@@ -91,8 +91,8 @@ def _check(args) -> int:
 def _check_before_port(args) -> float:
     """``port --check``: the portability check on the prompts, after every check the port makes before it
     writes (a dry run) and before the port; a predicted harm at the scale the port will write is refused
-    unless --ignore-harm (with --calibrate: the patch scale it chose, and no refusal: the scale is the
-    remedy). Returns the patch scale to port at."""
+    unless --ignore-harm (with --calibrate: at the patch scale it chose; a chosen scale of 0 ports θ′
+    unchanged and is never harm). Returns the patch scale to port at."""
     import os
 
     from portllm.check import check_portability
@@ -108,6 +108,10 @@ def _check_before_port(args) -> float:
     for line in rep.lines():
         print(f"portllm port: check: {line}")
     if args.calibrate:
+        if rep.calibrated_harm and not args.ignore_harm:
+            raise ValueError(f"the check predicts that the patch harms {args.model} on these prompts even at the "
+                             f"calibrated scale {rep.scale:g} (gain in probability per token {rep.calibrated_gain:+.3f}); "
+                             "nothing written (--ignore-harm ports anyway)")
         print(f"portllm port: porting at patch scale {rep.scale:g} (calibrated)"
               + (": the output is the model unchanged" if rep.scale == 0 else ""))
         return rep.scale

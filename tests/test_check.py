@@ -4,6 +4,7 @@ already holds the patch is predicted harmed by it; bad prompts and patches refus
 CLI, and ``port --check`` refusing a predicted harm unless forced."""
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -356,3 +357,31 @@ def test_one_model_in_memory_at_a_time(models, monkeypatch):
     monkeypatch.setattr(check, "_load", load)
     check.check_portability(bdir, edir, patch, PROMPTS, calibrate=True)
     assert alive == [[], [False]]
+
+
+def test_port_calibrate_refuses_harm_at_the_calibrated_scale(models, tmp_path, capsys, monkeypatch):
+    """Calibration picks the scale that agrees best with θ+Δ, which need not help: where θ′ + s·Δ still
+    gives θ+Δ's answers less often than θ′ alone, `port --calibrate` refuses like the uncalibrated check
+    (nothing written), unless --ignore-harm; s = 0 (θ′ unchanged) is never harm."""
+    from portllm.cli import main
+
+    base, _, patch, bdir, edir, pdir, root = models
+    real = check.check_portability(bdir, edir, pdir, PROMPTS, calibrate=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    for scale, gain, refused in ((0.75, -0.01, True), (0.75, 0.02, False), (0.0, -0.01, False)):
+        rep = dataclasses.replace(real, scale=scale, calibrated_gain=gain)
+        assert rep.calibrated_harm == refused
+        monkeypatch.setattr(check, "check_portability", lambda *a, _rep=rep, **k: _rep)
+        out = tmp_path / f"out-{scale}-{gain}"
+        rc = main(["port", "--model", edir, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                   str(prompts), "--calibrate"])
+        text = capsys.readouterr()
+        if refused:
+            assert rc != 0 and not out.exists() and "even at the calibrated scale 0.75" in text.err
+            assert any(ln.startswith("predicted harm at scale 0.75 too") for ln in rep.lines())
+            assert main(["port", "--model", edir, "--patch", pdir, "--out", str(out), "--base", bdir, "--check",
+                         str(prompts), "--calibrate", "--ignore-harm"]) == 0
+            assert os.path.isfile(out / "model.safetensors")
+        else:
+            assert rc == 0 and os.path.isfile(out / "model.safetensors")
