@@ -5,8 +5,8 @@ Weights alone do not tell: how far θ′ moved from θ, or how its weights turne
 and column spaces, ranked ports poorly against measured retention (|Spearman ρ| ≤ 0.35 over 114 demo
 ports), while outputs ranked them well. So the check runs θ, θ+Δ, θ′ and θ′+Δ on the prompts:
 
-1. y* = θ+Δ's greedy continuation of each prompt (``max_new_tokens`` tokens): what the patch makes its
-   own base answer, the behaviour the user fine-tuned for;
+1. y* = θ+Δ's greedy continuation of each prompt (``max_new_tokens`` tokens, ending at its first
+   end-of-sequence token): what the patch makes its own base answer, the behaviour the user fine-tuned for;
 2. P(M) = the mean probability per token of y* under each model M, teacher-forced: how often M would
    give those answers (a rate, like the accuracy a user measures; the mean log-probability, also
    reported, is dominated by the few tokens a model finds nearly impossible, and ranked the demo's
@@ -317,14 +317,32 @@ def _forward(model, ids, mask, pos, keep: int):
 
 
 @torch.no_grad()
+def _eos_ids(model) -> set[int]:
+    """The model's end-of-sequence tokens (its generation config's, else its config's; an int or a list)."""
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        if eos is not None:
+            return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    return set()
+
+
 def _greedy(model, prompts: list[list[int]], steps: int, device, batch) -> list[list[int]]:
+    """Each prompt's greedy continuation, up to ``steps`` tokens and ending at the first end-of-sequence
+    token (kept): what follows an answer's end is not part of it, and is not scored."""
+    eos = _eos_ids(model)
     seqs = [list(p) for p in prompts]
+    done = [False] * len(seqs)
     for _ in range(steps):
+        todo = [i for i, d in enumerate(done) if not d]
+        if not todo:
+            break
         nxt = []
-        for i in range(0, len(seqs), batch):
-            ids, mask, pos = _batch(seqs[i:i + batch], device)
+        for i in range(0, len(todo), batch):
+            ids, mask, pos = _batch([seqs[j] for j in todo[i:i + batch]], device)
             nxt += _forward(model, ids, mask, pos, 1)[:, -1].argmax(-1).tolist()
-        seqs = [s + [t] for s, t in zip(seqs, nxt)]
+        for j, t in zip(todo, nxt):
+            seqs[j].append(t)
+            done[j] = t in eos
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 

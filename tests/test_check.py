@@ -385,3 +385,21 @@ def test_port_calibrate_refuses_harm_at_the_calibrated_scale(models, tmp_path, c
             assert os.path.isfile(out / "model.safetensors")
         else:
             assert rc == 0 and os.path.isfile(out / "model.safetensors")
+
+
+def test_answers_end_at_the_end_of_sequence_token(models):
+    """θ+Δ's greedy answers stop at its first end-of-sequence token: what a model generates past its end
+    is not an answer, and is not scored. With every token an EOS, each answer is one token."""
+    base, evolved, patch, _, _, _, _ = models
+    full = check.check_portability(base, evolved, patch, PROMPTS, tokenizer=TOK, max_new_tokens=4)
+    assert full.tokens == 4 * len(PROMPTS)
+    every = list(range(base.config.vocab_size))
+    saved = [(m, m.config.eos_token_id, m.generation_config.eos_token_id) for m in (base, evolved)]
+    try:
+        for m, _, _ in saved:
+            m.config.eos_token_id = m.generation_config.eos_token_id = every
+        short = check.check_portability(base, evolved, patch, PROMPTS, tokenizer=TOK, max_new_tokens=4)
+    finally:
+        for m, c, g in saved:
+            m.config.eos_token_id, m.generation_config.eos_token_id = c, g
+    assert short.tokens == len(PROMPTS)
