@@ -6,22 +6,33 @@ import torch
 from helpers import CUDA, DTYPES, ulp_distance
 from portllm import ops
 
-CASES = [("reference", "cpu"), ("cpp", "cpu"), ("triton", "cpu"), ("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
+# (backend, device, forced CPU vector path): the C++ kernels on every path this CPU runs
+CASES = [("reference", "cpu", None), ("cpp", "cpu", None), ("cpp", "cpu", "avx512"), ("cpp", "cpu", "avx2"),
+         ("cpp", "cpu", "generic"), ("triton", "cpu", None), ("reference", "cuda", None), ("cuda", "cuda", None),
+         ("triton", "cuda", None)]
 # (T, n, m, P, R): single token, odd sizes, more tokens than a small tile (T > 256) and than the C++
 # kernel's direct path (T >= 384), rank 64, more columns than one C++ work item (1024).
-SHAPES = [(1, 5, 7, 1, 1), (37, 70, 90, 3, 5), (300, 129, 65, 8, 16), (17, 33, 300, 2, 64), (400, 20, 1500, 3, 3)]
+# and decode-sized calls (T <= 16: the C++ direct kernels) with vector tails along n and m.
+SHAPES = [(1, 5, 7, 1, 1), (37, 70, 90, 3, 5), (300, 129, 65, 8, 16), (17, 33, 300, 2, 64), (400, 20, 1500, 3, 3),
+          (12, 301, 517, 4, 13), (16, 256, 384, 8, 16)]
 SLOTS = ["mixed", "one", "none"]
 
 
-@pytest.fixture(params=CASES, ids=lambda c: "-".join(c))
-def backend(request):
-    name, device = request.param
+@pytest.fixture(params=CASES, ids=lambda c: "-".join(v for v in c if v))
+def backend(request, monkeypatch):
+    name, device, isa = request.param
     if device == "cuda" and not CUDA:
         pytest.skip("no CUDA device")
     for op in ("lora_shrink", "lora_expand_"):
         reason = ops.backend_unavailable_reason(name, device, op)
         if reason is not None:
             pytest.skip(reason)
+    if isa is not None:
+        from portllm import _ext
+
+        monkeypatch.setenv("PORTLLM_CPU_ISA", isa)
+        if _ext.cpu_isa() != isa:
+            pytest.skip(f"this CPU has no {isa} path (it runs {_ext.cpu_isa()})")
     return name, torch.device(device)
 
 
@@ -63,15 +74,20 @@ def test_shrink(backend, T, n, m, P, R, dtype, kind):
     assert (h[slots < 0] == 0).all()
 
 
+@pytest.mark.parametrize("layout", ["rank_last", "slots"])
 @pytest.mark.parametrize("kind", SLOTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,n,m,P,R", SHAPES, ids=str)
-def test_expand(backend, T, n, m, P, R, dtype, kind):
+def test_expand(backend, T, n, m, P, R, dtype, kind, layout):
+    """B [P, m, R] contiguous (rank last), or in portllm.serve's slot layout (stored [P, R, m], viewed
+    [P, m, R]: unit stride along m, the vector paths' layout)."""
     name, device = backend
     gen = torch.Generator().manual_seed(T * 17 + m + R)
     y0 = torch.randn(T, m, generator=gen).to(dtype)
     h = torch.randn(T, R, generator=gen) * 3
     B = (torch.randn(P, m, R, generator=gen) * 0.2).to(dtype)
+    if layout == "slots":
+        B = B.transpose(1, 2).contiguous().transpose(1, 2)
     scale = torch.rand(P, generator=gen) + 0.5
     slots = make_slots(kind, T, P, gen)
     y = y0.clone().to(device)

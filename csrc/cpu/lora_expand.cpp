@@ -1,7 +1,9 @@
 // lora_expand_ on CPU: y[t] <- round(y[t] + scale[p] * (h[t] . B[p]^T)), p = slots[t], in place;
 // rows with slots[t] < 0 are neither read nor written.
 //
-// One work item per (token, block of COLS output columns): an fp32 row accumulator on the stack,
+// One work item per (token, block of COLS output columns). On an AVX2 or AVX-512 CPU with B and y of
+// unit stride along m, the block's columns are held in vector registers 64 or 128 at a time
+// (csrc/cpu/lora_decode.h); otherwise an fp32 row accumulator on the stack,
 // filled rank by rank (acc[j] += h[k] * B[p, j, k]: with portllm.serve's slot layout, B stored
 // [P, R, m], the inner loop reads consecutive addresses and vectorises), then scaled once, added
 // to y in fp32 and rounded once (c10's conversions round to nearest even). Fixed order per
@@ -14,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+#include "cpu/lora_decode.h"
 #include "portllm.h"
 
 namespace portllm {
@@ -24,7 +28,15 @@ constexpr int64_t GEMM_TOKENS = 384;  // measured crossover: 4096 and 14336 colu
 
 template <typename Y, typename F>
 void expand_block(Y* y, int64_t sym, const float* h, const F* b, int64_t sbm, int64_t sbr, float s,
-                  int64_t R, int64_t ncols) {
+                  int64_t R, int64_t ncols, Isa isa) {
+#if defined(PORTLLM_X86_AVX512)
+  if (sbm == 1 && sym == 1 && isa >= Isa::Avx2) {  // columns in registers (csrc/cpu/lora_decode.h)
+    if (isa >= Isa::Avx512) lora_vec::expand_row_avx512(y, h, b, sbr, s, R, ncols);
+    else lora_vec::expand_row_avx2(y, h, b, sbr, s, R, ncols);
+    return;
+  }
+#endif
+  (void)isa;
   float acc[COLS];
   for (int64_t j = 0; j < ncols; ++j) acc[j] = 0.f;
   for (int64_t k = 0; k < R; ++k) {
@@ -60,6 +72,7 @@ void lora_expand_cpu(at::Tensor y, const at::Tensor& h_in, const at::Tensor& B, 
   const float* hp = h.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   const int64_t blocks = (m + COLS - 1) / COLS;
+  const Isa isa = isa_for_call();
   PORTLLM_DISPATCH_FLOATS(y.scalar_type(), "lora_expand_cpu", [&] {
     using Y = scalar_t;
     Y* yp = y.data_ptr<Y>();
@@ -73,7 +86,7 @@ void lora_expand_cpu(at::Tensor y, const at::Tensor& h_in, const at::Tensor& B, 
           const int64_t t = i / blocks, c0 = (i % blocks) * COLS, p = sl[t];
           if (p < 0 || p >= P) continue;
           expand_block<Y, scalar_t>(yp + t * syt + c0 * sym, sym, hp + t * R, bp + p * sbp + c0 * sbm, sbm, sbr,
-                                    sp[p], R, std::min(COLS, m - c0));
+                                    sp[p], R, std::min(COLS, m - c0), isa);
         }
       });
     });
