@@ -28,31 +28,30 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 from portllm import _ext, ops
 
 
-# The C++ kernels where no adapter has more than this many of a step's tokens (decode, and short
-# steps spread over adapters); from there on, the ops' measured default (portllm.defaults; the
-# reference's ATen GEMMs on these CPUs). Measured (benchmarks/vllm_ops_crossover.py) on this
-# project's 2-core EPYC (avx512bf16), one thread, 1024 -> 16 -> 2816 bf16, shrink + expand, C++
-# against the reference (us): 1 token 42 vs 76; 8 tokens on one adapter 90 vs 93, on 8 adapters
-# 158 vs 509; 12 on one 119 vs 97, on 8 195 vs 579; 16 on one 152 vs 115, on 8 219 vs 590; 32 on
-# one 256 vs 143, on 8 357 vs 677; 128 on 8 1440 vs 1050.
-MAX_TOKENS_PER_ADAPTER = 8
+# The C++ kernels where no adapter has more than max_tokens_per_adapter() of a step's tokens (decode,
+# and short steps spread over adapters); from there on, the ops' measured default (portllm.defaults;
+# the reference's ATen GEMMs on these CPUs). Measured (benchmarks/vllm_ops_crossover.py, 2026-12-05)
+# on this project's 2-core EPYC, one thread, 1024 -> 16 -> 2816 bf16, shrink + expand, C++ against the
+# reference (us), with the AVX-512 decode kernels (csrc/cpu/lora_decode.h): 1 token 22 vs 74; 8 tokens
+# on one adapter 54 vs 129, on 8 adapters 66 vs 592; 16 on one 65 vs 116, on 8 74 vs 573; 32 on one
+# 129 vs 141; 128 on 8 (16 each) 477 vs 992; 128 on one 393 vs 338. On the AVX2 path (forced): 8 on one
+# 71 vs 91, 12 on one 101 vs 101, 16 on one 125 vs 117; so 16 where AVX-512 runs, else 8.
+MAX_TOKENS_PER_ADAPTER = {"avx512bf16": 16, "avx512": 16}
+MAX_TOKENS_PER_ADAPTER_ELSE = 8
+
+
+def max_tokens_per_adapter() -> int:
+    """The most tokens of one adapter in a step that still takes the C++ kernels, on the CPU path that
+    runs now (PORTLLM_CPU_ISA forces a lower one)."""
+    return MAX_TOKENS_PER_ADAPTER.get(_ext.cpu_isa(), MAX_TOKENS_PER_ADAPTER_ELSE)
 
 
 def _direct(slots: torch.Tensor) -> bool:
-    """Whether a step routed by ``slots`` takes the C++ kernels (``MAX_TOKENS_PER_ADAPTER``)."""
+    """Whether a step routed by ``slots`` takes the C++ kernels (``max_tokens_per_adapter``)."""
     if not (_ext.has_kernel("lora_shrink", "CPU") and _ext.has_kernel("lora_expand_", "CPU")):
         return False
     routed = slots[slots >= 0]
-    return routed.numel() == 0 or int(torch.bincount(routed).max()) <= MAX_TOKENS_PER_ADAPTER
-
-
-def _kernels(direct: bool):
-    """The C++ kernels called straight through the dispatcher (the wrapper's operands are vLLM's, of
-    known shapes: the ops' Python checks would cost more than a decode step's products), or the
-    checked ops on their default backend."""
-    if direct:
-        return torch.ops.portllm.lora_shrink, torch.ops.portllm.lora_expand_
-    return ops.lora_shrink, ops.lora_expand_
+    return routed.numel() == 0 or int(torch.bincount(routed).max()) <= max_tokens_per_adapter()
 
 
 class _PortllmOps:

@@ -85,3 +85,19 @@ def test_portllms_kernels_are_built_here():
     from portllm import _ext
 
     assert _ext.has_kernel("lora_shrink", "CPU") and _ext.has_kernel("lora_expand_", "CPU"), _ext.build_info()
+
+
+def test_backend_takes_the_cpp_kernels_up_to_the_measured_tokens_per_adapter(monkeypatch):
+    """Up to 16 tokens of one adapter in a step where the AVX-512 decode kernels run, 8 on other paths
+    (benchmarks/vllm_ops_crossover.py); more go to the ops' default."""
+    import torch
+
+    from portllm import _ext, vllm_punica
+
+    best = _ext.cpu_isa()
+    for isa, limit in (("avx2", 8), ("generic", 8)) + (((best, 16),) if best.startswith("avx512") else ()):
+        monkeypatch.setenv("PORTLLM_CPU_ISA", isa)
+        assert vllm_punica.max_tokens_per_adapter() == limit
+        assert vllm_punica._direct(torch.tensor([0] * limit + [1, -1]))
+        assert not vllm_punica._direct(torch.tensor([0] * (limit + 1) + [1]))
+        assert vllm_punica._direct(torch.tensor([-1] * 40))
