@@ -54,6 +54,15 @@ def _direct(slots: torch.Tensor) -> bool:
     return routed.numel() == 0 or int(torch.bincount(routed).max()) <= max_tokens_per_adapter()
 
 
+def _kernels(direct: bool):
+    """The C++ kernels called straight through the dispatcher (the wrapper's operands are vLLM's, of
+    known shapes: the ops' Python checks would cost more than a decode step's products), or the
+    checked ops on their default backend."""
+    if direct:
+        return torch.ops.portllm.lora_shrink, torch.ops.portllm.lora_expand_
+    return ops.lora_shrink, ops.lora_expand_
+
+
 class _PortllmOps:
     """The LoRA products of a punica wrapper on portllm's ops; the metadata (slots per token and per
     request) is the vLLM base class's.
