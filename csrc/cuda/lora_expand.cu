@@ -16,6 +16,7 @@
 
 #include "cuda/convert.cuh"
 #include "cuda/device.cuh"
+#include "cuda/layout.cuh"
 #include "portllm.h"
 
 namespace portllm {
@@ -104,13 +105,9 @@ void lora_expand_cuda(at::Tensor y, const at::Tensor& h, const at::Tensor& B, co
   const int64_t T = y.size(0), m = y.size(1), P = B.size(0), R = B.size(2);
   if (T == 0 || m == 0 || R == 0) return;
   const at::Tensor hk = h.contiguous(), S = scale.contiguous();
-  // VEC: y and B the same width, unit stride along m (B's middle dimension), m and every other
-  // stride a multiple of 16 bytes' worth of elements, both 16-byte aligned.
+  // VEC: y and B the same width, both in 16-byte vectors along m (B's middle dimension).
   const int64_t cw = 16 / static_cast<int64_t>(B.element_size());
-  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  const bool vec = y.element_size() == B.element_size() && m % cw == 0 && y.stride(1) == 1 &&
-                   (T == 1 || y.stride(0) % cw == 0) && aligned(y) && B.stride(1) == 1 &&
-                   (P == 1 || B.stride(0) % cw == 0) && B.stride(2) % cw == 0 && aligned(B);
+  const bool vec = y.element_size() == B.element_size() && vectors_along(y, 1) && vectors_along(B, 1);
   const int64_t per_block = THREADS * (vec ? cw : 1);
   const int64_t gx = (T + TT - 1) / TT, gy = (m + per_block - 1) / per_block;
   TORCH_CHECK(gx <= 2147483647 && gy <= 65535, "lora_expand_ (cuda): too many tokens or columns");

@@ -15,6 +15,7 @@
 
 #include "cuda/convert.cuh"
 #include "cuda/device.cuh"
+#include "cuda/layout.cuh"
 #include "portllm.h"
 
 namespace portllm {
@@ -77,15 +78,6 @@ lora_shrink_kernel(const T* __restrict__ x,           // [Tn, n], strides (sxt, 
   }
 }
 
-// 16-byte vectors along n: unit stride, n and the other strides multiples of the vector, aligned.
-bool rows_16_bytes_along_last(const at::Tensor& t) {
-  const int64_t vw = 16 / static_cast<int64_t>(t.element_size());
-  if (t.stride(-1) != 1 || t.size(-1) % vw != 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d)
-    if (t.size(d) > 1 && t.stride(d) % vw != 0) return false;
-  return true;
-}
-
 at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& slots) {
   check_lora_shrink_args(x, A, slots);
   TORCH_CHECK(slots.scalar_type() == at::kLong, "lora_shrink (cuda): slots must be int64");
@@ -102,7 +94,7 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
   const int64_t ry = (R + WARPS - 1) / WARPS, tx = (T + TT - 1) / TT;
   TORCH_CHECK(tx <= 2147483647 && ry <= 65535, "lora_shrink (cuda): too many tokens or ranks");
   const dim3 grid(static_cast<unsigned>(tx), static_cast<unsigned>(ry));
-  const bool vec = rows_16_bytes_along_last(xk) && rows_16_bytes_along_last(Ak);
+  const bool vec = vectors_along(xk, 1) && vectors_along(Ak, 2);  // 16-byte vectors along n
   const int64_t* s = slots.data_ptr<int64_t>();
   PORTLLM_DISPATCH_FLOATS(xk.scalar_type(), "lora_shrink_cuda", [&] {
     auto args = [&](auto kernel) {

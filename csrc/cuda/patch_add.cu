@@ -21,6 +21,7 @@
 
 #include "cuda/convert.cuh"
 #include "cuda/device.cuh"
+#include "cuda/layout.cuh"
 #include "cuda/patch_add_mma.cuh"
 #include "portllm.h"
 
@@ -111,14 +112,6 @@ patch_add_kernel(T* __restrict__ W,            // [m, n], strides (sw0, sw1)
   }
 }
 
-// W's rows can be read and written 16 bytes at a time: unit column stride, n and the row stride
-// multiples of 16 bytes' worth of elements, the data 16-byte aligned.
-bool rows_16_bytes(const at::Tensor& W) {
-  const int64_t vw = 16 / static_cast<int64_t>(W.element_size());
-  return W.stride(1) == 1 && W.size(1) % vw == 0 && (W.size(0) == 1 || W.stride(0) % vw == 0) &&
-         reinterpret_cast<uintptr_t>(W.data_ptr()) % 16 == 0;
-}
-
 template <typename T, typename F>
 void launch(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::Tensor& S) {
   const int64_t m = W.size(0), n = W.size(1), r = B.size(1);
@@ -129,7 +122,7 @@ void launch(at::Tensor& W, const at::Tensor& B, const at::Tensor& A, const at::T
         W.data_ptr<T>(), B.data_ptr<F>(), A.data_ptr<F>(), S.data_ptr<float>(), m, n, r,
         W.stride(0), W.stride(1), B.stride(0), B.stride(1), A.stride(0), A.stride(1));
   };
-  if (rows_16_bytes(W)) args(patch_add_kernel<T, F, true>);
+  if (vectors_along(W, 1)) args(patch_add_kernel<T, F, true>);
   else args(patch_add_kernel<T, F, false>);
   PORTLLM_LAUNCH_CHECK();
 }
@@ -152,8 +145,6 @@ bool scale_groups(const at::Tensor& S, mma_path::Groups& g) {
   return true;
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 // The factors as the tensor-core kernel stages them, 16 bytes at a time: B [m, rp] and A [rp, na]
 // with unit inner strides, row strides and data 16-byte aligned, each group starting at a multiple of
 // 8 ranks, zeros in the padding (na: n rounded up to 8). Factors already laid out so (a PEFT
@@ -167,8 +158,7 @@ struct Staged {
 
 Staged stage(const at::Tensor& B, const at::Tensor& A, const mma_path::Groups& g, mma_path::Groups& staged) {
   const int64_t m = B.size(0), n = A.size(1);
-  bool as_is = B.stride(1) == 1 && B.stride(0) % 8 == 0 && aligned16(B) && A.stride(1) == 1 &&
-               A.stride(0) % 8 == 0 && aligned16(A) && n % 8 == 0;
+  bool as_is = vectors_along(B, 1) && vectors_along(A, 1);
   staged = g;
   staged.k[0] = 0;
   for (int q = 0; q < g.n; ++q) {
@@ -200,7 +190,7 @@ void launch_mma(at::Tensor& W, const Staged& hi, const Staged& lo, const mma_pat
     PORTLLM_LAUNCH(grid, THREADS, 0, kernel)(W.data_ptr<T>(), h(hi.B), h(hi.A), h(lo.B), h(lo.A), m, n,
                                              W.stride(0), hi.B.stride(0), hi.A.stride(0), hi.na, g);
   };
-  if (rows_16_bytes(W)) args(patch_add_mma_kernel<T, H, SPLIT, true>);
+  if (vectors_along(W, 1)) args(patch_add_mma_kernel<T, H, SPLIT, true>);
   else args(patch_add_mma_kernel<T, H, SPLIT, false>);
   PORTLLM_LAUNCH_CHECK();
 }
